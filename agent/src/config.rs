@@ -1,0 +1,649 @@
+//! Configuration: command-line flags, `BPFTAIL_*` environment variables and
+//! a TOML file, merged in that order of precedence (flag > env > file >
+//! built-in default).
+//!
+//! Guarantees: [`Config::resolve`] either returns a complete, validated
+//! configuration or an error that names the setting and says what to fix.
+//! Nothing is started before it returns, so a bad configuration never leaves
+//! a half-running agent behind.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+/// Default maximum size of one logical record (after P/F reassembly).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bpftail",
+    version,
+    about = "Container-log agent: container log files to Kafka, at-least-once"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ship every container log on this node to Kafka.
+    Run(Box<RunArgs>),
+    /// Report kernel features and which watcher `--watcher auto` picks.
+    Probe,
+}
+
+/// Flags of `bpftail run`. Every flag also reads `BPFTAIL_<NAME>`; unset
+/// flags fall back to the TOML file given by `--config`, then to defaults.
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (keys as the long flags, with `_` for `-`).
+    #[arg(long, env = "BPFTAIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Root of the CRI log tree [default: /var/log/pods].
+    #[arg(long, env = "BPFTAIL_PODS_DIR")]
+    pub pods_dir: Option<PathBuf>,
+    /// Root of Docker's json-file logs [default: /var/lib/docker/containers].
+    #[arg(long, env = "BPFTAIL_DOCKER_DIR")]
+    pub docker_dir: Option<PathBuf>,
+    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT..] (required).
+    #[arg(long, env = "BPFTAIL_BROKERS")]
+    pub brokers: Option<String>,
+    /// Topic: a literal or a template over {namespace} {pod} {container} {stream} [default: k8s-logs].
+    #[arg(long, env = "BPFTAIL_TOPIC")]
+    pub topic: Option<String>,
+    /// Record encoding in Kafka [default: raw].
+    #[arg(long, env = "BPFTAIL_FORMAT")]
+    pub format: Option<OutputFormat>,
+    /// Kafka compression codec [default: none].
+    #[arg(long, env = "BPFTAIL_COMPRESSION")]
+    pub compression: Option<Compression>,
+    /// librdkafka setting KEY=VALUE (repeatable; env: comma-separated).
+    #[arg(
+        long = "kafka-option",
+        env = "BPFTAIL_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub kafka_options: Vec<String>,
+    /// Where checkpoints are kept [default: /var/lib/bpftail].
+    #[arg(long, env = "BPFTAIL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Change-detection backend [default: auto].
+    #[arg(long, env = "BPFTAIL_WATCHER")]
+    pub watcher: Option<WatcherKind>,
+    /// This node's name, sent with every record [default: $NODE_NAME, else the hostname].
+    #[arg(long, env = "BPFTAIL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Pod metadata from the Kubernetes API [default: auto].
+    #[arg(long, env = "BPFTAIL_KUBE")]
+    pub kube: Option<KubeMode>,
+    /// Address of the /metrics and /healthz server; "off" disables it [default: 127.0.0.1:9808].
+    #[arg(long, env = "BPFTAIL_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Longest logical record in bytes; longer ones are cut and marked truncated [default: 1048576].
+    #[arg(long, env = "BPFTAIL_MAX_RECORD_BYTES")]
+    pub max_record_bytes: Option<usize>,
+    /// Bytes produced but not yet acknowledged by Kafka before reading pauses [default: 8388608].
+    #[arg(long, env = "BPFTAIL_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<u64>,
+    /// How often acknowledged offsets are persisted, in milliseconds [default: 1000].
+    #[arg(long, env = "BPFTAIL_CHECKPOINT_INTERVAL_MS")]
+    pub checkpoint_interval_ms: Option<u64>,
+    /// Safety sweep (stat of open files) interval, in milliseconds [default: 5000].
+    #[arg(long, env = "BPFTAIL_SWEEP_INTERVAL_MS")]
+    pub sweep_interval_ms: Option<u64>,
+    /// A record left partial at the end of an idle file is delivered (flagged partial) after this many milliseconds [default: 5000].
+    #[arg(long, env = "BPFTAIL_PARTIAL_FLUSH_MS")]
+    pub partial_flush_ms: Option<u64>,
+    /// How long shutdown waits for Kafka to acknowledge what is in flight, in milliseconds [default: 10000].
+    #[arg(long, env = "BPFTAIL_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// The agent's own log format [default: text].
+    #[arg(long, env = "BPFTAIL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Value = the log message; time, stream and pod fields as Kafka headers.
+    Raw,
+    /// Value = one JSON object with the fields and the message.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Gzip => "gzip",
+            Self::Snappy => "snappy",
+            Self::Lz4 => "lz4",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatcherKind {
+    /// The best backend this kernel offers.
+    Auto,
+    /// eBPF write hook (not in this release).
+    Ebpf,
+    /// fanotify marks (not in this release).
+    Fanotify,
+    /// inotify on the log directories.
+    Inotify,
+    /// stat polling of every open file.
+    Poll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeMode {
+    Auto,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The TOML file: the same keys as the long flags, `kafka_options` as a table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    pods_dir: Option<PathBuf>,
+    docker_dir: Option<PathBuf>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    format: Option<OutputFormat>,
+    compression: Option<Compression>,
+    #[serde(default)]
+    kafka_options: BTreeMap<String, String>,
+    data_dir: Option<PathBuf>,
+    watcher: Option<WatcherKind>,
+    node_name: Option<String>,
+    kube: Option<KubeMode>,
+    metrics_addr: Option<String>,
+    max_record_bytes: Option<usize>,
+    max_inflight_bytes: Option<u64>,
+    checkpoint_interval_ms: Option<u64>,
+    sweep_interval_ms: Option<u64>,
+    partial_flush_ms: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    log_format: Option<LogFormat>,
+}
+
+/// A complete, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pods_dir: PathBuf,
+    pub docker_dir: PathBuf,
+    pub brokers: String,
+    pub topic: TopicTemplate,
+    pub format: OutputFormat,
+    pub compression: Compression,
+    /// librdkafka settings from the operator; applied after bpftail's own
+    /// defaults, so they win.
+    pub kafka_options: BTreeMap<String, String>,
+    pub data_dir: PathBuf,
+    pub watcher: WatcherKind,
+    pub node_name: String,
+    pub kube: KubeMode,
+    pub metrics_addr: Option<SocketAddr>,
+    pub max_record_bytes: usize,
+    pub max_inflight_bytes: u64,
+    pub checkpoint_interval: Duration,
+    pub sweep_interval: Duration,
+    pub partial_flush: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("{setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Merges flags/env (already in `args`) over the TOML file over defaults
+    /// and validates the result.
+    pub fn resolve(args: RunArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let brokers = args.brokers.or(file.brokers).ok_or_else(|| {
+            invalid(
+                "brokers",
+                "no Kafka brokers given: set --brokers HOST:PORT, BPFTAIL_BROKERS or `brokers` in the config file",
+            )
+        })?;
+        if brokers
+            .split(',')
+            .any(|b| b.trim().is_empty() || !b.contains(':'))
+        {
+            return Err(invalid(
+                "brokers",
+                format!("{brokers:?} is not a list of HOST:PORT separated by commas"),
+            ));
+        }
+        let topic = TopicTemplate::parse(
+            &args
+                .topic
+                .or(file.topic)
+                .unwrap_or_else(|| "k8s-logs".into()),
+        )?;
+
+        let mut kafka_options = file.kafka_options;
+        for kv in &args.kafka_options {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| invalid("kafka-option", format!("{kv:?} is not KEY=VALUE")))?;
+            if k.trim().is_empty() {
+                return Err(invalid("kafka-option", format!("{kv:?} has an empty key")));
+            }
+            kafka_options.insert(k.trim().to_owned(), v.to_owned());
+        }
+        for reserved in ["bootstrap.servers", "compression.type", "compression.codec"] {
+            if kafka_options.contains_key(reserved) {
+                return Err(invalid(
+                    "kafka-option",
+                    format!(
+                        "{reserved} is set by --brokers/--compression; use those flags instead"
+                    ),
+                ));
+            }
+        }
+
+        let watcher = args.watcher.or(file.watcher).unwrap_or(WatcherKind::Auto);
+        if matches!(watcher, WatcherKind::Ebpf | WatcherKind::Fanotify) {
+            return Err(invalid(
+                "watcher",
+                format!(
+                    "{watcher:?} is not available in this release of bpftail; use auto, inotify or poll"
+                ),
+            ));
+        }
+
+        let metrics_addr = match args
+            .metrics_addr
+            .or(file.metrics_addr)
+            .unwrap_or_else(|| "127.0.0.1:9808".into())
+        {
+            s if s == "off" || s.is_empty() => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "metrics-addr",
+                    format!("{s:?} is not IP:PORT ({e}); use \"off\" to disable"),
+                )
+            })?),
+        };
+
+        let max_record_bytes = args
+            .max_record_bytes
+            .or(file.max_record_bytes)
+            .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
+        if !(1024..=64 << 20).contains(&max_record_bytes) {
+            return Err(invalid(
+                "max-record-bytes",
+                format!("{max_record_bytes} is outside 1024..=67108864"),
+            ));
+        }
+        let max_inflight_bytes = args
+            .max_inflight_bytes
+            .or(file.max_inflight_bytes)
+            .unwrap_or(8 << 20);
+        if max_inflight_bytes < 64 * 1024 {
+            return Err(invalid(
+                "max-inflight-bytes",
+                format!("{max_inflight_bytes} is below the minimum of 65536"),
+            ));
+        }
+
+        let ms = |v: Option<u64>, f: Option<u64>, default: u64, name: &'static str| {
+            let v = v.or(f).unwrap_or(default);
+            if v == 0 {
+                Err(invalid(name, "must be greater than 0"))
+            } else {
+                Ok(Duration::from_millis(v))
+            }
+        };
+
+        let node_name = match args.node_name.or(file.node_name) {
+            Some(n) => n,
+            None => std::env::var("NODE_NAME")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(hostname),
+        };
+
+        Ok(Config {
+            pods_dir: args
+                .pods_dir
+                .or(file.pods_dir)
+                .unwrap_or_else(|| "/var/log/pods".into()),
+            docker_dir: args
+                .docker_dir
+                .or(file.docker_dir)
+                .unwrap_or_else(|| "/var/lib/docker/containers".into()),
+            brokers,
+            topic,
+            format: args.format.or(file.format).unwrap_or(OutputFormat::Raw),
+            compression: args
+                .compression
+                .or(file.compression)
+                .unwrap_or(Compression::None),
+            kafka_options,
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| "/var/lib/bpftail".into()),
+            watcher,
+            node_name,
+            kube: args.kube.or(file.kube).unwrap_or(KubeMode::Auto),
+            metrics_addr,
+            max_record_bytes,
+            max_inflight_bytes,
+            checkpoint_interval: ms(
+                args.checkpoint_interval_ms,
+                file.checkpoint_interval_ms,
+                1000,
+                "checkpoint-interval-ms",
+            )?,
+            sweep_interval: ms(
+                args.sweep_interval_ms,
+                file.sweep_interval_ms,
+                5000,
+                "sweep-interval-ms",
+            )?,
+            partial_flush: ms(
+                args.partial_flush_ms,
+                file.partial_flush_ms,
+                5000,
+                "partial-flush-ms",
+            )?,
+            shutdown_timeout: ms(
+                args.shutdown_timeout_ms,
+                file.shutdown_timeout_ms,
+                10_000,
+                "shutdown-timeout-ms",
+            )?,
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// One piece of a topic template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Namespace,
+    Pod,
+    Container,
+    Stream,
+}
+
+/// `--topic`: a literal or a template over `{namespace}`, `{pod}`,
+/// `{container}` and `{stream}`. Rendered once per file and stream, never
+/// per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<Part>,
+}
+
+/// What a topic template is rendered from.
+pub struct TopicVars<'a> {
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub container: &'a str,
+}
+
+impl TopicTemplate {
+    pub fn parse(s: &str) -> Result<TopicTemplate, ConfigError> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| invalid("topic", format!("{s:?}: '{{' without a closing '}}'")))?
+                + open;
+            parts.push(match &rest[open + 1..close] {
+                "namespace" => Part::Namespace,
+                "pod" => Part::Pod,
+                "container" => Part::Container,
+                "stream" => Part::Stream,
+                other => {
+                    return Err(invalid(
+                        "topic",
+                        format!("{s:?}: unknown field {{{other}}}; use {{namespace}}, {{pod}}, {{container}} or {{stream}}"),
+                    ));
+                }
+            });
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
+        }
+        for p in &parts {
+            if let Part::Literal(l) = p
+                && let Some(c) = l.chars().find(|c| !is_topic_char(*c))
+            {
+                return Err(invalid(
+                    "topic",
+                    format!(
+                        "{s:?}: {c:?} is not allowed in a Kafka topic name (use a-z A-Z 0-9 . _ -)"
+                    ),
+                ));
+            }
+        }
+        if parts.is_empty() {
+            return Err(invalid("topic", "the topic is empty"));
+        }
+        Ok(TopicTemplate { parts })
+    }
+
+    /// True if the rendered topic differs between stdout and stderr.
+    pub fn uses_stream(&self) -> bool {
+        self.parts.contains(&Part::Stream)
+    }
+
+    /// Renders the topic; characters a topic may not hold become `_`, and the
+    /// result is cut at Kafka's 249-byte limit.
+    pub fn render(&self, vars: &TopicVars<'_>, stream: &str) -> String {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => out.push_str(l),
+                Part::Namespace => push_sanitized(&mut out, vars.namespace),
+                Part::Pod => push_sanitized(&mut out, vars.pod),
+                Part::Container => push_sanitized(&mut out, vars.container),
+                Part::Stream => out.push_str(stream),
+            }
+        }
+        if out.is_empty() {
+            out.push('_');
+        }
+        out.truncate(249);
+        out
+    }
+}
+
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+fn push_sanitized(out: &mut String, v: &str) {
+    out.extend(v.chars().map(|c| if is_topic_char(c) { c } else { '_' }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs {
+            brokers: Some("127.0.0.1:9092".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "topic = \"from-file\"\npods_dir = \"/file/pods\"\n[kafka_options]\n\"linger.ms\" = \"7\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        a.topic = Some("from-flag".into());
+        a.kafka_options = vec!["acks=all".into()];
+        let c = Config::resolve(a).unwrap();
+        assert_eq!(c.topic, TopicTemplate::parse("from-flag").unwrap());
+        assert_eq!(c.pods_dir, PathBuf::from("/file/pods"));
+        assert_eq!(c.docker_dir, PathBuf::from("/var/lib/docker/containers"));
+        assert_eq!(c.kafka_options["linger.ms"], "7");
+        assert_eq!(c.kafka_options["acks"], "all");
+    }
+
+    #[test]
+    fn missing_brokers_says_how_to_set_them() {
+        let err = Config::resolve(RunArgs::default()).unwrap_err().to_string();
+        assert!(err.contains("--brokers"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "topik = \"x\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        let err = Config::resolve(a).unwrap_err().to_string();
+        assert!(err.contains("topik"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_fail_fast_with_the_setting_named() {
+        let mut a = args();
+        a.kafka_options = vec!["novalue".into()];
+        assert!(
+            Config::resolve(a)
+                .unwrap_err()
+                .to_string()
+                .starts_with("kafka-option")
+        );
+        let mut a = args();
+        a.metrics_addr = Some("localhost".into());
+        assert!(
+            Config::resolve(a)
+                .unwrap_err()
+                .to_string()
+                .starts_with("metrics-addr")
+        );
+        let mut a = args();
+        a.max_record_bytes = Some(10);
+        assert!(
+            Config::resolve(a)
+                .unwrap_err()
+                .to_string()
+                .starts_with("max-record-bytes")
+        );
+        let mut a = args();
+        a.topic = Some("logs/{pod}".into());
+        assert!(
+            Config::resolve(a)
+                .unwrap_err()
+                .to_string()
+                .starts_with("topic")
+        );
+        let mut a = args();
+        a.topic = Some("logs-{node}".into());
+        assert!(
+            Config::resolve(a)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field {node}")
+        );
+    }
+
+    #[test]
+    fn topic_template_renders_and_sanitizes() {
+        let t = TopicTemplate::parse("logs.{namespace}.{container}-{stream}").unwrap();
+        assert!(t.uses_stream());
+        let vars = TopicVars {
+            namespace: "kube-system",
+            pod: "p",
+            container: "weird/name",
+        };
+        assert_eq!(
+            t.render(&vars, "stderr"),
+            "logs.kube-system.weird_name-stderr"
+        );
+        assert!(!TopicTemplate::parse("plain").unwrap().uses_stream());
+    }
+}

@@ -1,0 +1,417 @@
+//! Discovery: which log files exist on this node, and what they belong to.
+//!
+//! - CRI layout (containerd, CRI-O, cri-dockerd):
+//!   `<pods-dir>/<namespace>_<pod>_<pod-uid>/<container>/<restart>.log`,
+//!   kubelet-rotated siblings `<restart>.log.<timestamp>` (gzipped ones are
+//!   ignored). Namespace, pod, uid, container and restart come from the path.
+//! - Docker json-file: `<docker-dir>/<id>/<id>-json.log` (rotated:
+//!   `-json.log.N`), with name, labels (`io.kubernetes.*` among them) and env
+//!   from `config.v2.json` beside it.
+//!
+//! Guarantees: a directory that does not exist yields nothing (a containerd
+//! node has no Docker dir); unreadable entries are skipped and reported in
+//! [`Scan::errors`], never fatal. Discovery only lists; it opens no log file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{TopicTemplate, TopicVars};
+use crate::tail::decode::{Format, Stream};
+
+/// What every record of one file carries, rendered once per file.
+#[derive(Debug)]
+pub struct FileMeta {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub container: String,
+    /// Docker container id (empty for CRI files).
+    pub container_id: String,
+    pub format: Format,
+    /// Kafka key: the container stream (pod uid + container), so one
+    /// container's lines share a partition and keep their order.
+    pub key: Box<[u8]>,
+    /// Rendered topic per stream (`Stream as usize`).
+    pub topics: [Arc<str>; 2],
+    /// For `--format json`: the `"namespace":…,"node":…` members, escaped.
+    pub json_members: Box<[u8]>,
+    /// Docker labels / env (for log-pilot declarations in a later release).
+    pub labels: BTreeMap<String, String>,
+    pub env: Vec<String>,
+}
+
+impl FileMeta {
+    pub fn topic(&self, stream: Stream) -> &str {
+        &self.topics[stream as usize]
+    }
+}
+
+/// Everything needed to render per-file metadata.
+#[derive(Debug, Clone)]
+pub struct MetaContext {
+    pub topic: TopicTemplate,
+    pub node: String,
+}
+
+/// The identity fields discovery finds for a file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub container: String,
+    pub container_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub env: Vec<String>,
+}
+
+impl MetaContext {
+    pub fn render(&self, o: Origin, format: Format) -> FileMeta {
+        let vars = TopicVars {
+            namespace: &o.namespace,
+            pod: &o.pod,
+            container: &o.container,
+        };
+        let stdout: Arc<str> = self.topic.render(&vars, "stdout").into();
+        let stderr: Arc<str> = if self.topic.uses_stream() {
+            self.topic.render(&vars, "stderr").into()
+        } else {
+            stdout.clone()
+        };
+        let key = if o.pod_uid.is_empty() {
+            o.container_id.clone()
+        } else {
+            format!("{}/{}", o.pod_uid, o.container)
+        };
+        let mut json = String::new();
+        for (k, v) in [
+            ("namespace", &o.namespace),
+            ("pod", &o.pod),
+            ("container", &o.container),
+            ("node", &self.node),
+        ] {
+            json.push_str(&format!(",\"{k}\":{}", serde_json::Value::from(v.as_str())));
+        }
+        FileMeta {
+            namespace: o.namespace,
+            pod: o.pod,
+            pod_uid: o.pod_uid,
+            container: o.container,
+            container_id: o.container_id,
+            format,
+            key: key.into_bytes().into(),
+            topics: [stdout, stderr],
+            json_members: json.into_bytes().into(),
+            labels: o.labels,
+            env: o.env,
+        }
+    }
+}
+
+/// A log file found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub path: PathBuf,
+    pub origin: Origin,
+    pub format: Format,
+    /// A rotated copy (`0.log.<ts>`, `-json.log.1`): followed only if it is
+    /// a file already being read or one the checkpoint knows.
+    pub rotated: bool,
+}
+
+/// The result of one scan.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub files: Vec<Found>,
+    /// Every directory that holds log files or log directories: the change
+    /// source watches these.
+    pub dirs: Vec<PathBuf>,
+    pub errors: Vec<(PathBuf, std::io::Error)>,
+}
+
+/// Splits `<namespace>_<pod>_<uid>`; namespaces and pod names cannot hold
+/// `_`, so the split is unambiguous.
+pub fn parse_pod_dir(name: &str) -> Option<(&str, &str, &str)> {
+    let mut it = name.splitn(3, '_');
+    let ns = it.next().filter(|s| !s.is_empty())?;
+    let pod = it.next().filter(|s| !s.is_empty())?;
+    let uid = it.next().filter(|s| !s.is_empty())?;
+    Some((ns, pod, uid))
+}
+
+/// `N.log` → (restart, false); `N.log.<suffix>` (not .gz/.tmp) → (restart, true).
+fn parse_cri_file(name: &str) -> Option<bool> {
+    let (num, rest) = name.split_once(".log")?;
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match rest {
+        "" => Some(false),
+        r if r.starts_with('.') && !r.ends_with(".gz") && !r.ends_with(".tmp") => Some(true),
+        _ => None,
+    }
+}
+
+fn read_dir_sorted(dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            scan.errors.push((dir.to_owned(), e));
+            return Vec::new();
+        }
+    };
+    let mut out: Vec<(String, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Lists the CRI log files under `root`.
+pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
+    if !root.is_dir() {
+        return;
+    }
+    scan.dirs.push(root.to_owned());
+    for (name, pod_dir) in read_dir_sorted(root, scan) {
+        let Some((ns, pod, uid)) = parse_pod_dir(&name) else {
+            continue;
+        };
+        if !pod_dir.is_dir() {
+            continue;
+        }
+        scan.dirs.push(pod_dir.clone());
+        for (container, cdir) in read_dir_sorted(&pod_dir, scan) {
+            if !cdir.is_dir() {
+                continue;
+            }
+            scan.dirs.push(cdir.clone());
+            for (fname, path) in read_dir_sorted(&cdir, scan) {
+                let Some(rotated) = parse_cri_file(&fname) else {
+                    continue;
+                };
+                scan.files.push(Found {
+                    path,
+                    origin: Origin {
+                        namespace: ns.to_owned(),
+                        pod: pod.to_owned(),
+                        pod_uid: uid.to_owned(),
+                        container: container.clone(),
+                        ..Default::default()
+                    },
+                    format: Format::Cri,
+                    rotated,
+                });
+            }
+        }
+    }
+}
+
+/// Lists Docker json-file logs under `root`.
+pub fn scan_docker_dir(root: &Path, scan: &mut Scan) {
+    if !root.is_dir() {
+        return;
+    }
+    scan.dirs.push(root.to_owned());
+    for (id, cdir) in read_dir_sorted(root, scan) {
+        if !cdir.is_dir() {
+            continue;
+        }
+        let log_name = format!("{id}-json.log");
+        let files: Vec<(PathBuf, bool)> = read_dir_sorted(&cdir, scan)
+            .into_iter()
+            .filter_map(|(fname, path)| match fname.strip_prefix(&log_name) {
+                Some("") => Some((path, false)),
+                Some(r) if r.starts_with('.') && r[1..].bytes().all(|b| b.is_ascii_digit()) => {
+                    Some((path, true))
+                }
+                _ => None,
+            })
+            .collect();
+        scan.dirs.push(cdir.clone());
+        if files.is_empty() {
+            continue;
+        }
+        let origin = docker_origin(&id, &cdir.join("config.v2.json"));
+        for (path, rotated) in files {
+            scan.files.push(Found {
+                path,
+                origin: origin.clone(),
+                format: Format::DockerJson,
+                rotated,
+            });
+        }
+    }
+}
+
+/// Reads name, labels and env from `config.v2.json`; a missing or broken
+/// file leaves only the id (the log is still shipped).
+pub fn docker_origin(id: &str, config: &Path) -> Origin {
+    let mut o = Origin {
+        container_id: id.to_owned(),
+        container: id.get(..12).unwrap_or(id).to_owned(),
+        ..Default::default()
+    };
+    let Ok(bytes) = std::fs::read(config) else {
+        return o;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return o;
+    };
+    if let Some(name) = v["Name"].as_str() {
+        o.container = name.trim_start_matches('/').to_owned();
+    }
+    if let Some(labels) = v["Config"]["Labels"].as_object() {
+        o.labels = labels
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+            .collect();
+    }
+    if let Some(env) = v["Config"]["Env"].as_array() {
+        o.env = env
+            .iter()
+            .filter_map(|e| e.as_str().map(str::to_owned))
+            .collect();
+    }
+    let label = |k: &str| o.labels.get(k).cloned();
+    if let Some(ns) = label("io.kubernetes.pod.namespace") {
+        o.namespace = ns;
+    }
+    if let Some(pod) = label("io.kubernetes.pod.name") {
+        o.pod = pod;
+    }
+    if let Some(uid) = label("io.kubernetes.pod.uid") {
+        o.pod_uid = uid;
+    }
+    if let Some(c) = label("io.kubernetes.container.name") {
+        o.container = c;
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_dir_names_split_into_namespace_pod_and_uid() {
+        assert_eq!(
+            parse_pod_dir(
+                "kube-system_coredns-5d78c9869d-abcde_0b1c2d3e-aaaa-bbbb-cccc-0123456789ab"
+            ),
+            Some((
+                "kube-system",
+                "coredns-5d78c9869d-abcde",
+                "0b1c2d3e-aaaa-bbbb-cccc-0123456789ab"
+            ))
+        );
+        assert_eq!(parse_pod_dir("nounderscores"), None);
+        assert_eq!(parse_pod_dir("a__c"), None);
+    }
+
+    #[test]
+    fn cri_tree_is_listed_with_rotations_and_without_gzip() {
+        let root = tempfile::tempdir().unwrap();
+        let c = root.path().join("ns_pod_uid1/app");
+        std::fs::create_dir_all(&c).unwrap();
+        for f in [
+            "0.log",
+            "1.log",
+            "0.log.20240101-000000",
+            "0.log.20231231-000000.gz",
+            "junk.txt",
+        ] {
+            std::fs::write(c.join(f), b"").unwrap();
+        }
+        std::fs::create_dir_all(root.path().join("not-a-pod-dir/app")).unwrap();
+        let mut scan = Scan::default();
+        scan_pods_dir(root.path(), &mut scan);
+        let names: Vec<(String, bool)> = scan
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.path.file_name().unwrap().to_string_lossy().into_owned(),
+                    f.rotated,
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("0.log".into(), false),
+                ("0.log.20240101-000000".into(), true),
+                ("1.log".into(), false)
+            ]
+        );
+        let o = &scan.files[0].origin;
+        assert_eq!(
+            (&*o.namespace, &*o.pod, &*o.pod_uid, &*o.container),
+            ("ns", "pod", "uid1", "app")
+        );
+        assert_eq!(scan.dirs.len(), 3);
+    }
+
+    #[test]
+    fn missing_roots_are_not_errors() {
+        let mut scan = Scan::default();
+        scan_pods_dir(Path::new("/nonexistent/bpftail"), &mut scan);
+        scan_docker_dir(Path::new("/nonexistent/bpftail"), &mut scan);
+        assert!(scan.files.is_empty() && scan.errors.is_empty() && scan.dirs.is_empty());
+    }
+
+    #[test]
+    fn docker_logs_take_kubernetes_labels_from_config() {
+        let root = tempfile::tempdir().unwrap();
+        let id = "abcdef0123456789";
+        let c = root.path().join(id);
+        std::fs::create_dir_all(&c).unwrap();
+        std::fs::write(c.join(format!("{id}-json.log")), b"").unwrap();
+        std::fs::write(c.join(format!("{id}-json.log.1")), b"").unwrap();
+        std::fs::write(
+            c.join("config.v2.json"),
+            r#"{"Name":"/k8s_app_pod","Config":{"Env":["aliyun_logs_x=stdout"],"Labels":{
+                "io.kubernetes.pod.namespace":"prod","io.kubernetes.pod.name":"web-1",
+                "io.kubernetes.pod.uid":"u-1","io.kubernetes.container.name":"app"}}}"#,
+        )
+        .unwrap();
+        let mut scan = Scan::default();
+        scan_docker_dir(root.path(), &mut scan);
+        assert_eq!(scan.files.len(), 2);
+        let o = &scan.files[0].origin;
+        assert_eq!(
+            (&*o.namespace, &*o.pod, &*o.pod_uid, &*o.container),
+            ("prod", "web-1", "u-1", "app")
+        );
+        assert_eq!(o.env, vec!["aliyun_logs_x=stdout".to_string()]);
+        assert!(!scan.files[0].rotated && scan.files[1].rotated);
+    }
+
+    #[test]
+    fn metadata_renders_key_topics_and_json_members_once() {
+        let ctx = MetaContext {
+            topic: TopicTemplate::parse("logs-{namespace}-{stream}").unwrap(),
+            node: "node-1".into(),
+        };
+        let m = ctx.render(
+            Origin {
+                namespace: "ns".into(),
+                pod: "p\"q".into(),
+                pod_uid: "uid".into(),
+                container: "c".into(),
+                ..Default::default()
+            },
+            Format::Cri,
+        );
+        assert_eq!(&*m.key, b"uid/c");
+        assert_eq!(m.topic(Stream::Stdout), "logs-ns-stdout");
+        assert_eq!(m.topic(Stream::Stderr), "logs-ns-stderr");
+        assert_eq!(
+            std::str::from_utf8(&m.json_members).unwrap(),
+            r#","namespace":"ns","pod":"p\"q","container":"c","node":"node-1""#
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! bpftail: container log files to Kafka, at-least-once.
+//!
+//! The data flow, one module per stage:
+//! [`discover`] finds log files → [`watch`] reports which changed →
+//! [`tail`] reads and decodes them → [`sink`] produces to Kafka →
+//! delivery reports advance [`checkpoint`]s. [`pipeline`] is the loop that
+//! joins them; [`config`] and [`metrics`] serve all of them.
+
+pub mod checkpoint;
+pub mod config;
+pub mod discover;
+pub mod metrics;
+pub mod pipeline;
+pub mod sink;
+pub mod tail;
+pub mod watch;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::checkpoint::{CheckpointError, Store};
+use crate::config::{Config, KubeMode, WatcherKind};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::sink::KafkaSink;
+use crate::watch::{ChangeQueue, ChangeSource, InotifySource, PollSource};
+
+/// Runs the agent until SIGTERM or SIGINT, then shuts down in order.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let store = Store::open(&cfg.data_dir)?;
+    let restored = match store.load() {
+        Ok(r) => r,
+        Err(e @ CheckpointError::Corrupt { .. }) => {
+            // Losing the positions means resending, never losing lines.
+            let aside = cfg.data_dir.join("checkpoints.json.corrupt");
+            let _ = std::fs::rename(cfg.data_dir.join("checkpoints.json"), &aside);
+            tracing::error!(error = %e, moved_to = %aside.display(), "starting without checkpoints: files are read from the start");
+            Default::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let sink = KafkaSink::new(&cfg, metrics.clone(), stopping.clone())?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the control-plane runtime")?;
+    let listener = match cfg.metrics_addr {
+        Some(addr) => Some(
+            runtime
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("metrics-addr: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let (queue, wake) = ChangeQueue::new();
+    let source: Box<dyn ChangeSource> = match cfg.watcher {
+        WatcherKind::Inotify => Box::new(
+            InotifySource::start(queue.clone(), metrics.clone()).context("watcher inotify")?,
+        ),
+        WatcherKind::Poll => Box::new(PollSource::start(
+            queue.clone(),
+            Duration::from_millis(250),
+            8,
+        )?),
+        WatcherKind::Auto | WatcherKind::Ebpf | WatcherKind::Fanotify => {
+            match InotifySource::start(queue.clone(), metrics.clone()) {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "inotify unavailable; polling");
+                    Box::new(PollSource::start(
+                        queue.clone(),
+                        Duration::from_millis(250),
+                        8,
+                    )?)
+                }
+            }
+        }
+    };
+    if cfg.kube == KubeMode::Auto {
+        tracing::info!(
+            "pod metadata comes from log paths and Docker labels; the Kubernetes list-watch is not in this release"
+        );
+    }
+    tracing::info!(
+        watcher = source.name(),
+        pods_dir = %cfg.pods_dir.display(),
+        docker_dir = %cfg.docker_dir.display(),
+        brokers = %cfg.brokers,
+        node = %cfg.node_name,
+        "bpftail starting"
+    );
+
+    let stall = cfg.sweep_interval * 3 + Duration::from_secs(30);
+    let pipeline = Pipeline::new(
+        cfg,
+        metrics.clone(),
+        store,
+        restored,
+        sink,
+        queue.clone(),
+        wake,
+        source,
+        stopping.clone(),
+    )?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let data = std::thread::Builder::new()
+        .name("bpftail-data".into())
+        .spawn(move || {
+            pipeline.run();
+            let _ = done_tx.send(());
+        })?;
+
+    runtime.block_on(async {
+        if let Some(listener) = listener {
+            tokio::spawn(metrics::serve(listener, metrics.clone(), stall));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+            _ = done_rx => tracing::error!("data loop ended unexpectedly"),
+        }
+        anyhow::Ok(())
+    })?;
+    stopping.store(true, Ordering::Relaxed);
+    queue.wake();
+    data.join()
+        .map_err(|_| anyhow::anyhow!("data loop panicked"))?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! Metrics: the agent's own counters, served as Prometheus text on
+//! `/metrics`, with `/healthz` for liveness.
+//!
+//! Counters are relaxed atomics: the data path bumps them without locks, and
+//! a scrape reads a slightly stale but never torn value. Metric labels come
+//! from `kind()` functions, never from `Debug` output.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Delivery failures by kind: the label set is closed.
+pub const FAILURE_KINDS: [&str; 3] = ["retried", "dropped", "queue_full"];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub lines_read: Counter,
+    pub bytes_read: Counter,
+    pub records_sent: Counter,
+    pub records_delivered: Counter,
+    pub bytes_delivered: Counter,
+    /// Indexed like [`FAILURE_KINDS`].
+    pub delivery_failures: [Counter; 3],
+    pub truncated: Counter,
+    pub malformed: Counter,
+    pub invalid_utf8: Counter,
+    pub partial_flushed: Counter,
+    pub bytes_skipped: Counter,
+    pub truncations: Counter,
+    pub rotations: Counter,
+    pub read_errors: Counter,
+    pub open_errors: Counter,
+    pub files_watched: Gauge,
+    pub inflight_bytes: Gauge,
+    pub checkpoint_lag_bytes: Gauge,
+    pub checkpoint_writes: Counter,
+    pub checkpoint_errors: Counter,
+    pub watcher_overflows: Counter,
+    /// Unix seconds of the data loop's last turn (liveness).
+    pub heartbeat: Gauge,
+}
+
+impl Metrics {
+    pub fn beat(&self) {
+        self.heartbeat.set(unix_now());
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut c = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP bpftail_{name} {help}\n# TYPE bpftail_{name} counter\nbpftail_{name} {v}"
+            );
+        };
+        c(
+            "lines_read_total",
+            "Physical lines read from log files.",
+            self.lines_read.get(),
+        );
+        c(
+            "bytes_read_total",
+            "Bytes read from log files.",
+            self.bytes_read.get(),
+        );
+        c(
+            "records_sent_total",
+            "Records handed to the Kafka producer.",
+            self.records_sent.get(),
+        );
+        c(
+            "records_delivered_total",
+            "Records acknowledged by Kafka.",
+            self.records_delivered.get(),
+        );
+        c(
+            "bytes_delivered_total",
+            "Record value bytes acknowledged by Kafka.",
+            self.bytes_delivered.get(),
+        );
+        c(
+            "records_truncated_total",
+            "Records cut at the maximum record size.",
+            self.truncated.get(),
+        );
+        c(
+            "lines_malformed_total",
+            "Lines not in their file's format, shipped raw.",
+            self.malformed.get(),
+        );
+        c(
+            "invalid_utf8_total",
+            "Messages with invalid UTF-8 (replaced by U+FFFD in --format json).",
+            self.invalid_utf8.get(),
+        );
+        c(
+            "records_partial_flushed_total",
+            "Records delivered without their end (file ended inside them).",
+            self.partial_flushed.get(),
+        );
+        c(
+            "bytes_skipped_total",
+            "Bytes dropped from lines longer than the maximum.",
+            self.bytes_skipped.get(),
+        );
+        c(
+            "file_truncations_total",
+            "Files found shorter than the read offset (copytruncate).",
+            self.truncations.get(),
+        );
+        c(
+            "file_rotations_total",
+            "Files renamed away from their path (rotation).",
+            self.rotations.get(),
+        );
+        c(
+            "read_errors_total",
+            "Failed reads of log files.",
+            self.read_errors.get(),
+        );
+        c(
+            "open_errors_total",
+            "Log files that could not be opened.",
+            self.open_errors.get(),
+        );
+        c(
+            "checkpoint_writes_total",
+            "Checkpoints persisted.",
+            self.checkpoint_writes.get(),
+        );
+        c(
+            "checkpoint_errors_total",
+            "Checkpoint writes that failed.",
+            self.checkpoint_errors.get(),
+        );
+        c(
+            "watcher_overflows_total",
+            "Change-source overflows (followed by a full rescan).",
+            self.watcher_overflows.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bpftail_delivery_failures_total Failed deliveries: retried (re-read from the file), dropped (permanent error), queue_full (producer queue full, retried).\n# TYPE bpftail_delivery_failures_total counter"
+        );
+        for (kind, v) in FAILURE_KINDS.iter().zip(&self.delivery_failures) {
+            let _ = writeln!(
+                out,
+                "bpftail_delivery_failures_total{{kind=\"{kind}\"}} {}",
+                v.get()
+            );
+        }
+        let mut g = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP bpftail_{name} {help}\n# TYPE bpftail_{name} gauge\nbpftail_{name} {v}"
+            );
+        };
+        g(
+            "files_watched",
+            "Log files open and followed.",
+            self.files_watched.get(),
+        );
+        g(
+            "inflight_bytes",
+            "Bytes produced and not yet acknowledged (budget accounting).",
+            self.inflight_bytes.get(),
+        );
+        g(
+            "checkpoint_lag_bytes",
+            "Bytes on disk not yet acknowledged, over all files.",
+            self.checkpoint_lag_bytes.get(),
+        );
+        out
+    }
+}
+
+/// Logs at most once per period; counts what it suppressed in between.
+#[derive(Debug)]
+pub struct RateLimit {
+    period_ms: u64,
+    /// Unix milliseconds of the last log line.
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    pub fn new(period: Duration) -> RateLimit {
+        RateLimit {
+            period_ms: period.as_millis() as u64,
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls `log(suppressed_since_last)` unless a line was logged within
+    /// the period.
+    pub fn log(&self, log: impl FnOnce(u64)) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let last = self.last.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= self.period_ms
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log(self.suppressed.swap(0, Ordering::Relaxed));
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Serves `/metrics` and `/healthz` until the task is dropped. `/healthz`
+/// fails when the data loop has not turned for `stall` (it turns at least
+/// every sweep interval).
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stall: Duration) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut req = [0u8; 2048];
+            let mut got = 0;
+            // Read the request head; a client that sends nothing is dropped.
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while got < req.len() {
+                    let n = sock.read(&mut req[got..]).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    got += n;
+                    if req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return Some(());
+                    }
+                }
+                Some(())
+            })
+            .await;
+            if !matches!(read, Ok(Some(()))) {
+                return;
+            }
+            let path = req[..got]
+                .split(|&b| b == b' ')
+                .nth(1)
+                .unwrap_or(b"/")
+                .to_vec();
+            let (status, ctype, body) = match &path[..] {
+                b"/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+                b"/healthz" => {
+                    let age = unix_now().saturating_sub(metrics.heartbeat.get());
+                    if age <= stall.as_secs() {
+                        ("200 OK", "text/plain", "ok\n".to_owned())
+                    } else {
+                        (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            format!("data loop stalled for {age}s\n"),
+                        )
+                    }
+                }
+                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_is_prometheus_text_with_every_failure_kind() {
+        let m = Metrics::default();
+        m.lines_read.add(3);
+        m.delivery_failures[1].inc();
+        let text = m.render();
+        assert!(text.contains("bpftail_lines_read_total 3\n"));
+        assert!(text.contains("bpftail_delivery_failures_total{kind=\"dropped\"} 1\n"));
+        assert!(text.contains("# TYPE bpftail_files_watched gauge\n"));
+    }
+}

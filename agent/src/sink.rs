@@ -1,0 +1,503 @@
+//! Sink: records to Kafka through librdkafka (rdkafka, bundled librdkafka).
+//!
+//! - Key = the container stream (pod uid + container), so one container's
+//!   lines share a partition and keep their order.
+//! - `--format raw`: value = the message; time, stream, namespace, pod,
+//!   container and node as headers (`partial`/`truncated` only when set).
+//!   `--format json`: value = one JSON object with those fields and the
+//!   message (invalid UTF-8 replaced by U+FFFD and counted).
+//! - Idempotent producer, `message.timeout.ms=0` (retry forever): while the
+//!   broker is down, records wait in the producer and the in-flight budget
+//!   stops reading; the files on disk are the buffer.
+//! - Every delivery report comes back to the data loop as an [`Ack`] naming
+//!   the file and the record's sequence number there. Nothing is allocated
+//!   per record on our side; librdkafka copies the value (and headers) it
+//!   is given.
+//!
+//! Budget: `has_budget` is false once `max_inflight_bytes` worth of records
+//! (value + key + a fixed per-record overhead) is unacknowledged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use rdkafka::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
+use crate::config::{Config, OutputFormat};
+use crate::discover::FileMeta;
+use crate::metrics::{Metrics, RateLimit};
+use crate::tail::RecordSink;
+use crate::tail::decode::Record;
+
+/// Budget cost of one record beyond its key and value: librdkafka's own
+/// per-message bookkeeping and headers, roughly.
+const RECORD_OVERHEAD: u64 = 256;
+
+/// Bits of the delivery opaque that carry the sequence number.
+const SEQ_BITS: u32 = 40;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+
+fn cost(value_len: usize, key_len: usize) -> u64 {
+    (value_len + key_len) as u64 + RECORD_OVERHEAD
+}
+
+/// What became of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// A transient failure that outlived librdkafka's retries: the file is
+    /// read again from its acknowledged offset.
+    Retry,
+    /// A permanent failure (topic refused, record too large): counted,
+    /// logged, and passed over so the file is not stuck forever.
+    Dropped,
+}
+
+/// A delivery report, routed back to the data loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub file: u32,
+    /// The low [`SEQ_BITS`] bits of the record's sequence number; see
+    /// [`Ack::seq_near`].
+    seq_low: u64,
+    pub outcome: Outcome,
+}
+
+impl Ack {
+    /// The full sequence number, given any sequence number of the same file
+    /// that is less than 2^40 records away (the tracker's base).
+    pub fn seq_near(&self, base: u64) -> u64 {
+        let delta = self.seq_low.wrapping_sub(base) & SEQ_MASK;
+        if delta > SEQ_MASK / 2 {
+            base.wrapping_sub((SEQ_MASK + 1) - delta)
+        } else {
+            base + delta
+        }
+    }
+}
+
+fn opaque(file: u32, seq: u64) -> usize {
+    ((u64::from(file) << SEQ_BITS) | (seq & SEQ_MASK)) as usize
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("invalid Kafka producer configuration: {0}")]
+    Config(#[source] KafkaError),
+}
+
+/// Runs on librdkafka's polling thread: turns delivery reports into acks.
+pub struct DeliveryContext {
+    acks: Sender<Ack>,
+    metrics: Arc<Metrics>,
+    failures: RateLimit,
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let (msg, outcome) = match result {
+            Ok(msg) => {
+                self.metrics.records_delivered.inc();
+                self.metrics.bytes_delivered.add(msg.payload_len() as u64);
+                (msg, Outcome::Delivered)
+            }
+            Err((err, msg)) => {
+                let outcome = classify(err);
+                let kind = match outcome {
+                    Outcome::Retry => 0,
+                    _ => 1,
+                };
+                if !matches!(
+                    err.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+                ) {
+                    self.metrics.delivery_failures[kind].inc();
+                    self.failures.log(|suppressed| {
+                        tracing::warn!(
+                            topic = msg.topic(),
+                            error = %err,
+                            ?outcome,
+                            suppressed,
+                            "delivery failed"
+                        )
+                    });
+                }
+                (msg, outcome)
+            }
+        };
+        self.metrics
+            .inflight_bytes
+            .sub(cost(msg.payload_len(), msg.key_len()));
+        let opaque = opaque as u64;
+        // The data loop outlives the producer; a send error only means it
+        // has already stopped, and then the report no longer matters.
+        let _ = self.acks.send(Ack {
+            file: (opaque >> SEQ_BITS) as u32,
+            seq_low: opaque & SEQ_MASK,
+            outcome,
+        });
+    }
+}
+
+/// Transient errors are re-read from the file; the rest are permanent.
+fn classify(err: &KafkaError) -> Outcome {
+    use RDKafkaErrorCode as C;
+    match err.rdkafka_error_code() {
+        Some(
+            C::MessageTimedOut
+            | C::RequestTimedOut
+            | C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::NetworkException
+            | C::NotLeaderForPartition
+            | C::LeaderNotAvailable
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::PurgeQueue
+            | C::PurgeInflight
+            | C::OutOfOrderSequenceNumber
+            | C::Fatal,
+        ) => Outcome::Retry,
+        _ => Outcome::Dropped,
+    }
+}
+
+/// The Kafka producer with its budget and value buffer.
+pub struct KafkaSink {
+    producer: ThreadedProducer<DeliveryContext>,
+    format: OutputFormat,
+    node: Box<[u8]>,
+    /// The JSON value being built; reused for every record.
+    value: Vec<u8>,
+    budget: u64,
+    metrics: Arc<Metrics>,
+    acks: Receiver<Ack>,
+    /// Reports received while waiting for producer queue space, for the
+    /// data loop to apply.
+    stash: Vec<Ack>,
+    /// Set at shutdown: stop waiting for queue space, accept nothing new.
+    stopping: Arc<AtomicBool>,
+}
+
+impl KafkaSink {
+    pub fn new(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        stopping: Arc<AtomicBool>,
+    ) -> Result<KafkaSink, SinkError> {
+        let mut cc = ClientConfig::new();
+        let budget_kb = cfg.max_inflight_bytes / 1024;
+        cc.set("bootstrap.servers", &cfg.brokers)
+            .set("compression.type", cfg.compression.as_str())
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", "20")
+            // Our budget gates reading well before librdkafka's queue fills.
+            .set(
+                "queue.buffering.max.kbytes",
+                (budget_kb * 2 + 1024).to_string(),
+            )
+            .set("queue.buffering.max.messages", "1000000")
+            .set("client.id", format!("bpftail-{}", cfg.node_name))
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in &cfg.kafka_options {
+            cc.set(k, v);
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let ctx = DeliveryContext {
+            acks: tx,
+            metrics: metrics.clone(),
+            failures: RateLimit::new(Duration::from_secs(10)),
+        };
+        let producer = cc.create_with_context(ctx).map_err(SinkError::Config)?;
+        Ok(KafkaSink {
+            producer,
+            format: cfg.format,
+            node: cfg.node_name.as_bytes().into(),
+            value: Vec::with_capacity(4096),
+            budget: cfg.max_inflight_bytes,
+            metrics,
+            acks: rx,
+            stash: Vec::new(),
+            stopping,
+        })
+    }
+
+    /// The channel delivery reports arrive on (for the data loop's select).
+    pub fn acks(&self) -> &Receiver<Ack> {
+        &self.acks
+    }
+
+    /// Reports stashed while `send` waited for queue space.
+    pub fn take_stash(&mut self) -> std::vec::Drain<'_, Ack> {
+        self.stash.drain(..)
+    }
+
+    /// Waits up to `timeout` for everything in flight to be acknowledged.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.producer.flush(timeout).is_ok()
+    }
+
+    fn build_json(&mut self, meta: &FileMeta, rec: &Record<'_>) {
+        let v = &mut self.value;
+        v.clear();
+        v.extend_from_slice(b"{\"time\":\"");
+        if escape_json(v, rec.time) {
+            self.metrics.invalid_utf8.inc();
+        }
+        v.extend_from_slice(b"\",\"stream\":\"");
+        v.extend_from_slice(rec.stream.as_str().as_bytes());
+        v.push(b'"');
+        v.extend_from_slice(&meta.json_members);
+        v.extend_from_slice(b",\"message\":\"");
+        if escape_json(v, rec.msg) {
+            self.metrics.invalid_utf8.inc();
+        }
+        v.push(b'"');
+        if rec.partial {
+            v.extend_from_slice(b",\"partial\":true");
+        }
+        if rec.truncated {
+            v.extend_from_slice(b",\"truncated\":true");
+        }
+        v.push(b'}');
+    }
+}
+
+impl RecordSink for KafkaSink {
+    fn has_budget(&self) -> bool {
+        self.metrics.inflight_bytes.get() < self.budget && !self.stopping.load(Ordering::Relaxed)
+    }
+
+    fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64) {
+        if self.format == OutputFormat::Json {
+            self.build_json(meta, rec);
+        }
+        let value: &[u8] = match self.format {
+            OutputFormat::Json => &self.value,
+            OutputFormat::Raw => rec.msg,
+        };
+        let c = cost(value.len(), meta.key.len());
+        let headers = match self.format {
+            OutputFormat::Json => None,
+            OutputFormat::Raw => Some(raw_headers(meta, rec, &self.node)),
+        };
+        let mut record = BaseRecord::with_opaque_to(meta.topic(rec.stream), opaque(file, seq))
+            .key(&meta.key[..])
+            .payload(value);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        self.metrics.inflight_bytes.add(c);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.metrics.records_sent.inc();
+                    return;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    self.metrics.delivery_failures[2].inc();
+                    if self.stopping.load(Ordering::Relaxed) {
+                        // Never acknowledged, so the checkpoint stays before it.
+                        self.metrics.inflight_bytes.sub(c);
+                        return;
+                    }
+                    record = r;
+                    if let Ok(ack) = self.acks.recv_timeout(Duration::from_millis(100)) {
+                        self.stash.push(ack);
+                    }
+                }
+                Err((e, _)) => {
+                    // The record cannot be produced at all (e.g. larger than
+                    // message.max.bytes): report it like a delivery failure.
+                    self.metrics.inflight_bytes.sub(c);
+                    self.metrics.delivery_failures[1].inc();
+                    tracing::warn!(error = %e, topic = meta.topic(rec.stream), "record refused by the producer; dropped");
+                    let opaque = opaque(file, seq) as u64;
+                    self.stash.push(Ack {
+                        file,
+                        seq_low: opaque & SEQ_MASK,
+                        outcome: Outcome::Dropped,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn raw_headers(meta: &FileMeta, rec: &Record<'_>, node: &[u8]) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(8)
+        .insert(Header {
+            key: "time",
+            value: Some(rec.time),
+        })
+        .insert(Header {
+            key: "stream",
+            value: Some(rec.stream.as_str()),
+        })
+        .insert(Header {
+            key: "namespace",
+            value: Some(&meta.namespace),
+        })
+        .insert(Header {
+            key: "pod",
+            value: Some(&meta.pod),
+        })
+        .insert(Header {
+            key: "container",
+            value: Some(&meta.container),
+        })
+        .insert(Header {
+            key: "node",
+            value: Some(node),
+        });
+    if rec.partial {
+        h = h.insert(Header {
+            key: "partial",
+            value: Some("true"),
+        });
+    }
+    if rec.truncated {
+        h = h.insert(Header {
+            key: "truncated",
+            value: Some("true"),
+        });
+    }
+    h
+}
+
+/// Appends `s` as the inside of a JSON string. Invalid UTF-8 becomes
+/// U+FFFD; returns true if there was any.
+fn escape_json(out: &mut Vec<u8>, s: &[u8]) -> bool {
+    match std::str::from_utf8(s) {
+        Ok(text) => {
+            escape_str(out, text);
+            false
+        }
+        Err(_) => {
+            escape_str(out, &String::from_utf8_lossy(s));
+            true
+        }
+    }
+}
+
+fn escape_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if esc.is_empty() {
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 15) as usize],
+            ]);
+        } else {
+            out.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_escaping_is_valid_json_even_for_binary_junk() {
+        let mut out = Vec::new();
+        assert!(escape_json(&mut out, b"a\"b\\c\n\x00\x1f\xff\xfe z"));
+        let s = format!("\"{}\"", String::from_utf8(out).unwrap());
+        let v: String = serde_json::from_str(&s).unwrap();
+        assert_eq!(v, "a\"b\\c\n\u{0}\u{1f}\u{fffd}\u{fffd} z");
+        let mut out = Vec::new();
+        assert!(!escape_json(&mut out, "héllo ✓".as_bytes()));
+        assert_eq!(out, "héllo ✓".as_bytes());
+    }
+
+    #[test]
+    fn sequence_numbers_survive_the_opaque_round_trip() {
+        for (base, seq) in [
+            (0u64, 5u64),
+            ((1 << 40) - 2, (1 << 40) + 3),
+            (1 << 41, (1 << 41) + 7),
+        ] {
+            let o = opaque(77, seq) as u64;
+            let ack = Ack {
+                file: (o >> SEQ_BITS) as u32,
+                seq_low: o & SEQ_MASK,
+                outcome: Outcome::Delivered,
+            };
+            assert_eq!(ack.file, 77);
+            assert_eq!(ack.seq_near(base), seq);
+        }
+        // A report from before the base (after a rewind) maps below it.
+        let o = opaque(1, 10) as u64;
+        let ack = Ack {
+            file: 1,
+            seq_low: o & SEQ_MASK,
+            outcome: Outcome::Retry,
+        };
+        assert_eq!(ack.seq_near(12), 10);
+    }
+
+    #[test]
+    fn transient_errors_retry_and_refusals_drop() {
+        assert_eq!(
+            classify(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut
+            )),
+            Outcome::Retry
+        );
+        assert_eq!(
+            classify(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::TopicAuthorizationFailed
+            )),
+            Outcome::Dropped
+        );
+    }
+}

@@ -1,0 +1,707 @@
+//! Decoders: physical lines in, logical records out.
+//!
+//! - CRI (`<time> <stream> <P|F> <msg>`): `P` chunks of one stream are joined
+//!   until that stream's `F` chunk; stdout and stderr reassemble separately,
+//!   because runtimes interleave them in one file.
+//! - Docker json-file (`{"log":"…","stream":"…","time":"…"}`): JSON escapes
+//!   are decoded; a `log` without a trailing `\n` is a partial record.
+//! - raw: every line is a record.
+//!
+//! Invariants: a record that fits in one physical line is lent out without a
+//! copy (CRI, raw); only multi-chunk records and JSON-escaped messages are
+//! copied, into buffers the decoder keeps and reuses. A record never holds
+//! more than `max_record` message bytes: the rest of it is dropped and the
+//! record is marked truncated. A line the format cannot parse is delivered
+//! whole as a raw record and counted, never dropped.
+
+/// Which output stream a record was written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout = 0,
+    Stderr = 1,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// The on-disk format of a log file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Cri,
+    DockerJson,
+    Raw,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Cri => "cri",
+            Format::DockerJson => "docker-json",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// A logical record, lent to the sink for the duration of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// The runtime's RFC 3339 timestamp as written (of the first chunk);
+    /// empty for raw files.
+    pub time: &'a [u8],
+    pub stream: Stream,
+    pub msg: &'a [u8],
+    /// Delivered without its end: the file ended inside the record and the
+    /// rest never came.
+    pub partial: bool,
+    /// Longer than the maximum record size; the tail was dropped.
+    pub truncated: bool,
+    /// The line could not be parsed in the file's format and is passed on whole.
+    pub malformed: bool,
+}
+
+/// One physical line as the reader hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
+    /// The bytes, without the terminating `\n`.
+    pub bytes: &'a [u8],
+    /// File offset of the first byte of the line.
+    pub start: u64,
+    /// The reader cut this line at its maximum length and skips the rest.
+    pub cut: bool,
+}
+
+/// A record being reassembled from chunks.
+#[derive(Debug, Default)]
+struct Pending {
+    /// File offset where the record's first chunk starts; the checkpoint may
+    /// not pass it until the record has been sent.
+    start: Option<u64>,
+    time: Vec<u8>,
+    msg: Vec<u8>,
+    truncated: bool,
+}
+
+impl Pending {
+    fn begin(&mut self, start: u64, time: &[u8]) {
+        self.start = Some(start);
+        self.time.clear();
+        self.time.extend_from_slice(time);
+        self.msg.clear();
+        self.truncated = false;
+    }
+
+    fn append(&mut self, chunk: &[u8], max: usize) {
+        let room = max.saturating_sub(self.msg.len());
+        if chunk.len() > room {
+            self.truncated = true;
+        }
+        self.msg.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    /// Forgets the record, giving back memory a huge record left behind.
+    fn reset(&mut self) {
+        self.start = None;
+        if self.msg.capacity() > 64 * 1024 {
+            self.msg = Vec::new();
+        }
+    }
+}
+
+/// Per-file decoding state.
+#[derive(Debug)]
+pub struct Decoder {
+    format: Format,
+    max_record: usize,
+    /// Records being reassembled, indexed by `Stream as usize`.
+    pending: [Pending; 2],
+    /// Docker json: the decoded `log` of the current line.
+    scratch: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new(format: Format, max_record: usize) -> Decoder {
+        Decoder {
+            format,
+            max_record,
+            pending: Default::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The file offset before which every byte belongs to a record that has
+    /// been emitted, given that everything up to `read_to` has been decoded.
+    pub fn safe_offset(&self, read_to: u64) -> u64 {
+        self.pending
+            .iter()
+            .filter_map(|p| p.start)
+            .fold(read_to, u64::min)
+    }
+
+    /// True while a record waits for its final chunk.
+    pub fn has_pending(&self) -> bool {
+        self.pending.iter().any(|p| p.start.is_some())
+    }
+
+    /// Decodes one physical line, calling `emit` for each completed record.
+    pub fn decode<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, mut emit: E) {
+        match self.format {
+            Format::Raw => emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut, false)),
+            Format::Cri => self.decode_cri(line, &mut emit),
+            Format::DockerJson => self.decode_docker(line, &mut emit),
+        }
+    }
+
+    fn whole<'a>(
+        &self,
+        msg: &'a [u8],
+        time: &'a [u8],
+        stream: Stream,
+        cut: bool,
+        malformed: bool,
+    ) -> Record<'a> {
+        let truncated = cut || msg.len() > self.max_record;
+        Record {
+            time,
+            stream,
+            msg: &msg[..msg.len().min(self.max_record)],
+            partial: false,
+            truncated,
+            malformed,
+        }
+    }
+
+    fn decode_cri<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, emit: &mut E) {
+        let Some((time, stream, full, msg)) = parse_cri(line.bytes) else {
+            emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut, true));
+            return;
+        };
+        // A line the reader had to cut ends its record: the rest is skipped.
+        let full = full || line.cut;
+        let max = self.max_record;
+        let p = &mut self.pending[stream as usize];
+        match (p.start.is_some(), full) {
+            (false, true) => {
+                let rec = self.whole(msg, time, stream, line.cut, false);
+                emit(rec);
+            }
+            (false, false) => {
+                p.begin(line.start, time);
+                p.append(msg, max);
+            }
+            (true, false) => p.append(msg, max),
+            (true, true) => {
+                p.append(msg, max);
+                p.truncated |= line.cut;
+                emit(Record {
+                    time: &p.time,
+                    stream,
+                    msg: &p.msg,
+                    partial: false,
+                    truncated: p.truncated,
+                    malformed: false,
+                });
+                p.reset();
+            }
+        }
+    }
+
+    fn decode_docker<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, emit: &mut E) {
+        self.scratch.clear();
+        let parsed = if line.cut {
+            None
+        } else {
+            parse_docker(line.bytes, &mut self.scratch)
+        };
+        let Some(DockerFields { time, stream }) = parsed else {
+            emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut, true));
+            return;
+        };
+        let complete = self.scratch.last() == Some(&b'\n');
+        if complete {
+            self.scratch.pop();
+        }
+        let max = self.max_record;
+        let p = &mut self.pending[stream as usize];
+        match (p.start.is_some(), complete) {
+            (false, true) => {
+                let truncated = self.scratch.len() > max;
+                emit(Record {
+                    time,
+                    stream,
+                    msg: &self.scratch[..self.scratch.len().min(max)],
+                    partial: false,
+                    truncated,
+                    malformed: false,
+                });
+            }
+            (false, false) => {
+                p.begin(line.start, time);
+                p.append(&self.scratch, max);
+            }
+            (true, false) => p.append(&self.scratch, max),
+            (true, true) => {
+                p.append(&self.scratch, max);
+                emit(Record {
+                    time: &p.time,
+                    stream,
+                    msg: &p.msg,
+                    partial: false,
+                    truncated: p.truncated,
+                    malformed: false,
+                });
+                p.reset();
+            }
+        }
+        if self.scratch.capacity() > 64 * 1024 {
+            self.scratch = Vec::new();
+        }
+    }
+
+    /// Emits every record still waiting for its final chunk, flagged
+    /// partial: the file ended inside them and the rest is not coming.
+    pub fn flush_partial<E: FnMut(Record<'_>)>(&mut self, mut emit: E) {
+        for (i, p) in self.pending.iter_mut().enumerate() {
+            if p.start.is_some() {
+                emit(Record {
+                    time: &p.time,
+                    stream: if i == 0 {
+                        Stream::Stdout
+                    } else {
+                        Stream::Stderr
+                    },
+                    msg: &p.msg,
+                    partial: true,
+                    truncated: p.truncated,
+                    malformed: false,
+                });
+                p.reset();
+            }
+        }
+    }
+
+    /// Forgets all reassembly state (the file was truncated or rewound).
+    pub fn reset(&mut self) {
+        for p in &mut self.pending {
+            p.reset();
+        }
+    }
+}
+
+/// Splits a CRI line into (time, stream, full, message).
+fn parse_cri(line: &[u8]) -> Option<(&[u8], Stream, bool, &[u8])> {
+    let sp1 = memchr::memchr(b' ', line)?;
+    let time = &line[..sp1];
+    let rest = &line[sp1 + 1..];
+    let (stream, rest) = if let Some(r) = rest.strip_prefix(b"stdout ") {
+        (Stream::Stdout, r)
+    } else if let Some(r) = rest.strip_prefix(b"stderr ") {
+        (Stream::Stderr, r)
+    } else {
+        return None;
+    };
+    // Tags are ':'-separated; the first is P (partial) or F (full). The
+    // message follows one space; an empty message may lack that space.
+    let (tags, msg) = match memchr::memchr(b' ', rest) {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &rest[rest.len()..]),
+    };
+    let full = match tags.split(|&b| b == b':').next()? {
+        b"F" => true,
+        b"P" => false,
+        _ => return None,
+    };
+    if time.is_empty() || !time[0].is_ascii_digit() {
+        return None;
+    }
+    Some((time, stream, full, msg))
+}
+
+struct DockerFields<'a> {
+    time: &'a [u8],
+    stream: Stream,
+}
+
+/// Parses one json-file line, decoding `log` into `log_out`. Other keys
+/// (`attrs` and future ones) are skipped. Returns None for anything that is
+/// not a JSON object with string `log` and `stream` fields.
+fn parse_docker<'a>(line: &'a [u8], log_out: &mut Vec<u8>) -> Option<DockerFields<'a>> {
+    let mut p = JsonCursor { s: line, i: 0 };
+    p.ws();
+    p.eat(b'{')?;
+    let (mut time, mut stream, mut have_log) = (&line[..0], None, false);
+    loop {
+        p.ws();
+        if p.peek()? == b'}' {
+            break;
+        }
+        let key = p.raw_string()?;
+        p.ws();
+        p.eat(b':')?;
+        p.ws();
+        match key {
+            b"log" => {
+                p.string_into(log_out)?;
+                have_log = true;
+            }
+            b"stream" => {
+                stream = match p.raw_string()? {
+                    b"stdout" => Some(Stream::Stdout),
+                    b"stderr" => Some(Stream::Stderr),
+                    _ => return None,
+                }
+            }
+            b"time" => time = p.raw_string()?,
+            _ => p.skip_value(0)?,
+        }
+        p.ws();
+        match p.peek()? {
+            b',' => p.i += 1,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    if !have_log {
+        return None;
+    }
+    Some(DockerFields {
+        time,
+        stream: stream?,
+    })
+}
+
+/// A minimal JSON reader over one line: enough for Docker's fixed schema.
+struct JsonCursor<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl<'a> JsonCursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// A string without escapes, borrowed (keys, stream, time).
+    fn raw_string(&mut self) -> Option<&'a [u8]> {
+        self.eat(b'"')?;
+        let rest = &self.s[self.i..];
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        if rest[end] != b'"' {
+            return None;
+        }
+        self.i += end + 1;
+        Some(&rest[..end])
+    }
+
+    /// A string with escapes decoded into `out`.
+    fn string_into(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        self.eat(b'"')?;
+        loop {
+            let rest = &self.s[self.i..];
+            let j = memchr::memchr2(b'"', b'\\', rest)?;
+            out.extend_from_slice(&rest[..j]);
+            self.i += j + 1;
+            if rest[j] == b'"' {
+                return Some(());
+            }
+            let esc = self.peek()?;
+            self.i += 1;
+            match esc {
+                b'"' | b'\\' | b'/' => out.push(esc),
+                b'b' => out.push(8),
+                b'f' => out.push(12),
+                b'n' => out.push(b'\n'),
+                b'r' => out.push(b'\r'),
+                b't' => out.push(b'\t'),
+                b'u' => {
+                    let mut cp = self.hex4()?;
+                    if (0xD800..0xDC00).contains(&cp) {
+                        // A surrogate pair, or a lone high surrogate.
+                        if self.s[self.i..].starts_with(b"\\u") {
+                            self.i += 2;
+                            let lo = self.hex4()?;
+                            if (0xDC00..0xE000).contains(&lo) {
+                                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                            } else {
+                                push_char(out, 0xFFFD);
+                                cp = lo;
+                            }
+                        } else {
+                            cp = 0xFFFD;
+                        }
+                    }
+                    push_char(out, cp);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Option<u32> {
+        let h = self.s.get(self.i..self.i + 4)?;
+        let v = u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()?;
+        self.i += 4;
+        Some(v)
+    }
+
+    fn skip_value(&mut self, depth: u32) -> Option<()> {
+        if depth > 32 {
+            return None;
+        }
+        match self.peek()? {
+            b'"' => {
+                self.eat(b'"')?;
+                loop {
+                    let rest = &self.s[self.i..];
+                    let j = memchr::memchr2(b'"', b'\\', rest)?;
+                    self.i += j + 1;
+                    if rest[j] == b'"' {
+                        return Some(());
+                    }
+                    self.i += 1;
+                }
+            }
+            open @ (b'{' | b'[') => {
+                let close = if open == b'{' { b'}' } else { b']' };
+                self.i += 1;
+                loop {
+                    self.ws();
+                    if self.peek()? == close {
+                        self.i += 1;
+                        return Some(());
+                    }
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.peek()? {
+                        b',' | b':' => self.i += 1,
+                        c if c == close => {}
+                        _ => return None,
+                    }
+                }
+            }
+            _ => {
+                while !matches!(self.peek()?, b',' | b'}' | b']' | b':') {
+                    self.i += 1;
+                }
+                Some(())
+            }
+        }
+    }
+}
+
+fn push_char(out: &mut Vec<u8>, cp: u32) {
+    let c = char::from_u32(cp).unwrap_or('\u{FFFD}');
+    let mut b = [0u8; 4];
+    out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Owned {
+        time: String,
+        stream: &'static str,
+        msg: Vec<u8>,
+        partial: bool,
+        truncated: bool,
+        malformed: bool,
+    }
+
+    fn decode_all(format: Format, max: usize, text: &[u8]) -> (Vec<Owned>, Decoder) {
+        let mut d = Decoder::new(format, max);
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            let bytes = line.strip_suffix(b"\n").unwrap_or(line);
+            if bytes.len() == line.len() {
+                break; // an unterminated tail is not a line yet
+            }
+            d.decode(
+                Line {
+                    bytes,
+                    start: pos,
+                    cut: false,
+                },
+                |r| out.push(own(r)),
+            );
+            pos += line.len() as u64;
+        }
+        (out, d)
+    }
+
+    fn own(r: Record<'_>) -> Owned {
+        Owned {
+            time: String::from_utf8(r.time.to_vec()).unwrap(),
+            stream: r.stream.as_str(),
+            msg: r.msg.to_vec(),
+            partial: r.partial,
+            truncated: r.truncated,
+            malformed: r.malformed,
+        }
+    }
+
+    #[test]
+    fn conmon_fixture_decodes_to_the_expected_records() {
+        // A copy of ../shared/fixtures/cri, kept in the repository.
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/cri/");
+        let log = std::fs::read(format!("{fixtures}conmon-partial-lines.log")).unwrap();
+        let expected =
+            std::fs::read_to_string(format!("{fixtures}conmon-partial-lines.expected.jsonl"))
+                .unwrap();
+        let (mut got, mut d) = decode_all(Format::Cri, 1 << 20, &log);
+        // The file ends in a P chunk whose F never came: flushed as partial.
+        assert!(d.has_pending());
+        d.flush_partial(|r| got.push(own(r)));
+        let want: Vec<Owned> = expected
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                Owned {
+                    time: v["time"].as_str().unwrap().to_owned(),
+                    stream: if v["stream"] == "stderr" {
+                        "stderr"
+                    } else {
+                        "stdout"
+                    },
+                    msg: v["msg"].as_str().unwrap().as_bytes().to_vec(),
+                    partial: v
+                        .get("partial_at_eof")
+                        .and_then(|b| b.as_bool())
+                        .unwrap_or(false),
+                    truncated: false,
+                    malformed: false,
+                }
+            })
+            .collect();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w);
+        }
+    }
+
+    #[test]
+    fn cri_partials_reassemble_per_stream_and_hold_the_checkpoint() {
+        let text = b"1 stdout P aa\n2 stderr F err\n3 stdout P bb\n4 stdout F cc\n";
+        let mut d = Decoder::new(Format::Cri, 1024);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        let mut safe = Vec::new();
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            d.decode(
+                Line {
+                    bytes: &line[..line.len() - 1],
+                    start: pos,
+                    cut: false,
+                },
+                |r| out.push(own(r)),
+            );
+            pos += line.len() as u64;
+            safe.push(d.safe_offset(pos));
+        }
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].stream, &out[0].msg[..]), ("stderr", &b"err"[..]));
+        assert_eq!(
+            (out[1].time.as_str(), &out[1].msg[..]),
+            ("1", &b"aabbcc"[..])
+        );
+        // While the stdout record is open the checkpoint stays at its start.
+        assert_eq!(safe, vec![0, 0, 0, text.len() as u64]);
+    }
+
+    #[test]
+    fn records_longer_than_the_maximum_are_cut_and_marked() {
+        let mut text = Vec::new();
+        for _ in 0..10 {
+            text.extend_from_slice(b"0 stdout P 0123456789\n");
+        }
+        text.extend_from_slice(b"0 stdout F end\n0 stdout F next\n");
+        let (out, _) = decode_all(Format::Cri, 25, &text);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].msg, b"0123456789012345678901234");
+        assert!(out[0].truncated);
+        assert_eq!(out[1].msg, b"next");
+        assert!(!out[1].truncated);
+    }
+
+    #[test]
+    fn malformed_cri_lines_pass_through_whole_and_flagged() {
+        let (out, _) = decode_all(
+            Format::Cri,
+            1024,
+            b"garbage \xff\x00 line\n2024 stdout X m\n0 stdout F ok\n",
+        );
+        assert_eq!(out.len(), 3);
+        assert!(out[0].malformed && out[1].malformed && !out[2].malformed);
+        assert_eq!(out[0].msg, b"garbage \xff\x00 line");
+    }
+
+    #[test]
+    fn docker_json_lines_decode_escapes_and_join_partials() {
+        let text = concat!(
+            r#"{"log":"hello \"w\"\u00e9\ud83d\ude00\t\n","stream":"stdout","time":"2024-01-01T00:00:00.1Z"}"#,
+            "\n",
+            r#"{"log":"part1 ","stream":"stderr","time":"T1"}"#,
+            "\n",
+            r#"{"log":"x\n","stream":"stdout","attrs":{"a":["b",1,{"c":null}]},"time":"T2"}"#,
+            "\n",
+            r#"{"log":"part2\n","stream":"stderr","time":"T3"}"#,
+            "\n",
+            "not json\n",
+        );
+        let (out, _) = decode_all(Format::DockerJson, 1024, text.as_bytes());
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0].msg, "hello \"w\"é😀\t".as_bytes());
+        assert_eq!(out[0].time, "2024-01-01T00:00:00.1Z");
+        assert_eq!(out[1].msg, b"x");
+        assert_eq!(
+            (out[2].stream, out[2].time.as_str(), &out[2].msg[..]),
+            ("stderr", "T1", &b"part1 part2"[..])
+        );
+        assert!(out[3].malformed);
+    }
+
+    #[test]
+    fn raw_lines_are_records_and_cut_lines_are_marked() {
+        let mut d = Decoder::new(Format::Raw, 4);
+        let mut out = Vec::new();
+        d.decode(
+            Line {
+                bytes: b"abcdef",
+                start: 0,
+                cut: false,
+            },
+            |r| out.push(own(r)),
+        );
+        d.decode(
+            Line {
+                bytes: b"ab",
+                start: 7,
+                cut: true,
+            },
+            |r| out.push(own(r)),
+        );
+        assert_eq!((&out[0].msg[..], out[0].truncated), (&b"abcd"[..], true));
+        assert_eq!((&out[1].msg[..], out[1].truncated), (&b"ab"[..], true));
+    }
+}

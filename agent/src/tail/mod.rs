@@ -1,0 +1,553 @@
+//! Tailing: read what is new in a file and hand its records to the sink.
+//!
+//! One [`Reader`] per reading thread owns one reused buffer. A file is read
+//! with `pread(2)` from its saved offset into the buffer; `memchr` finds the
+//! line ends in the new bytes only; each complete line is decoded in place and
+//! its records are lent to a [`RecordSink`]. No heap allocation per line.
+//!
+//! Invariants:
+//! - `TailedFile::read_offset` is always at a line boundary, unless
+//!   `skipping` is set: then it is inside a line that was too long, whose
+//!   remaining bytes are dropped up to the next `\n`.
+//! - An incomplete last line is not consumed: the next read starts at its
+//!   first byte again. So nothing but the decoder's reassembly state is kept
+//!   between reads, and memory never grows with line length: the buffer grows
+//!   to at most `max_line` bytes, and a longer line is cut there.
+//! - Log files are never mmapped (a truncation would turn into SIGBUS).
+
+pub mod decode;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::checkpoint::{AckTracker, FileKey, Fingerprint};
+use crate::discover::FileMeta;
+use crate::metrics::Metrics;
+use decode::{Decoder, Line, Record};
+
+/// Where a file stands relative to its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStatus {
+    /// At its discovered path; the runtime writes to it.
+    Live,
+    /// Renamed to a rotated name: drained, then closed when idle.
+    Rotated,
+    /// No longer at any known path: what the fd holds is drained, then it is closed.
+    Gone,
+}
+
+/// An open log file being followed.
+#[derive(Debug)]
+pub struct TailedFile {
+    /// Identity within this process; travels with every record to come back
+    /// in its delivery report.
+    pub id: u32,
+    pub key: FileKey,
+    pub file: File,
+    pub path: PathBuf,
+    pub meta: Arc<FileMeta>,
+    pub decoder: Decoder,
+    /// Offset of the first byte not yet decoded (see module invariants).
+    pub read_offset: u64,
+    /// Inside a cut line: drop bytes up to and including the next `\n`.
+    pub skipping: bool,
+    pub acks: AckTracker,
+    pub fingerprint: Fingerprint,
+    pub status: FileStatus,
+    /// File size at the last sweep.
+    pub size_seen: u64,
+    /// Last time the sweep saw the file grow, or its status changed.
+    pub last_activity: Instant,
+}
+
+impl TailedFile {
+    /// Forgets everything read: the file was truncated (copytruncate) or
+    /// replaced, and is read again from `offset`.
+    pub fn restart_at(&mut self, offset: u64) {
+        self.read_offset = offset;
+        self.skipping = false;
+        self.decoder.reset();
+        self.acks.reset(offset);
+    }
+
+    /// Bytes on disk not yet acknowledged.
+    pub fn lag(&self) -> u64 {
+        self.file
+            .metadata()
+            .map(|m| m.len().saturating_sub(self.acks.committed()))
+            .unwrap_or(0)
+    }
+}
+
+/// Where records go: the Kafka producer in production, a vector in tests.
+pub trait RecordSink {
+    /// False when the in-flight budget is used up: reading must pause.
+    fn has_budget(&self) -> bool;
+    /// Hands over one record. `(file, seq)` comes back in its delivery report.
+    fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64);
+}
+
+/// Why a read stopped.
+#[derive(Debug)]
+pub enum ReadEnd {
+    /// Everything complete up to the end of the file has been decoded.
+    Eof,
+    /// The in-flight budget is used up; the file still has unread bytes.
+    Budget,
+    /// This turn's byte quota is used up; the file may have more.
+    Quota,
+    /// The file is shorter than the read offset: it was truncated and is
+    /// now read from the start.
+    Truncated,
+    Error(std::io::Error),
+}
+
+/// Reads files through one reused buffer.
+pub struct Reader {
+    buf: Vec<u8>,
+    initial: usize,
+    /// Longest physical line kept whole; longer ones are cut.
+    max_line: usize,
+}
+
+impl Reader {
+    pub fn new(initial: usize, max_line: usize) -> Reader {
+        Reader {
+            buf: vec![0; initial],
+            initial,
+            max_line: max_line.max(initial),
+        }
+    }
+
+    /// Reads `f` from its offset to the end (or until the budget runs out),
+    /// sending each record to `sink`; stops after about `quota` bytes.
+    pub fn read<S: RecordSink>(
+        &mut self,
+        f: &mut TailedFile,
+        sink: &mut S,
+        m: &Metrics,
+        quota: u64,
+    ) -> ReadEnd {
+        let mut truncated = false;
+        let mut total = 0u64;
+        // Copytruncate: the file is shorter than what was read of it.
+        if let Ok(md) = f.file.metadata()
+            && md.len() < f.read_offset
+        {
+            m.truncations.inc();
+            f.restart_at(0);
+            truncated = true;
+        }
+        loop {
+            if !sink.has_budget() {
+                return ReadEnd::Budget;
+            }
+            if total >= quota {
+                return ReadEnd::Quota;
+            }
+            let n = match f.file.read_at(&mut self.buf, f.read_offset) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return ReadEnd::Error(e),
+            };
+            if n == 0 {
+                // Nothing past the offset: maybe the file shrank under us.
+                match f.file.metadata() {
+                    Ok(md) if md.len() < f.read_offset && !truncated => {
+                        m.truncations.inc();
+                        f.restart_at(0);
+                        truncated = true;
+                        continue;
+                    }
+                    _ => {}
+                }
+                return if truncated {
+                    ReadEnd::Truncated
+                } else {
+                    ReadEnd::Eof
+                };
+            }
+            total += n as u64;
+            let full = n == self.buf.len();
+            let consumed = self.decode_lines(f, n, sink, m);
+            if consumed == 0 && full {
+                // One line fills the whole buffer.
+                if self.buf.len() < self.max_line {
+                    let grown = (self.buf.len() * 2).min(self.max_line);
+                    self.buf.resize(grown, 0);
+                    continue;
+                }
+                self.cut_line(f, n, sink, m);
+                continue;
+            }
+            f.read_offset += consumed as u64;
+            m.bytes_read.add(consumed as u64);
+            if !full {
+                self.shrink();
+                return if truncated {
+                    ReadEnd::Truncated
+                } else {
+                    ReadEnd::Eof
+                };
+            }
+        }
+    }
+
+    /// Decodes the complete lines in `buf[..n]`; returns the bytes consumed.
+    fn decode_lines<S: RecordSink>(
+        &mut self,
+        f: &mut TailedFile,
+        n: usize,
+        sink: &mut S,
+        m: &Metrics,
+    ) -> usize {
+        let data = &self.buf[..n];
+        let base = f.read_offset;
+        let mut pos = 0;
+        if f.skipping {
+            match memchr::memchr(b'\n', data) {
+                Some(i) => {
+                    pos = i + 1;
+                    f.skipping = false;
+                }
+                None => pos = n,
+            }
+            m.bytes_skipped.add(pos as u64);
+            f.acks.read_to(f.decoder.safe_offset(base + pos as u64));
+        }
+        let mut lines = 0u64;
+        let from = pos;
+        for i in memchr::memchr_iter(b'\n', &data[from..]) {
+            let end = from + i;
+            let line = Line {
+                bytes: &data[pos..end],
+                start: base + pos as u64,
+                cut: false,
+            };
+            pos = end + 1;
+            let read_to = base + pos as u64;
+            emit_line(f, line, read_to, sink, m, false);
+            lines += 1;
+        }
+        m.lines_read.add(lines);
+        pos
+    }
+
+    /// Emits the first `n` bytes of an over-long line as a cut record and
+    /// skips the rest of it.
+    fn cut_line<S: RecordSink>(&mut self, f: &mut TailedFile, n: usize, sink: &mut S, m: &Metrics) {
+        let line = Line {
+            bytes: &self.buf[..n],
+            start: f.read_offset,
+            cut: true,
+        };
+        f.read_offset += n as u64;
+        f.skipping = true;
+        m.lines_read.inc();
+        m.bytes_read.add(n as u64);
+        emit_line(f, line, f.read_offset, sink, m, false);
+    }
+
+    /// Gives back a buffer that grew for one long line.
+    fn shrink(&mut self) {
+        if self.buf.len() > self.initial {
+            self.buf.truncate(self.initial);
+            self.buf.shrink_to_fit();
+        }
+    }
+
+    /// The file has ended for good inside a record (its writer went quiet):
+    /// decodes the unterminated last line up to `size`, if any, and delivers
+    /// every record still open, flagged partial.
+    pub fn flush_tail<S: RecordSink>(
+        &mut self,
+        f: &mut TailedFile,
+        size: u64,
+        sink: &mut S,
+        m: &Metrics,
+    ) {
+        if size > f.read_offset && !f.skipping {
+            let want = (size - f.read_offset).min(self.max_line as u64) as usize;
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            let n = f
+                .file
+                .read_at(&mut self.buf[..want], f.read_offset)
+                .unwrap_or(0);
+            if memchr::memchr(b'\n', &self.buf[..n]).is_some() {
+                // Complete lines are still unread: the normal read comes first.
+                return;
+            }
+            if n > 0 {
+                let line = Line {
+                    bytes: &self.buf[..n],
+                    start: f.read_offset,
+                    cut: false,
+                };
+                f.read_offset += n as u64;
+                m.lines_read.inc();
+                m.bytes_read.add(n as u64);
+                emit_line(f, line, f.read_offset, sink, m, true);
+            }
+            self.shrink();
+        }
+        Self::flush_partial(f, sink, m);
+    }
+
+    /// Delivers the records a file ended inside of, flagged partial.
+    fn flush_partial<S: RecordSink>(f: &mut TailedFile, sink: &mut S, m: &Metrics) {
+        let id = f.id;
+        let (meta, acks) = (&f.meta, &mut f.acks);
+        f.decoder.flush_partial(|rec| {
+            m.partial_flushed.inc();
+            let seq = acks.sent(f.read_offset);
+            sink.send(meta, &rec, id, seq);
+        });
+        f.acks.read_to(f.read_offset);
+    }
+}
+
+/// Decodes one line of `f` and sends what it completes; `unterminated`
+/// marks the records of a last line that never got its `\n` as partial.
+fn emit_line<S: RecordSink>(
+    f: &mut TailedFile,
+    line: Line<'_>,
+    read_to: u64,
+    sink: &mut S,
+    m: &Metrics,
+    unterminated: bool,
+) {
+    let id = f.id;
+    let (meta, acks, decoder) = (&f.meta, &mut f.acks, &mut f.decoder);
+    let mut emitted = false;
+    // Commit target of a record: this line's end, unless an earlier record
+    // is still being reassembled (then its start).
+    decoder.decode(line, |mut rec| {
+        if unterminated {
+            rec.partial = true;
+            m.partial_flushed.inc();
+        }
+        if rec.truncated {
+            m.truncated.inc();
+        }
+        if rec.malformed {
+            m.malformed.inc();
+        }
+        emitted = true;
+        // `rec` may be the record that just completed; the decoder has
+        // already dropped it from its pending set, so safe_offset is exact
+        // once decode returns. Use the line end as the target here and let
+        // read_to below hold the checkpoint at any still-open record.
+        let seq = acks.sent(read_to);
+        sink.send(meta, &rec, id, seq);
+    });
+    let safe = f.decoder.safe_offset(read_to);
+    if emitted && safe < read_to {
+        // Another stream's record is still open: this record's commit target
+        // must not pass its start.
+        f.acks.cap_last(safe);
+    }
+    f.acks.read_to(safe);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode::{Format, Stream};
+    use super::*;
+    use crate::config::TopicTemplate;
+    use crate::discover::{MetaContext, Origin};
+
+    #[derive(Default)]
+    struct VecSink {
+        records: Vec<(Vec<u8>, bool, bool)>,
+        seqs: Vec<u64>,
+        budget: usize,
+    }
+
+    impl RecordSink for VecSink {
+        fn has_budget(&self) -> bool {
+            self.records.len() < self.budget
+        }
+        fn send(&mut self, _: &FileMeta, rec: &Record<'_>, _: u32, seq: u64) {
+            self.records
+                .push((rec.msg.to_vec(), rec.truncated, rec.partial));
+            self.seqs.push(seq);
+        }
+    }
+
+    fn tailed(path: &std::path::Path, format: Format, max: usize) -> TailedFile {
+        let ctx = MetaContext {
+            topic: TopicTemplate::parse("t").unwrap(),
+            node: "n".into(),
+        };
+        TailedFile {
+            id: 1,
+            key: FileKey { dev: 0, ino: 0 },
+            file: File::open(path).unwrap(),
+            path: path.to_owned(),
+            meta: Arc::new(ctx.render(Origin::default(), format)),
+            decoder: Decoder::new(format, max),
+            read_offset: 0,
+            skipping: false,
+            acks: AckTracker::starting_at(0),
+            fingerprint: Fingerprint::of(b""),
+            status: FileStatus::Live,
+            size_seen: 0,
+            last_activity: Instant::now(),
+        }
+    }
+
+    fn msgs(s: &VecSink) -> Vec<String> {
+        s.records
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.0).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn an_incomplete_last_line_waits_for_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"one\ntw").unwrap();
+        let mut f = tailed(&p, Format::Raw, 1024);
+        let mut r = Reader::new(16, 64);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        assert!(matches!(
+            r.read(&mut f, &mut sink, &m, u64::MAX),
+            ReadEnd::Eof
+        ));
+        assert_eq!(msgs(&sink), ["one"]);
+        assert_eq!(f.read_offset, 4);
+        std::fs::write(&p, b"one\ntwo\nthree\n").unwrap();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(msgs(&sink), ["one", "two", "three"]);
+        assert_eq!(f.read_offset, 14);
+    }
+
+    #[test]
+    fn a_line_without_end_is_cut_at_the_maximum_and_memory_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut data = vec![b'x'; 10_000];
+        data.extend_from_slice(b"\nafter\n");
+        std::fs::write(&p, &data).unwrap();
+        let mut f = tailed(&p, Format::Raw, 100);
+        let mut r = Reader::new(16, 100);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(sink.records.len(), 2);
+        assert_eq!(sink.records[0].0.len(), 100);
+        assert!(sink.records[0].1, "marked truncated");
+        assert_eq!(sink.records[1].0, b"after");
+        assert_eq!(m.truncated.get(), 1);
+        assert!(r.buf.capacity() <= 100);
+        assert_eq!(f.read_offset, data.len() as u64);
+    }
+
+    #[test]
+    fn truncation_restarts_at_zero_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"aaaa\nbbbb\n").unwrap();
+        let mut f = tailed(&p, Format::Raw, 1024);
+        let mut r = Reader::new(64, 1024);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        std::fs::write(&p, b"c\n").unwrap();
+        assert!(matches!(
+            r.read(&mut f, &mut sink, &m, u64::MAX),
+            ReadEnd::Truncated
+        ));
+        assert_eq!(msgs(&sink), ["aaaa", "bbbb", "c"]);
+        assert_eq!(m.truncations.get(), 1);
+    }
+
+    #[test]
+    fn reading_pauses_when_the_budget_is_used_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"1\n2\n3\n4\n").unwrap();
+        let mut f = tailed(&p, Format::Raw, 1024);
+        // A buffer of 4 bytes holds two lines per read.
+        let mut r = Reader::new(4, 1024);
+        let mut sink = VecSink {
+            budget: 2,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        assert!(matches!(
+            r.read(&mut f, &mut sink, &m, u64::MAX),
+            ReadEnd::Budget
+        ));
+        assert_eq!(msgs(&sink), ["1", "2"]);
+        sink.budget = 10;
+        assert!(matches!(
+            r.read(&mut f, &mut sink, &m, u64::MAX),
+            ReadEnd::Eof
+        ));
+        assert_eq!(msgs(&sink), ["1", "2", "3", "4"]);
+    }
+
+    #[test]
+    fn the_checkpoint_never_passes_an_open_record_of_the_other_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let text = b"0 stdout P aa\n0 stderr F err\n0 stdout F bb\n";
+        std::fs::write(&p, text).unwrap();
+        let mut f = tailed(&p, Format::Cri, 1024);
+        let mut r = Reader::new(64, 1024);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(msgs(&sink), ["err", "aabb"]);
+        // The stderr record is acked alone: the stdout record that began
+        // before it is not delivered yet, so the checkpoint stays at 0.
+        f.acks.acked(sink.seqs[0]);
+        assert_eq!(f.acks.committed(), 0);
+        f.acks.acked(sink.seqs[1]);
+        assert_eq!(f.acks.committed(), text.len() as u64);
+        let _ = Stream::Stdout;
+    }
+
+    #[test]
+    fn a_partial_record_at_eof_is_flushed_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"0 stdout F a\n0 stdout P tail\n").unwrap();
+        let mut f = tailed(&p, Format::Cri, 1024);
+        let mut r = Reader::new(64, 1024);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(msgs(&sink), ["a"]);
+        f.acks.acked(sink.seqs[0]);
+        assert_eq!(f.acks.committed(), 13);
+        r.flush_tail(&mut f, 29, &mut sink, &m);
+        assert_eq!(msgs(&sink), ["a", "tail"]);
+        assert!(sink.records[1].2, "flagged partial");
+        f.acks.acked(sink.seqs[1]);
+        assert_eq!(f.acks.committed(), 29);
+    }
+}

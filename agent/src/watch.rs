@@ -1,0 +1,314 @@
+//! Change detection: which files were written, which directories changed.
+//!
+//! A [`ChangeSource`] watches the log directories and reports into a shared,
+//! coalescing [`ChangeQueue`]: a burst of writes to one file becomes one
+//! entry, however many events the backend produced. The data loop sleeps on
+//! the queue's wake channel, so an idle agent does not poll.
+//!
+//! Backends here: inotify (one watch per log directory: writes to the files
+//! in it, and entries appearing, vanishing, being renamed) and stat polling.
+//! The eBPF write hook and fanotify plug into the same seam. No backend is
+//! trusted alone: the data loop's slow safety sweep stats every open file.
+//!
+//! Limits: inotify sees writes that go through the VFS write paths, not
+//! stores into a shared mmap of the file (the sweep covers those). On queue
+//! overflow (`IN_Q_OVERFLOW`) the loop rescans and re-reads everything.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
+
+use crate::metrics::Metrics;
+
+/// What the data loop must look at, coalesced.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Files written (by path: dir + name as the backend knows them).
+    pub written: HashSet<PathBuf>,
+    /// Entries appeared, vanished or were renamed somewhere: rescan.
+    pub rescan: bool,
+    /// Events were lost or the backend cannot tell files apart: read every
+    /// open file.
+    pub all_files: bool,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty() && !self.rescan && !self.all_files
+    }
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Sender<()>,
+}
+
+/// The coalescing queue between a change source and the data loop.
+#[derive(Clone)]
+pub struct ChangeQueue {
+    shared: Arc<Shared>,
+}
+
+impl ChangeQueue {
+    /// The queue, and the channel the data loop sleeps on.
+    pub fn new() -> (ChangeQueue, Receiver<()>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let q = ChangeQueue {
+            shared: Arc::new(Shared {
+                pending: Mutex::new(Pending::default()),
+                wake: tx,
+            }),
+        };
+        (q, rx)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Pending)) {
+        {
+            let mut p = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            f(&mut p);
+        }
+        // One token is enough: the loop takes everything when it wakes.
+        let _ = self.shared.wake.try_send(());
+    }
+
+    pub fn written(&self, path: &Path) {
+        self.update(|p| {
+            if !p.written.contains(path) {
+                p.written.insert(path.to_owned());
+            }
+        });
+    }
+
+    pub fn rescan(&self) {
+        self.update(|p| p.rescan = true);
+    }
+
+    pub fn all_files(&self) {
+        self.update(|p| p.all_files = true);
+    }
+
+    /// Wakes the data loop without news (shutdown).
+    pub fn wake(&self) {
+        let _ = self.shared.wake.try_send(());
+    }
+
+    /// Takes everything pending, leaving `spare` (emptied) in its place so
+    /// the sets' memory is reused.
+    pub fn take(&self, spare: &mut Pending) {
+        spare.written.clear();
+        spare.rescan = false;
+        spare.all_files = false;
+        let mut p = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut *p, spare);
+    }
+}
+
+/// A backend that reports changes under watched directories.
+pub trait ChangeSource: Send {
+    fn name(&self) -> &'static str;
+    /// Reports writes to files in `dir` and entries changing in it.
+    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<()>;
+    /// Stops watching `dir` (it is gone or no longer of interest).
+    fn unwatch_dir(&mut self, dir: &Path);
+}
+
+/// inotify, one watch per directory.
+pub struct InotifySource {
+    watches: Watches,
+    dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>,
+    by_path: HashMap<PathBuf, WatchDescriptor>,
+}
+
+impl InotifySource {
+    /// Starts the reader thread.
+    pub fn start(queue: ChangeQueue, metrics: Arc<Metrics>) -> std::io::Result<InotifySource> {
+        let inotify = Inotify::init()?;
+        let watches = inotify.watches();
+        let dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>> = Arc::default();
+        let thread_dirs = dirs.clone();
+        std::thread::Builder::new()
+            .name("bpftail-inotify".into())
+            .spawn(move || read_events(inotify, thread_dirs, queue, metrics))?;
+        Ok(InotifySource {
+            watches,
+            dirs,
+            by_path: HashMap::new(),
+        })
+    }
+}
+
+fn read_events(
+    mut inotify: Inotify,
+    dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>,
+    queue: ChangeQueue,
+    metrics: Arc<Metrics>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut path = PathBuf::new();
+    loop {
+        let events = match inotify.read_events_blocking(&mut buf) {
+            Ok(ev) => ev,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Without inotify the sweep and rescans still make progress.
+                tracing::error!(error = %e, "inotify read failed; falling back to the safety sweep");
+                return;
+            }
+        };
+        let dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
+        for ev in events {
+            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                metrics.watcher_overflows.inc();
+                queue.rescan();
+                queue.all_files();
+                continue;
+            }
+            if ev.mask.contains(EventMask::MODIFY) {
+                if let (Some(dir), Some(name)) = (dirs.get(&ev.wd), ev.name) {
+                    set_path(&mut path, dir, name);
+                    queue.written(&path);
+                }
+                continue;
+            }
+            // Create, delete, rename, or the watched directory itself went.
+            queue.rescan();
+        }
+    }
+}
+
+fn set_path(path: &mut PathBuf, dir: &Path, name: &OsStr) {
+    path.clear();
+    path.push(dir);
+    path.push(name);
+}
+
+impl ChangeSource for InotifySource {
+    fn name(&self) -> &'static str {
+        "inotify"
+    }
+
+    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+        if self.by_path.contains_key(dir) {
+            return Ok(());
+        }
+        let mask = WatchMask::MODIFY
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF
+            | WatchMask::ONLYDIR;
+        let wd = self.watches.add(dir, mask)?;
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(wd.clone(), dir.to_owned());
+        self.by_path.insert(dir.to_owned(), wd);
+        Ok(())
+    }
+
+    fn unwatch_dir(&mut self, dir: &Path) {
+        if let Some(wd) = self.by_path.remove(dir) {
+            self.dirs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&wd);
+            // Fails harmlessly if the kernel already dropped the watch.
+            let _ = self.watches.remove(wd);
+        }
+    }
+}
+
+/// Stat polling: every `interval`, every open file is read (a `pread` that
+/// returns 0 when nothing is new); directories are rescanned every
+/// `rescan_every` turns. For filesystems where inotify says nothing.
+pub struct PollSource;
+
+impl PollSource {
+    pub fn start(
+        queue: ChangeQueue,
+        interval: Duration,
+        rescan_every: u32,
+    ) -> std::io::Result<PollSource> {
+        std::thread::Builder::new()
+            .name("bpftail-poll".into())
+            .spawn(move || {
+                let mut turn = 0u32;
+                loop {
+                    std::thread::sleep(interval);
+                    turn = turn.wrapping_add(1);
+                    if turn.is_multiple_of(rescan_every.max(1)) {
+                        queue.rescan();
+                    }
+                    queue.all_files();
+                }
+            })?;
+        Ok(PollSource)
+    }
+}
+
+impl ChangeSource for PollSource {
+    fn name(&self) -> &'static str {
+        "poll"
+    }
+    fn watch_dir(&mut self, _: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn unwatch_dir(&mut self, _: &Path) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inotify_reports_writes_by_path_and_new_entries_as_rescans() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, wake) = ChangeQueue::new();
+        let mut src = InotifySource::start(q.clone(), Arc::default()).unwrap();
+        src.watch_dir(dir.path()).unwrap();
+        let file = dir.path().join("0.log");
+        std::fs::write(&file, b"x\n").unwrap();
+        let mut got = Pending::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(got.rescan && got.written.contains(&file)) && std::time::Instant::now() < deadline {
+            let _ = wake.recv_timeout(Duration::from_millis(100));
+            let mut p = Pending::default();
+            q.take(&mut p);
+            got.rescan |= p.rescan;
+            got.written.extend(p.written);
+        }
+        assert!(got.rescan, "creating a file asks for a rescan");
+        assert!(
+            got.written.contains(&file),
+            "writing reports the file's path"
+        );
+    }
+
+    #[test]
+    fn a_burst_of_writes_is_one_entry() {
+        let (q, wake) = ChangeQueue::new();
+        for _ in 0..1000 {
+            q.written(Path::new("/x/0.log"));
+        }
+        assert!(wake.try_recv().is_ok());
+        assert!(wake.try_recv().is_err(), "one wake token, not a thousand");
+        let mut p = Pending::default();
+        q.take(&mut p);
+        assert_eq!(p.written.len(), 1);
+    }
+}
