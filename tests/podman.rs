@@ -1,1 +1,208 @@
+//! End-to-end with a real container runtime: podman + conmon write CRI logs
+//! (`--log-driver k8s-file`) into a pods dir; bpftail ships them to a real
+//! broker. `cargo xtask test` installs podman, runc, conmon and busybox.
 
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const IMAGE: &str = "localhost/bpftail-busybox";
+
+fn podman() -> Command {
+    let mut c = Command::new("podman");
+    c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
+    c
+}
+
+/// An image with busybox's shell, made offline from Debian's busybox-static.
+fn ensure_image(tmp: &Path) {
+    if podman()
+        .args(["image", "exists", IMAGE])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return;
+    }
+    let root = tmp.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    for tool in ["sh", "echo", "printf", "seq", "sleep", "cat"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    let tar = tmp.join("rootfs.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = podman()
+        .arg("import")
+        .arg(&tar)
+        .arg(IMAGE)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "podman import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn have_podman() -> bool {
+    Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
+    if !have_podman() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "podman is missing in CI: `cargo xtask test` installs it"
+        );
+        eprintln!("SKIP: podman is not installed (run `cargo xtask test`, which installs it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    ensure_image(tmp.path());
+    let broker = Broker::start();
+    broker.create_topic("podlogs", 2);
+    let pods = tmp.path().join("pods");
+    std::fs::create_dir_all(&pods).unwrap();
+    let args: Vec<String> = [
+        "--pods-dir",
+        pods.to_str().unwrap(),
+        "--docker-dir",
+        "/nonexistent",
+        "--data-dir",
+        tmp.path().join("data").to_str().unwrap(),
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        "podlogs",
+        "--partial-flush-ms",
+        "1000",
+        "--sweep-interval-ms",
+        "500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = tmp.path().join("bpftail.log");
+    let agent = Agent::start(&args, &log);
+    let collector = Collector::start(&broker.addr(), "podlogs");
+
+    const LINES: u64 = 5_000;
+    let run = |name: &str, uid: &str, script: &str| {
+        let dir = container_dir(&pods, "default", name, uid, "main");
+        let id = format!("bpftail-test-{}-{name}", std::process::id());
+        podman()
+            .args([
+                "run",
+                "--rm",
+                "--name",
+                &id,
+                "--ulimit",
+                "nofile=20000:20000",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(["--log-driver", "k8s-file", "--log-opt"])
+            .arg(format!("path={}", dir.join("0.log").display()))
+            .args([IMAGE, "sh", "-c", script])
+            .spawn()
+            .expect("podman run")
+    };
+    // Two containers writing numbered lines, interleaving stdout and stderr;
+    // one running the script that made the conmon fixture (a 178 kB line
+    // split into 8 KiB P chunks, and a last line without newline).
+    let counter = format!(
+        "i=0; while [ $i -lt {LINES} ]; do echo \"w$WRITER seq=$(printf %08d $i) from podman\"; \
+         if [ $((i % 1000)) -eq 0 ]; then echo \"stderr at $i\" >&2; fi; i=$((i+1)); done"
+    );
+    let mut children = vec![
+        run("counter-0", "uid-c0", &format!("WRITER=0; {counter}")),
+        run("counter-1", "uid-c1", &format!("WRITER=1; {counter}")),
+    ];
+    let script = std::fs::read_to_string(
+        workspace_root().join("tests/fixtures/cri/conmon-partial-lines.gen.sh"),
+    )
+    .unwrap();
+    children.push(run("partials", "uid-p", &script));
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "container failed");
+    }
+
+    let expected_other = 2 * (LINES / 1000) as usize + 9; // stderr lines + the fixture's 9 records
+    let records = collector.wait_for(Duration::from_secs(120), |r| {
+        r.len() >= 2 * LINES as usize + expected_other
+    });
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let counted: Vec<&Received> = records
+        .iter()
+        .filter(|r| r.header("stream") == Some("stdout") && r.value.starts_with(b"w"))
+        .collect();
+    let t = tally(
+        &counted.iter().map(|r| (*r).clone()).collect::<Vec<_>>(),
+        2,
+        LINES,
+    );
+    assert_eq!(
+        (t.missing, t.duplicates, t.jumps, t.foreign),
+        (0, 0, 0, 0),
+        "{t:?}\n{log_text}"
+    );
+    let stderr = records
+        .iter()
+        .filter(|r| r.header("stream") == Some("stderr") && r.value.starts_with(b"stderr at"))
+        .count();
+    assert_eq!(stderr, 2 * (LINES / 1000) as usize);
+
+    // The fixture's records, as conmon wrote them, reassembled.
+    let fixture: Vec<&Received> = records.iter().filter(|r| r.key == b"uid-p/main").collect();
+    let expected: Vec<serde_json::Value> = std::fs::read_to_string(
+        workspace_root().join("tests/fixtures/cri/conmon-partial-lines.expected.jsonl"),
+    )
+    .unwrap()
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    let mut got: Vec<(String, String, bool)> = fixture
+        .iter()
+        .map(|r| {
+            (
+                r.header("stream").unwrap().to_owned(),
+                String::from_utf8_lossy(&r.value).into_owned(),
+                r.header("partial") == Some("true"),
+            )
+        })
+        .collect();
+    let mut want: Vec<(String, String, bool)> = expected
+        .iter()
+        .map(|v| {
+            (
+                v["stream"].as_str().unwrap().to_owned(),
+                v["msg"].as_str().unwrap().to_owned(),
+                v.get("partial_at_eof").is_some(),
+            )
+        })
+        .collect();
+    // stdout and stderr are separate streams: compare each in order.
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got.len(), want.len(), "{log_text}");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w);
+    }
+    assert!(agent.stop().success());
+}

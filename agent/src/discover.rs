@@ -170,7 +170,8 @@ fn read_dir_sorted(dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// Lists the CRI log files under `root`.
+/// Lists the CRI log files under `root`; a container's rotations come in name
+/// order, which is age order (kubelet suffixes a timestamp).
 pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
     if !root.is_dir() {
         return;
@@ -210,7 +211,7 @@ pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
     }
 }
 
-/// Lists Docker json-file logs under `root`.
+/// Lists Docker json-file logs under `root`, rotations oldest first.
 pub fn scan_docker_dir(root: &Path, scan: &mut Scan) {
     if !root.is_dir() {
         return;
@@ -232,6 +233,16 @@ pub fn scan_docker_dir(root: &Path, scan: &mut Scan) {
             })
             .collect();
         scan.dirs.push(cdir.clone());
+        // Oldest first: -json.log.3, .2, .1, then the live -json.log.
+        let mut files = files;
+        files.sort_by_key(|(p, rotated)| {
+            let n: u64 = p
+                .extension()
+                .and_then(|e| e.to_str())
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(0);
+            (!rotated, std::cmp::Reverse(n))
+        });
         if files.is_empty() {
             continue;
         }
@@ -387,7 +398,8 @@ mod tests {
             ("prod", "web-1", "u-1", "app")
         );
         assert_eq!(o.env, vec!["aliyun_logs_x=stdout".to_string()]);
-        assert!(!scan.files[0].rotated && scan.files[1].rotated);
+        // Oldest first.
+        assert!(scan.files[0].rotated && !scan.files[1].rotated);
     }
 
     #[test]

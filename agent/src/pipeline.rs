@@ -47,6 +47,15 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// File ids travel in 24 bits of the delivery opaque.
 const MAX_FILE_ID: u32 = (1 << 24) - 1;
 
+fn entry(f: &TailedFile) -> Entry {
+    Entry {
+        key: f.key,
+        fingerprint: f.fingerprint,
+        offset: f.acks.committed(),
+        path: f.path.clone(),
+    }
+}
+
 /// Files waiting to be read, in order, each at most once.
 #[derive(Default)]
 struct DirtyQueue {
@@ -68,6 +77,9 @@ impl DirtyQueue {
     fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
 }
 
 /// The checkpoint writer thread: fsync latency stays off the data loop.
@@ -82,8 +94,12 @@ impl CheckpointWriter {
         let thread = std::thread::Builder::new().name("bpftail-checkpoint".into()).spawn(move || {
             let limit = RateLimit::new(Duration::from_secs(30));
             for entries in rx {
+                let t = Instant::now();
                 match store.save(entries) {
-                    Ok(()) => metrics.checkpoint_writes.inc(),
+                    Ok(()) => {
+                        metrics.checkpoint_writes.inc();
+                        tracing::debug!(took = ?t.elapsed(), "checkpoint written");
+                    }
                     Err(e) => {
                         metrics.checkpoint_errors.inc();
                         limit.log(|suppressed| tracing::error!(error = %e, suppressed, "checkpoint write failed"));
@@ -125,11 +141,18 @@ pub struct Pipeline {
     /// Files with unread bytes that wait for in-flight budget.
     backlog: DirtyQueue,
     /// Rotated or vanished files still open, by container stream (Kafka
-    /// key): read before that stream's live file.
+    /// key), oldest first: each is read to its end before any newer file of
+    /// its stream.
     retired: HashMap<Box<[u8]>, Vec<u32>>,
     next_id: u32,
     /// Positions from the last checkpoint, consumed by the first scan.
     restored: HashMap<FileKey, Entry>,
+    /// Rotated files read to their end and closed, while they stay on disk
+    /// (so a rescan does not ship them again); checkpointed too.
+    finished: HashMap<FileKey, Entry>,
+    /// The first scan is done: rotated files that appear now are rotations
+    /// we did not see happen, and are read.
+    started: bool,
     reader: Reader,
     sink: KafkaSink,
     changes: ChangeQueue,
@@ -179,6 +202,8 @@ impl Pipeline {
             retired: HashMap::new(),
             next_id: 1,
             restored,
+            finished: HashMap::new(),
+            started: false,
             reader,
             sink,
             changes,
@@ -296,7 +321,11 @@ impl Pipeline {
                 self.dirty.push(id);
             }
         }
-        while let Some(id) = self.dirty.pop() {
+        // One pass over the files dirty now: a file with more to read goes
+        // to the back, and the loop's other phases (acks, timers) get their
+        // turn even while the reader is behind.
+        for _ in 0..self.dirty.len() {
+            let Some(id) = self.dirty.pop() else { break };
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
@@ -327,16 +356,17 @@ impl Pipeline {
         }
     }
 
-    /// Rotated or vanished files of the same container stream as Live file `id`.
+    /// Older files of the same container stream as `id`, oldest first: all
+    /// retired ones for a live file, those retired before it for a retired
+    /// one.
     fn predecessors(&self, id: u32) -> Vec<u32> {
-        match self.files.get(&id) {
-            Some(f) if f.status == FileStatus::Live => self
-                .retired
-                .get(&f.meta.key)
-                .map(|ids| ids.iter().copied().filter(|&p| p != id).collect())
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        }
+        let Some(f) = self.files.get(&id) else {
+            return Vec::new();
+        };
+        let Some(ids) = self.retired.get(&f.meta.key) else {
+            return Vec::new();
+        };
+        ids.iter().copied().take_while(|&p| p != id).collect()
     }
 
     fn read_one(&mut self, id: u32, quota: u64) -> ReadEnd {
@@ -428,11 +458,15 @@ impl Pipeline {
         }
 
         let mut seen = HashSet::new();
+        let mut present = HashSet::new();
         for found in scan.files {
-            if let Some(id) = self.track(found) {
+            if let Some(id) = self.track(found, &mut present) {
                 seen.insert(id);
             }
         }
+        // Shipped rotations stay remembered while they are on disk.
+        self.finished.retain(|k, _| present.contains(k));
+        self.started = true;
         let vanished: Vec<u32> = self
             .files
             .iter()
@@ -453,12 +487,13 @@ impl Pipeline {
     }
 
     /// Follows a discovered file; returns its id if it is being read.
-    fn track(&mut self, found: Found) -> Option<u32> {
+    fn track(&mut self, found: Found, present: &mut HashSet<FileKey>) -> Option<u32> {
         let md = std::fs::metadata(&found.path).ok()?;
         let key = FileKey {
             dev: md.dev(),
             ino: md.ino(),
         };
+        present.insert(key);
         let status = if found.rotated {
             FileStatus::Rotated
         } else {
@@ -474,9 +509,17 @@ impl Pipeline {
             self.set_status(id, status);
             return Some(id);
         }
-        let restored = self.restored.remove(&key);
-        if found.rotated && restored.is_none() {
+        if found.rotated && self.finished.contains_key(&key) {
+            return None; // shipped and closed
+        }
+        let restored = self
+            .restored
+            .remove(&key)
+            .or_else(|| self.finished.remove(&key));
+        if found.rotated && restored.is_none() && !self.started {
             // A rotation from before our time that no checkpoint asks for.
+            // (One that appears while running is a live file renamed before
+            // we saw it: it is read.)
             return None;
         }
         let file = match File::options()
@@ -503,6 +546,8 @@ impl Pipeline {
             return None;
         }
         let restored = restored.or_else(|| self.restored.remove(&key));
+        let meta = Arc::new(self.ctx.render(found.origin, found.format));
+        let mut late_rotation = false;
         let offset = match restored {
             Some(e)
                 if e.offset <= md.len()
@@ -515,13 +560,21 @@ impl Pipeline {
                 tracing::info!(path = %found.path.display(), "checkpointed inode now holds another file; reading it from the start");
                 0
             }
+            None if found.rotated => match self.copied_from(&meta.key, &file) {
+                // copytruncate: only what we had not read of the original.
+                Some(read) => read.min(md.len()),
+                // Rotated before we saw it live: still a rotation.
+                None => {
+                    late_rotation = true;
+                    0
+                }
+            },
             None => 0,
         };
         let id = self.alloc_id()?;
         let fingerprint =
             Fingerprint::read(&file, Fingerprint::MAX_LEN).unwrap_or(Fingerprint::of(b""));
-        tracing::debug!(path = %found.path.display(), offset, id, "following file");
-        let meta = Arc::new(self.ctx.render(found.origin, found.format));
+        tracing::debug!(path = %found.path.display(), offset, id, rotated = found.rotated, "following file");
         self.files.insert(
             id,
             TailedFile {
@@ -536,10 +589,14 @@ impl Pipeline {
                 acks: AckTracker::starting_at(offset),
                 fingerprint,
                 status,
+                before_truncation: None,
                 size_seen: md.len(),
                 last_activity: Instant::now(),
             },
         );
+        if late_rotation {
+            self.metrics.rotations.inc();
+        }
         if status != FileStatus::Live {
             self.retired
                 .entry(self.files[&id].meta.key.clone())
@@ -549,6 +606,24 @@ impl Pipeline {
         self.by_key.insert(key, id);
         self.dirty.push(id);
         Some(id)
+    }
+
+    /// If `copy` is a copy of a file of the same container stream that we
+    /// read (logrotate's copytruncate), returns how far we had read that
+    /// file before it was truncated.
+    fn copied_from(&self, stream_key: &[u8], copy: &File) -> Option<u64> {
+        self.files
+            .values()
+            .filter(|f| &*f.meta.key == stream_key)
+            .flat_map(|f| {
+                [(f.fingerprint, f.read_offset)]
+                    .into_iter()
+                    .chain(f.before_truncation)
+            })
+            .find(|(fp, _)| {
+                fp.len > 0 && Fingerprint::read(copy, fp.len as usize).ok() == Some(*fp)
+            })
+            .map(|(_, read)| read)
     }
 
     fn alloc_id(&mut self) -> Option<u32> {
@@ -585,6 +660,14 @@ impl Pipeline {
                 f.last_activity = now;
             }
             lag += size.saturating_sub(f.acks.committed());
+            tracing::trace!(
+                path = %f.path.display(),
+                size,
+                read = f.read_offset,
+                committed = f.acks.committed(),
+                in_flight = f.acks.in_flight(),
+                "sweep"
+            );
             if f.status == FileStatus::Live {
                 match std::fs::metadata(&f.path) {
                     Ok(p) if p.dev() == f.key.dev && p.ino() == f.key.ino => {
@@ -594,11 +677,8 @@ impl Pipeline {
                             && Fingerprint::read(&f.file, Fingerprint::MAX_LEN)
                                 .is_ok_and(|fp| fp != f.fingerprint)
                         {
-                            self.metrics.truncations.inc();
                             tracing::info!(path = %f.path.display(), "file content replaced in place; reading it from the start");
-                            f.restart_at(0);
-                            f.fingerprint = Fingerprint::read(&f.file, Fingerprint::MAX_LEN)
-                                .unwrap_or(f.fingerprint);
+                            f.truncated(&self.metrics);
                             self.dirty.push(id);
                         }
                     }
@@ -625,6 +705,9 @@ impl Pipeline {
         for id in close {
             if let Some(f) = self.files.remove(&id) {
                 tracing::debug!(path = %f.path.display(), "closing drained file");
+                if f.status == FileStatus::Rotated {
+                    self.finished.insert(f.key, entry(&f));
+                }
                 self.by_key.remove(&f.key);
                 self.by_path.remove(&f.path);
                 if let Some(ids) = self.retired.get_mut(&f.meta.key) {
@@ -645,12 +728,8 @@ impl Pipeline {
     fn snapshot(&self) -> Vec<Entry> {
         self.files
             .values()
-            .map(|f| Entry {
-                key: f.key,
-                fingerprint: f.fingerprint,
-                offset: f.acks.committed(),
-                path: f.path.clone(),
-            })
+            .map(entry)
+            .chain(self.finished.values().cloned())
             .collect()
     }
 

