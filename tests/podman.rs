@@ -143,10 +143,16 @@ fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
         assert!(c.wait().unwrap().success(), "container failed");
     }
 
-    let expected_other = 2 * (LINES / 1000) as usize + 9; // stderr lines + the fixture's 9 records
-    let records = collector.wait_for(Duration::from_secs(120), |r| {
-        r.len() >= 2 * LINES as usize + expected_other
-    });
+    let expected: Vec<serde_json::Value> = std::fs::read_to_string(
+        workspace_root().join("tests/fixtures/cri/conmon-partial-lines.expected.jsonl"),
+    )
+    .unwrap()
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    let stderr_lines = 2 * LINES.div_ceil(1000) as usize;
+    let total = 2 * LINES as usize + stderr_lines + expected.len();
+    let records = collector.wait_for(Duration::from_secs(120), |r| r.len() >= total);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let counted: Vec<&Received> = records
         .iter()
@@ -166,17 +172,11 @@ fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
         .iter()
         .filter(|r| r.header("stream") == Some("stderr") && r.value.starts_with(b"stderr at"))
         .count();
-    assert_eq!(stderr, 2 * (LINES / 1000) as usize);
+    assert_eq!(stderr, stderr_lines);
+    assert_eq!(records.len(), total, "nothing more, nothing less");
 
     // The fixture's records, as conmon wrote them, reassembled.
     let fixture: Vec<&Received> = records.iter().filter(|r| r.key == b"uid-p/main").collect();
-    let expected: Vec<serde_json::Value> = std::fs::read_to_string(
-        workspace_root().join("tests/fixtures/cri/conmon-partial-lines.expected.jsonl"),
-    )
-    .unwrap()
-    .lines()
-    .map(|l| serde_json::from_str(l).unwrap())
-    .collect();
     let mut got: Vec<(String, String, bool)> = fixture
         .iter()
         .map(|r| {
