@@ -4,64 +4,9 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use support::*;
-
-const IMAGE: &str = "localhost/bpftail-busybox";
-
-fn podman() -> Command {
-    let mut c = Command::new("podman");
-    c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
-    c
-}
-
-/// An image with busybox's shell, made offline from Debian's busybox-static.
-fn ensure_image(tmp: &Path) {
-    if podman()
-        .args(["image", "exists", IMAGE])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        return;
-    }
-    let root = tmp.join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    for tool in ["sh", "echo", "printf", "seq", "sleep", "cat"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
-    }
-    let tar = tmp.join("rootfs.tar");
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let out = podman()
-        .arg("import")
-        .arg(&tar)
-        .arg(IMAGE)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "podman import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn have_podman() -> bool {
-    Command::new("podman")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 #[test]
 fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
@@ -106,22 +51,7 @@ fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
     let run = |name: &str, uid: &str, script: &str| {
         let dir = container_dir(&pods, "default", name, uid, "main");
         let id = format!("bpftail-test-{}-{name}", std::process::id());
-        podman()
-            .args([
-                "run",
-                "--rm",
-                "--name",
-                &id,
-                "--ulimit",
-                "nofile=20000:20000",
-                "--ulimit",
-                "nproc=1024:1024",
-            ])
-            .args(["--log-driver", "k8s-file", "--log-opt"])
-            .arg(format!("path={}", dir.join("0.log").display()))
-            .args([IMAGE, "sh", "-c", script])
-            .spawn()
-            .expect("podman run")
+        podman_run(&id, &dir.join("0.log"), script)
     };
     // Two containers writing numbered lines, interleaving stdout and stderr;
     // one running the script that made the conmon fixture (a 178 kB line

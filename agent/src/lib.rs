@@ -44,7 +44,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let stopping = Arc::new(AtomicBool::new(false));
-    let sink = KafkaSink::new(&cfg, metrics.clone(), stopping.clone())?;
+    // The data loop sleeps on this channel; changes and delivery reports wake it.
+    let (wake_tx, wake) = crossbeam_channel::bounded(1);
+    let sink = KafkaSink::new(
+        &cfg,
+        metrics.clone(),
+        stopping.clone(),
+        (wake_tx.clone(), wake.clone()),
+    )?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -60,7 +67,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (queue, wake) = ChangeQueue::new();
+    let queue = ChangeQueue::new(wake_tx);
     let source: Box<dyn ChangeSource> = match cfg.watcher {
         WatcherKind::Inotify => Box::new(
             InotifySource::start(queue.clone(), metrics.clone()).context("watcher inotify")?,

@@ -158,6 +158,8 @@ pub struct Pipeline {
     changes: ChangeQueue,
     wake: Receiver<()>,
     pending: Pending,
+    /// Delivery reports being applied (reused buffer).
+    acks: Vec<Ack>,
     source: Box<dyn ChangeSource>,
     watched_dirs: HashSet<PathBuf>,
     writer: CheckpointWriter,
@@ -209,6 +211,7 @@ impl Pipeline {
             changes,
             wake,
             pending: Pending::default(),
+            acks: Vec::new(),
             source,
             watched_dirs: HashSet::new(),
             last_saved: None,
@@ -252,15 +255,8 @@ impl Pipeline {
             }
             let deadline = next_sweep.min(next_rescan).min(next_checkpoint);
             let timeout = deadline.saturating_duration_since(Instant::now());
-            crossbeam_channel::select! {
-                recv(self.wake) -> _ => {}
-                recv(self.sink.acks()) -> ack => {
-                    if let Ok(ack) = ack {
-                        self.apply_ack(ack);
-                    }
-                }
-                default(timeout) => {}
-            }
+            // Woken by a change, a delivery report, or shutdown.
+            let _ = self.wake.recv_timeout(timeout);
         }
         self.shutdown();
     }
@@ -287,13 +283,12 @@ impl Pipeline {
     }
 
     fn apply_acks(&mut self) {
-        let stash: Vec<Ack> = self.sink.take_stash().collect();
-        for ack in stash {
+        let mut acks = std::mem::take(&mut self.acks);
+        self.sink.take_acks(&mut acks);
+        for &ack in &acks {
             self.apply_ack(ack);
         }
-        while let Ok(ack) = self.sink.acks().try_recv() {
-            self.apply_ack(ack);
-        }
+        self.acks = acks;
     }
 
     fn apply_ack(&mut self, ack: Ack) {

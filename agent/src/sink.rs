@@ -17,8 +17,8 @@
 //! Budget: `has_budget` is false once `max_inflight_bytes` worth of records
 //! (value + key + a fixed per-record overhead) is unacknowledged.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -91,9 +91,44 @@ pub enum SinkError {
     Config(#[source] KafkaError),
 }
 
+/// Delivery reports on their way back to the data loop: appended under a
+/// short lock on librdkafka's thread, taken in bulk by the data loop, which
+/// is woken through its wake channel (a syscall only if it sleeps).
+pub struct AckQueue {
+    acks: Mutex<Vec<Ack>>,
+    wake: Sender<()>,
+}
+
+impl AckQueue {
+    pub fn new(wake: Sender<()>) -> AckQueue {
+        AckQueue {
+            acks: Mutex::new(Vec::with_capacity(4096)),
+            wake,
+        }
+    }
+
+    fn push(&self, ack: Ack) {
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ack);
+        let _ = self.wake.try_send(());
+    }
+
+    /// Moves every report received so far into `out` (emptied first); the
+    /// two buffers swap, so neither side allocates in the steady state.
+    pub fn take(&self, out: &mut Vec<Ack>) {
+        out.clear();
+        std::mem::swap(
+            &mut *self.acks.lock().unwrap_or_else(|e| e.into_inner()),
+            out,
+        );
+    }
+}
+
 /// Runs on librdkafka's polling thread: turns delivery reports into acks.
 pub struct DeliveryContext {
-    acks: Sender<Ack>,
+    acks: Arc<AckQueue>,
     metrics: Arc<Metrics>,
     failures: RateLimit,
 }
@@ -158,9 +193,7 @@ impl ProducerContext for DeliveryContext {
             .inflight_bytes
             .sub(cost(msg.payload_len(), msg.key_len()));
         let opaque = opaque as u64;
-        // The data loop outlives the producer; a send error only means it
-        // has already stopped, and then the report no longer matters.
-        let _ = self.acks.send(Ack {
+        self.acks.push(Ack {
             file: (opaque >> SEQ_BITS) as u32,
             seq_low: opaque & SEQ_MASK,
             outcome,
@@ -200,10 +233,10 @@ pub struct KafkaSink {
     value: Vec<u8>,
     budget: u64,
     metrics: Arc<Metrics>,
-    acks: Receiver<Ack>,
-    /// Reports received while waiting for producer queue space, for the
-    /// data loop to apply.
-    stash: Vec<Ack>,
+    acks: Arc<AckQueue>,
+    /// The data loop's wake channel: waited on while the producer queue is
+    /// full (a delivery report frees space).
+    wake: Receiver<()>,
     /// Set at shutdown: stop waiting for queue space, accept nothing new.
     stopping: Arc<AtomicBool>,
 }
@@ -213,6 +246,7 @@ impl KafkaSink {
         cfg: &Config,
         metrics: Arc<Metrics>,
         stopping: Arc<AtomicBool>,
+        wake: (Sender<()>, Receiver<()>),
     ) -> Result<KafkaSink, SinkError> {
         let mut cc = ClientConfig::new();
         let budget_kb = cfg.max_inflight_bytes / 1024;
@@ -232,9 +266,9 @@ impl KafkaSink {
         for (k, v) in &cfg.kafka_options {
             cc.set(k, v);
         }
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let acks = Arc::new(AckQueue::new(wake.0));
         let ctx = DeliveryContext {
-            acks: tx,
+            acks: acks.clone(),
             metrics: metrics.clone(),
             failures: RateLimit::new(Duration::from_secs(10)),
         };
@@ -246,20 +280,15 @@ impl KafkaSink {
             value: Vec::with_capacity(4096),
             budget: cfg.max_inflight_bytes,
             metrics,
-            acks: rx,
-            stash: Vec::new(),
+            acks,
+            wake: wake.1,
             stopping,
         })
     }
 
-    /// The channel delivery reports arrive on (for the data loop's select).
-    pub fn acks(&self) -> &Receiver<Ack> {
-        &self.acks
-    }
-
-    /// Reports stashed while `send` waited for queue space.
-    pub fn take_stash(&mut self) -> std::vec::Drain<'_, Ack> {
-        self.stash.drain(..)
+    /// Moves the delivery reports received so far into `out`.
+    pub fn take_acks(&self, out: &mut Vec<Ack>) {
+        self.acks.take(out);
     }
 
     /// Waits up to `timeout` for everything in flight to be acknowledged.
@@ -332,9 +361,7 @@ impl RecordSink for KafkaSink {
                         return;
                     }
                     record = r;
-                    if let Ok(ack) = self.acks.recv_timeout(Duration::from_millis(100)) {
-                        self.stash.push(ack);
-                    }
+                    let _ = self.wake.recv_timeout(Duration::from_millis(100));
                 }
                 Err((e, _)) => {
                     // The record cannot be produced at all (e.g. larger than
@@ -343,7 +370,7 @@ impl RecordSink for KafkaSink {
                     self.metrics.delivery_failures[1].inc();
                     tracing::warn!(error = %e, topic = meta.topic(rec.stream), "record refused by the producer; dropped");
                     let opaque = opaque(file, seq) as u64;
-                    self.stash.push(Ack {
+                    self.acks.push(Ack {
                         file,
                         seq_low: opaque & SEQ_MASK,
                         outcome: Outcome::Dropped,

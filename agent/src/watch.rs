@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
 use crate::metrics::Metrics;
@@ -55,16 +55,15 @@ pub struct ChangeQueue {
 }
 
 impl ChangeQueue {
-    /// The queue, and the channel the data loop sleeps on.
-    pub fn new() -> (ChangeQueue, Receiver<()>) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let q = ChangeQueue {
+    /// A queue that wakes the data loop through `wake` (a channel of
+    /// capacity 1 it sleeps on).
+    pub fn new(wake: Sender<()>) -> ChangeQueue {
+        ChangeQueue {
             shared: Arc::new(Shared {
                 pending: Mutex::new(Pending::default()),
-                wake: tx,
+                wake,
             }),
-        };
-        (q, rx)
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut Pending)) {
@@ -278,7 +277,8 @@ mod tests {
     #[test]
     fn inotify_reports_writes_by_path_and_new_entries_as_rescans() {
         let dir = tempfile::tempdir().unwrap();
-        let (q, wake) = ChangeQueue::new();
+        let (tx, wake) = crossbeam_channel::bounded(1);
+        let q = ChangeQueue::new(tx);
         let mut src = InotifySource::start(q.clone(), Arc::default()).unwrap();
         src.watch_dir(dir.path()).unwrap();
         let file = dir.path().join("0.log");
@@ -301,7 +301,8 @@ mod tests {
 
     #[test]
     fn a_burst_of_writes_is_one_entry() {
-        let (q, wake) = ChangeQueue::new();
+        let (tx, wake) = crossbeam_channel::bounded(1);
+        let q = ChangeQueue::new(tx);
         for _ in 0..1000 {
             q.written(Path::new("/x/0.log"));
         }

@@ -598,3 +598,83 @@ impl LineWriter {
         self.file.write_all(&self.buf).unwrap();
     }
 }
+
+/// Image with busybox's shell for the podman test and the demo.
+pub const IMAGE: &str = "localhost/bpftail-busybox";
+
+/// podman as root with runc and cgroupfs (works without systemd).
+pub fn podman() -> Command {
+    let mut c = Command::new("podman");
+    c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
+    c
+}
+
+pub fn have_podman() -> bool {
+    podman()
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Makes [`IMAGE`] offline from Debian's busybox-static, once.
+pub fn ensure_image(tmp: &Path) {
+    if podman()
+        .args(["image", "exists", IMAGE])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return;
+    }
+    let root = tmp.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    for tool in [
+        "sh", "echo", "printf", "seq", "sleep", "usleep", "cat", "date",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    let tar = tmp.join("rootfs.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = podman()
+        .arg("import")
+        .arg(&tar)
+        .arg(IMAGE)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "podman import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `script` in a container whose CRI log goes to `log` (k8s-file
+/// driver, as conmon writes for CRI-O).
+pub fn podman_run(name: &str, log: &Path, script: &str) -> Child {
+    podman()
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .args(["--log-driver", "k8s-file", "--log-opt"])
+        .arg(format!("path={}", log.display()))
+        .args([IMAGE, "sh", "-c", script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("podman run")
+}
