@@ -79,6 +79,20 @@ impl ChangeQueue {
         let _ = self.shared.wake.try_send(());
     }
 
+    /// Adds everything in `batch` (which is left empty) under one lock.
+    pub fn merge(&self, batch: &mut Pending) {
+        if batch.is_empty() {
+            return;
+        }
+        self.update(|p| {
+            for path in batch.written.drain() {
+                p.written.insert(path);
+            }
+            p.rescan |= std::mem::take(&mut batch.rescan);
+            p.all_files |= std::mem::take(&mut batch.all_files);
+        });
+    }
+
     pub fn written(&self, path: &Path) {
         self.update(|p| {
             if !p.written.contains(path) {
@@ -149,6 +163,10 @@ impl InotifySource {
     }
 }
 
+/// Events in one read above which the reader pauses briefly, so that a
+/// write storm is read in large batches rather than one wakeup per write.
+const BUSY_BATCH: usize = 64;
+
 fn read_events(
     mut inotify: Inotify,
     dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>,
@@ -157,6 +175,8 @@ fn read_events(
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut path = PathBuf::new();
+    // What one read reported, deduplicated, handed over under one lock.
+    let mut batch = Pending::default();
     loop {
         let events = match inotify.read_events_blocking(&mut buf) {
             Ok(ev) => ev,
@@ -167,23 +187,31 @@ fn read_events(
                 return;
             }
         };
-        let dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
-        for ev in events {
-            if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                metrics.watcher_overflows.inc();
-                queue.rescan();
-                queue.all_files();
-                continue;
-            }
-            if ev.mask.contains(EventMask::MODIFY) {
-                if let (Some(dir), Some(name)) = (dirs.get(&ev.wd), ev.name) {
-                    set_path(&mut path, dir, name);
-                    queue.written(&path);
+        let mut n = 0;
+        {
+            let dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
+            for ev in events {
+                n += 1;
+                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                    metrics.watcher_overflows.inc();
+                    batch.rescan = true;
+                    batch.all_files = true;
+                } else if ev.mask.contains(EventMask::MODIFY) {
+                    if let (Some(dir), Some(name)) = (dirs.get(&ev.wd), ev.name) {
+                        set_path(&mut path, dir, name);
+                        if !batch.written.contains(&path) {
+                            batch.written.insert(path.clone());
+                        }
+                    }
+                } else {
+                    // Create, delete, rename, or the watched directory itself went.
+                    batch.rescan = true;
                 }
-                continue;
             }
-            // Create, delete, rename, or the watched directory itself went.
-            queue.rescan();
+        }
+        queue.merge(&mut batch);
+        if n >= BUSY_BATCH {
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 }
