@@ -339,3 +339,155 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
     assert!(agent.stop().success());
 }
+
+#[test]
+fn bad_input_is_counted_bounded_and_never_stops_the_other_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let broker = Broker::start();
+    broker.create_topic("logs", 4);
+    let node = Node::new();
+    let docker = node.pods.parent().unwrap().join("docker");
+    let max_record = 64 * 1024;
+    let mut args = node.args(
+        &broker,
+        "logs",
+        &[
+            "--max-record-bytes",
+            &max_record.to_string(),
+            "--partial-flush-ms",
+            "1000",
+            "--sweep-interval-ms",
+            "500",
+        ],
+    );
+    let i = args.iter().position(|a| a == "/nonexistent").unwrap();
+    args[i] = docker.to_str().unwrap().to_owned();
+
+    // A file bpftail may not read: as root, bpftail runs as nobody, so the
+    // permissions below apply to it.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let nobody = root.then_some(65534);
+    let secret = node.container(5).join("0.log");
+    std::fs::write(&secret, b"2026-11-25T00:00:00Z stdout F secret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // Not a regular file where a log should be: skipped, never opened.
+    let fifo = node.container(6).join("0.log");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    for dir in [node.pods.parent().unwrap().to_owned(), node.pods.clone()] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::create_dir_all(&node.data).unwrap();
+    std::fs::set_permissions(&node.data, std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let agent = Agent::start_as(&args, &node.log, nobody);
+    let collector = Collector::start(&broker.addr(), "logs");
+
+    // Malformed CRI lines, invalid UTF-8 and NUL bytes among good lines.
+    let mut w0 = LineWriter::create(&node.container(0).join("0.log"));
+    use std::io::Write as _;
+    w0.line(0, 0, 100);
+    w0.file.write_all(b"not a cri line at all\n\xff\xfe\x00 binary junk \x00\n2026-11-25T00:00:00Z stdout F nul\x00in\xffmessage\n").unwrap();
+    w0.line(0, 1, 100);
+
+    // A 50 MB line with no newline, written while bpftail runs, then its end.
+    let mut w1 = LineWriter::create(&node.container(1).join("0.log"));
+    w1.line(1, 0, 100);
+    w1.file
+        .write_all(b"2026-11-25T00:00:00Z stdout F ")
+        .unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut peak_rss = 0;
+    for _ in 0..50 {
+        w1.file.write_all(&chunk).unwrap();
+        peak_rss = peak_rss.max(agent.rss_kib());
+    }
+    w1.file.write_all(b"\n").unwrap();
+    w1.line(1, 1, 100);
+
+    // A file deleted while (or before) it is read: what the open descriptor
+    // holds is still shipped.
+    let doomed = node.container(2).join("0.log");
+    let mut w2 = LineWriter::create(&doomed);
+    for seq in 0..20_000 {
+        w2.line(2, seq, 100);
+    }
+    std::fs::remove_file(&doomed).unwrap();
+
+    // Docker json-file: broken JSON among good lines.
+    let id = "0123456789abcdef";
+    std::fs::create_dir_all(docker.join(id)).unwrap();
+    std::fs::set_permissions(&docker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        docker.join(id).join(format!("{id}-json.log")),
+        concat!(
+            "{\"log\":\"w3 seq=00000000 docker\\n\",\"stream\":\"stdout\",\"time\":\"2026-11-25T00:00:00Z\"}\n",
+            "{\"log\":\"unterminated\n",
+            "{\"log\":\"w3 seq=00000001 docker\\n\",\"stream\":\"stderr\",\"time\":\"2026-11-25T00:00:01Z\"}\n",
+        ),
+    )
+    .unwrap();
+
+    let records = collector.wait_for(Duration::from_secs(60), |r| {
+        let seqs: std::collections::HashSet<(usize, u64)> =
+            r.iter().filter_map(|r| parse_seq(&r.value)).collect();
+        (0..2).all(|s| seqs.contains(&(0, s)) && seqs.contains(&(1, s)) && seqs.contains(&(3, s)))
+            && (0..20_000).all(|s| seqs.contains(&(2, s)))
+    });
+    let log = node.agent_log();
+    let m = agent.metrics();
+    let seqs: std::collections::HashSet<(usize, u64)> =
+        records.iter().filter_map(|r| parse_seq(&r.value)).collect();
+    for w in [0, 1, 3] {
+        assert!(
+            seqs.contains(&(w, 0)) && seqs.contains(&(w, 1)),
+            "writer {w} incomplete\n{log}"
+        );
+    }
+    assert_eq!(
+        (0..20_000).filter(|&s| seqs.contains(&(2, s))).count(),
+        20_000,
+        "deleted file not drained"
+    );
+    // Bad lines are shipped whole, flagged, and counted.
+    let junk = records
+        .iter()
+        .find(|r| r.value.starts_with(b"\xff\xfe\x00 binary junk"))
+        .expect("binary line shipped");
+    assert_eq!(junk.key, b"uid-0/app");
+    assert!(records.iter().any(|r| r.value == b"nul\x00in\xffmessage"));
+    assert!(records.iter().any(|r| r.value == b"not a cri line at all"));
+    assert!(m["bpftail_lines_malformed_total"] >= 3, "{m:?}");
+    // The 50 MB line: one record, cut at the maximum, marked; memory bounded.
+    let long: Vec<&Received> = records
+        .iter()
+        .filter(|r| r.value.starts_with(b"xxxx"))
+        .collect();
+    assert_eq!(long.len(), 1);
+    assert_eq!(long[0].value.len(), max_record);
+    assert_eq!(long[0].header("truncated"), Some("true"));
+    assert_eq!(m["bpftail_records_truncated_total"], 1);
+    assert!(m["bpftail_bytes_skipped_total"] >= 49 << 20);
+    peak_rss = peak_rss.max(agent.rss_kib());
+    assert!(
+        peak_rss < 64 * 1024,
+        "RSS {peak_rss} KiB while a 50 MB line was read"
+    );
+    // The docker file's broken line is shipped raw and counted.
+    assert!(
+        records
+            .iter()
+            .any(|r| r.value == b"{\"log\":\"unterminated")
+    );
+    if root {
+        assert!(
+            m["bpftail_open_errors_total"] >= 1,
+            "unreadable file not counted: {m:?}"
+        );
+        assert!(!records.iter().any(|r| r.value == b"secret"));
+    }
+    assert!(agent.healthz());
+    assert!(agent.stop().success(), "{log}");
+}

@@ -484,6 +484,10 @@ impl Pipeline {
     /// Follows a discovered file; returns its id if it is being read.
     fn track(&mut self, found: Found, present: &mut HashSet<FileKey>) -> Option<u32> {
         let md = std::fs::metadata(&found.path).ok()?;
+        if !md.is_file() {
+            // A FIFO or device where a log should be: opening it could block.
+            return None;
+        }
         let key = FileKey {
             dev: md.dev(),
             ino: md.ino(),
@@ -519,7 +523,7 @@ impl Pipeline {
         }
         let file = match File::options()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOATIME)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOATIME | libc::O_NONBLOCK)
             .open(&found.path)
             .or_else(|_| File::open(&found.path))
         {
@@ -532,7 +536,7 @@ impl Pipeline {
             }
         };
         // Identity of what was opened, not of what was stat'ed before.
-        let md = file.metadata().ok()?;
+        let md = file.metadata().ok().filter(|m| m.is_file())?;
         let key = FileKey {
             dev: md.dev(),
             ino: md.ino(),

@@ -249,18 +249,20 @@ impl KafkaSink {
         wake: (Sender<()>, Receiver<()>),
     ) -> Result<KafkaSink, SinkError> {
         let mut cc = ClientConfig::new();
-        let budget_kb = cfg.max_inflight_bytes / 1024;
+        // Room for the largest record (JSON escaping can grow a message up
+        // to 6x); the broker's own limit still applies.
+        let max_message = (cfg.max_record_bytes as u64 * 6 + 65536).clamp(1_000_000, 1_000_000_000);
+        // Our budget gates reading well before librdkafka's queue fills, and
+        // the queue always has room for one largest message.
+        let queue_kb = (cfg.max_inflight_bytes * 2 + max_message) / 1024 + 1024;
         cc.set("bootstrap.servers", &cfg.brokers)
             .set("compression.type", cfg.compression.as_str())
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "0")
             .set("linger.ms", "20")
-            // Our budget gates reading well before librdkafka's queue fills.
-            .set(
-                "queue.buffering.max.kbytes",
-                (budget_kb * 2 + 1024).to_string(),
-            )
+            .set("queue.buffering.max.kbytes", queue_kb.to_string())
             .set("queue.buffering.max.messages", "1000000")
+            .set("message.max.bytes", max_message.to_string())
             .set("client.id", format!("bpftail-{}", cfg.node_name))
             .set_log_level(RDKafkaLogLevel::Warning);
         for (k, v) in &cfg.kafka_options {

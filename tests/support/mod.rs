@@ -236,13 +236,23 @@ impl Agent {
     /// Starts `bpftail run` with `args`, its own metrics port, and its log
     /// appended to `log`.
     pub fn start(args: &[String], log: &Path) -> Agent {
+        Self::start_as(args, log, None)
+    }
+
+    /// As [`Agent::start`], as user `uid` if given (needs root).
+    pub fn start_as(args: &[String], log: &Path, uid: Option<u32>) -> Agent {
+        use std::os::unix::process::CommandExt as _;
         let metrics_port = free_port();
         let stderr = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(bpftail_bin())
+        let mut cmd = Command::new(bpftail_bin());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd
             .arg("run")
             .args(args)
             .arg("--metrics-addr")
