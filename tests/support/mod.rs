@@ -50,6 +50,21 @@ pub fn bpftail_bin() -> PathBuf {
         .expect("set BPFTAIL_BIN to the bpftail binary")
 }
 
+/// Children die with the thread that started them, even if a test run is
+/// killed, so no broker or agent outlives its test.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -89,7 +104,7 @@ impl Broker {
         let port = free_port();
         let proxy = proxied.then(|| Proxy::start(port));
         let advertised = proxy.as_ref().map_or(port, |p| p.port);
-        let child = Command::new(tansu_bin())
+        let child = die_with_parent(&mut Command::new(tansu_bin()))
             .args([
                 "broker",
                 "--listener-url",
@@ -249,6 +264,7 @@ impl Agent {
             .open(log)
             .unwrap();
         let mut cmd = Command::new(bpftail_bin());
+        die_with_parent(&mut cmd);
         if let Some(uid) = uid {
             cmd.uid(uid).gid(uid);
         }
