@@ -491,3 +491,74 @@ fn bad_input_is_counted_bounded_and_never_stops_the_other_files() {
     assert!(agent.healthz());
     assert!(agent.stop().success(), "{log}");
 }
+
+#[test]
+fn bad_configuration_fails_fast_with_a_message_naming_the_setting() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bpftail_bin())
+            .arg("run")
+            .args(args)
+            .env_remove("BPFTAIL_BROKERS")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--data-dir", "/nonexistent/x"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--brokers"), "{err}");
+    let (code, err) = run(&["--brokers", "127.0.0.1:1", "--topic", "a/b"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("topic"), "{err}");
+    // librdkafka's own validation, before anything starts.
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, err) = run(&[
+        "--brokers",
+        "127.0.0.1:1",
+        "--data-dir",
+        tmp.path().to_str().unwrap(),
+        "--kafka-option",
+        "no.such.property=1",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no.such.property"), "{err}");
+    // The environment is read, and flags win over it.
+    let out = std::process::Command::new(bpftail_bin())
+        .args(["run", "--brokers", "127.0.0.1:1"])
+        .env("BPFTAIL_MAX_RECORD_BYTES", "5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max-record-bytes"));
+}
+
+#[test]
+fn a_reused_inode_is_read_from_the_start_not_from_the_old_files_offset() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let node = Node::new();
+    let path = node.container(0).join("0.log");
+    let mut w = LineWriter::create(&path);
+    for seq in 0..100 {
+        w.line(0, seq, LINE_LEN);
+    }
+    // A checkpoint left by an older file that had this inode: same (dev,
+    // inode), other first bytes, offset in the middle.
+    use std::os::unix::fs::MetadataExt as _;
+    let md = std::fs::metadata(&path).unwrap();
+    std::fs::create_dir_all(&node.data).unwrap();
+    let cp = serde_json::json!({"version": "1", "files": [{
+        "dev": md.dev(), "ino": md.ino(),
+        "fingerprint": {"len": 256, "hash": 12345},
+        "offset": 50 * LINE_LEN, "path": path,
+    }]});
+    std::fs::write(node.data.join("checkpoints.json"), cp.to_string()).unwrap();
+    let agent = Agent::start(&node.args(&broker, "logs", &[]), &node.log);
+    let collector = Collector::start(&broker.addr(), "logs");
+    let records = collector.wait_for(Duration::from_secs(30), |r| r.len() >= 100);
+    let t = tally(&records, 1, 100);
+    assert_eq!((t.missing, t.duplicates, t.jumps), (0, 0, 0), "{t:?}");
+    assert!(agent.stop().success());
+}

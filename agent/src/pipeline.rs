@@ -560,8 +560,9 @@ impl Pipeline {
                 0
             }
             None if found.rotated => match self.copied_from(&meta.key, &file) {
-                // copytruncate: only what we had not read of the original.
-                Some(read) => read.min(md.len()),
+                // copytruncate: only what we had not read of the original
+                // (the copy may still be being written: it can be shorter).
+                Some(read) => read,
                 // Rotated before we saw it live: still a rotation.
                 None => {
                     late_rotation = true;

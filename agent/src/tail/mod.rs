@@ -138,8 +138,11 @@ impl Reader {
     ) -> ReadEnd {
         let mut truncated = false;
         let mut total = 0u64;
-        // Copytruncate: the file is shorter than what was read of it.
-        if let Ok(md) = f.file.metadata()
+        // Copytruncate: the live file is shorter than what was read of it.
+        // (A rotated file is never truncated; one that is shorter is a copy
+        // still being written.)
+        if f.status == FileStatus::Live
+            && let Ok(md) = f.file.metadata()
             && md.len() < f.read_offset
         {
             f.truncated(m);
@@ -160,7 +163,11 @@ impl Reader {
             if n == 0 {
                 // Nothing past the offset: maybe the file shrank under us.
                 match f.file.metadata() {
-                    Ok(md) if md.len() < f.read_offset && !truncated => {
+                    Ok(md)
+                        if md.len() < f.read_offset
+                            && !truncated
+                            && f.status == FileStatus::Live =>
+                    {
                         f.truncated(m);
                         truncated = true;
                         continue;
