@@ -153,6 +153,13 @@ fn parse_cri_file(name: &str) -> Option<bool> {
     }
 }
 
+/// True for the name of a file a runtime writes to (`N.log`,
+/// `<id>-json.log`), as opposed to rotated or compressed copies.
+pub fn is_live_log_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| parse_cri_file(n) == Some(false) || n.ends_with("-json.log"))
+}
+
 fn read_dir_sorted(dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -364,6 +371,21 @@ mod tests {
             ("ns", "pod", "uid1", "app")
         );
         assert_eq!(scan.dirs.len(), 3);
+    }
+
+    #[test]
+    fn only_files_runtimes_write_to_are_live_log_names() {
+        for (name, live) in [
+            ("0.log", true),
+            ("12.log", true),
+            ("abc-json.log", true),
+            ("0.log.20240101-000000", false),
+            ("0.log.20240101-000000.gz", false),
+            ("abc-json.log.1", false),
+            ("config.v2.json", false),
+        ] {
+            assert_eq!(is_live_log_name(std::ffi::OsStr::new(name)), live, "{name}");
+        }
     }
 
     #[test]

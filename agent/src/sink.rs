@@ -69,6 +69,14 @@ pub struct Ack {
 }
 
 impl Ack {
+    pub fn new(file: u32, seq: u64, outcome: Outcome) -> Ack {
+        Ack {
+            file,
+            seq_low: seq & SEQ_MASK,
+            outcome,
+        }
+    }
+
     /// The full sequence number, given any sequence number of the same file
     /// that is less than 2^40 records away (the tracker's base).
     pub fn seq_near(&self, base: u64) -> u64 {
@@ -288,16 +296,6 @@ impl KafkaSink {
         })
     }
 
-    /// Moves the delivery reports received so far into `out`.
-    pub fn take_acks(&self, out: &mut Vec<Ack>) {
-        self.acks.take(out);
-    }
-
-    /// Waits up to `timeout` for everything in flight to be acknowledged.
-    pub fn flush(&self, timeout: Duration) -> bool {
-        self.producer.flush(timeout).is_ok()
-    }
-
     fn build_json(&mut self, meta: &FileMeta, rec: &Record<'_>) {
         let v = &mut self.value;
         v.clear();
@@ -321,6 +319,24 @@ impl KafkaSink {
             v.extend_from_slice(b",\"truncated\":true");
         }
         v.push(b'}');
+    }
+}
+
+/// The output the data loop drives: records in, delivery reports out.
+pub trait Sink: RecordSink {
+    /// Moves the delivery reports received so far into `out`.
+    fn take_acks(&self, out: &mut Vec<Ack>);
+    /// Waits up to `timeout` for everything in flight to be acknowledged.
+    fn flush(&self, timeout: Duration) -> bool;
+}
+
+impl Sink for KafkaSink {
+    fn take_acks(&self, out: &mut Vec<Ack>) {
+        self.acks.take(out);
+    }
+
+    fn flush(&self, timeout: Duration) -> bool {
+        self.producer.flush(timeout).is_ok()
     }
 }
 

@@ -57,6 +57,9 @@ pub struct TailedFile {
     pub acks: AckTracker,
     pub fingerprint: Fingerprint,
     pub status: FileStatus,
+    /// First seen under a rotated name (a copy, a rotation we missed, or a
+    /// rotated file restored from the checkpoint), never as a live file.
+    pub found_rotated: bool,
     /// Fingerprint and read offset before the last truncation: a copy made
     /// by copytruncate is recognised by it and read from that offset.
     pub before_truncation: Option<(Fingerprint, u64)>,
@@ -74,6 +77,31 @@ impl TailedFile {
         self.skipping = false;
         self.decoder.reset();
         self.acks.reset(offset);
+    }
+
+    /// Copytruncate: is the live file shorter than what was read of it, or
+    /// do its first bytes differ from its fingerprint (truncated and
+    /// refilled past the read offset between two looks)? If so, it is read
+    /// again from the start. (A file first seen under a rotated name is
+    /// not checked: it may be a copy still being written. One followed since
+    /// it was live is, as it may have been truncated just before its
+    /// rename.)
+    pub fn check_replaced(&mut self, m: &Metrics) -> bool {
+        if self.found_rotated {
+            return false;
+        }
+        let Ok(md) = self.file.metadata() else {
+            return false;
+        };
+        let replaced = md.len() < self.read_offset
+            || (self.fingerprint.len > 0
+                && u64::from(self.fingerprint.len) <= self.read_offset
+                && Fingerprint::read(&self.file, self.fingerprint.len as usize)
+                    .is_ok_and(|fp| fp != self.fingerprint));
+        if replaced {
+            self.truncated(m);
+        }
+        replaced
     }
 
     /// The file was truncated (copytruncate) or its content replaced: read
@@ -138,14 +166,7 @@ impl Reader {
     ) -> ReadEnd {
         let mut truncated = false;
         let mut total = 0u64;
-        // Copytruncate: the live file is shorter than what was read of it.
-        // (A rotated file is never truncated; one that is shorter is a copy
-        // still being written.)
-        if f.status == FileStatus::Live
-            && let Ok(md) = f.file.metadata()
-            && md.len() < f.read_offset
-        {
-            f.truncated(m);
+        if f.check_replaced(m) {
             truncated = true;
         }
         loop {
@@ -161,19 +182,7 @@ impl Reader {
                 Err(e) => return ReadEnd::Error(e),
             };
             if n == 0 {
-                // Nothing past the offset: maybe the file shrank under us.
-                match f.file.metadata() {
-                    Ok(md)
-                        if md.len() < f.read_offset
-                            && !truncated
-                            && f.status == FileStatus::Live =>
-                    {
-                        f.truncated(m);
-                        truncated = true;
-                        continue;
-                    }
-                    _ => {}
-                }
+                // A truncation from now on is seen by the next read's check.
                 return if truncated {
                     ReadEnd::Truncated
                 } else {
@@ -406,6 +415,7 @@ mod tests {
             acks: AckTracker::starting_at(0),
             fingerprint: Fingerprint::of(b""),
             status: FileStatus::Live,
+            found_rotated: false,
             before_truncation: None,
             size_seen: 0,
             last_activity: Instant::now(),
