@@ -151,7 +151,7 @@ fn test(rest: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--lib", "--bins"])
         .args(rest))?;
     run(cargo()
-        .args(["test", "--workspace", "--tests", "--exclude", "xtask"])
+        .args(["test", "-p", "bpftail", "--test", "*"])
         .args(rest)
         .args(["--", "--test-threads=1"]))
 }

@@ -132,9 +132,6 @@ pub enum ReadEnd {
     Budget,
     /// This turn's byte quota is used up; the file may have more.
     Quota,
-    /// The file is shorter than the read offset: it was truncated and is
-    /// now read from the start.
-    Truncated,
     Error(std::io::Error),
 }
 
@@ -164,11 +161,9 @@ impl Reader {
         m: &Metrics,
         quota: u64,
     ) -> ReadEnd {
-        let mut truncated = false;
         let mut total = 0u64;
-        if f.check_replaced(m) {
-            truncated = true;
-        }
+        // Truncated or replaced since the last read: start again at 0.
+        f.check_replaced(m);
         loop {
             if !sink.has_budget() {
                 return ReadEnd::Budget;
@@ -182,12 +177,7 @@ impl Reader {
                 Err(e) => return ReadEnd::Error(e),
             };
             if n == 0 {
-                // A truncation from now on is seen by the next read's check.
-                return if truncated {
-                    ReadEnd::Truncated
-                } else {
-                    ReadEnd::Eof
-                };
+                return ReadEnd::Eof;
             }
             total += n as u64;
             let full = n == self.buf.len();
@@ -206,11 +196,7 @@ impl Reader {
             m.bytes_read.add(consumed as u64);
             if !full {
                 self.shrink();
-                return if truncated {
-                    ReadEnd::Truncated
-                } else {
-                    ReadEnd::Eof
-                };
+                return ReadEnd::Eof;
             }
         }
     }
@@ -493,7 +479,7 @@ mod tests {
         std::fs::write(&p, b"c\n").unwrap();
         assert!(matches!(
             r.read(&mut f, &mut sink, &m, u64::MAX),
-            ReadEnd::Truncated
+            ReadEnd::Eof
         ));
         assert_eq!(msgs(&sink), ["aaaa", "bbbb", "c"]);
         assert_eq!(m.truncations.get(), 1);
