@@ -19,20 +19,14 @@ const FLUENT_BIT_MB_PER_CPU_S: f64 = 35.0;
 const TARGET_MB_PER_CPU_S: f64 = 175.0;
 const TARGET_RSS_MIB: f64 = 16.0;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
-
 fn main() {
     // `cargo bench` passes --bench; anything else is ours.
-    let lines: u64 = arg("--lines", "1000000").parse().expect("--lines N");
-    let line_len: usize = arg("--line-bytes", "200").parse().expect("--line-bytes B");
-    let format = arg("--format", "raw");
-    let compression = arg("--compression", "none");
+    let lines: u64 = cli_arg("--lines", "1000000").parse().expect("--lines N");
+    let line_len: usize = cli_arg("--line-bytes", "200")
+        .parse()
+        .expect("--line-bytes B");
+    let format = cli_arg("--format", "raw");
+    let compression = cli_arg("--compression", "none");
     let per_writer = lines / WRITERS as u64;
 
     let tmp = tempfile::tempdir().unwrap();
@@ -53,27 +47,20 @@ fn main() {
     for d in &dirs {
         std::fs::write(d.join("0.log"), b"").unwrap();
     }
-    let args: Vec<String> = [
-        "--pods-dir",
-        pods.to_str().unwrap(),
-        "--docker-dir",
-        "/nonexistent",
-        "--data-dir",
-        tmp.path().join("data").to_str().unwrap(),
-        "--brokers",
+    let args = agent_args(
+        &pods,
+        &tmp.path().join("data"),
         &broker.addr(),
-        "--topic",
         "bench",
-        "--format",
-        &format,
-        "--compression",
-        &compression,
-        "--kube",
-        "off",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &[
+            "--format",
+            &format,
+            "--compression",
+            &compression,
+            "--kube",
+            "off",
+        ],
+    );
     let log = tmp.path().join("bpftail.log");
     let agent = Agent::start(&args, &log);
     // Let startup settle so only shipping is measured.

@@ -42,25 +42,13 @@ impl Node {
     }
 
     fn args(&self, broker: &Broker, topic: &str, extra: &[&str]) -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--pods-dir",
-            self.pods.to_str().unwrap(),
-            "--docker-dir",
-            "/nonexistent",
-            "--data-dir",
-            self.data.to_str().unwrap(),
-            "--brokers",
+        let mut a = agent_args(
+            &self.pods,
+            &self.data,
             &broker.addr(),
-            "--topic",
             topic,
-            "--node-name",
-            "test-node",
-            "--kube",
-            "off",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+            &["--node-name", "test-node", "--kube", "off"],
+        );
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     }

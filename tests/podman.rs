@@ -24,25 +24,13 @@ fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
     broker.create_topic("podlogs", 2);
     let pods = tmp.path().join("pods");
     std::fs::create_dir_all(&pods).unwrap();
-    let args: Vec<String> = [
-        "--pods-dir",
-        pods.to_str().unwrap(),
-        "--docker-dir",
-        "/nonexistent",
-        "--data-dir",
-        tmp.path().join("data").to_str().unwrap(),
-        "--brokers",
+    let args = agent_args(
+        &pods,
+        &tmp.path().join("data"),
         &broker.addr(),
-        "--topic",
         "podlogs",
-        "--partial-flush-ms",
-        "1000",
-        "--sweep-interval-ms",
-        "500",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &["--partial-flush-ms", "1000", "--sweep-interval-ms", "500"],
+    );
     let log = tmp.path().join("bpftail.log");
     let agent = Agent::start(&args, &log);
     let collector = Collector::start(&broker.addr(), "podlogs");

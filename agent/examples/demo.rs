@@ -16,17 +16,9 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
-
 fn main() {
-    let seconds: u64 = arg("--seconds", "20").parse().expect("--seconds N");
-    let use_podman = arg("--writer", "podman") == "podman" && have_podman();
+    let seconds: u64 = cli_arg("--seconds", "20").parse().expect("--seconds N");
+    let use_podman = cli_arg("--writer", "podman") == "podman" && have_podman();
     let tmp = tempfile::Builder::new()
         .prefix("bpftail-demo-")
         .tempdir()
@@ -39,40 +31,34 @@ fn main() {
     broker.create_topic("demo-logs", 3);
 
     println!("== starting bpftail on {}", pods.display());
-    let args: Vec<String> = [
-        "--pods-dir",
-        pods.to_str().unwrap(),
-        "--data-dir",
-        tmp.path().join("data").to_str().unwrap(),
-        "--brokers",
+    let args = agent_args(
+        &pods,
+        &tmp.path().join("data"),
         &broker.addr(),
-        "--topic",
         "demo-logs",
-        "--format",
-        "json",
-        "--node-name",
-        "demo-node",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &["--format", "json", "--node-name", "demo-node"],
+    );
     let agent = Agent::start(&args, &tmp.path().join("bpftail.log"));
     let collector = Collector::start(&broker.addr(), "demo-logs");
 
+    let apps: Vec<(&str, std::path::PathBuf)> = ["web", "worker", "cron"]
+        .iter()
+        .enumerate()
+        .map(|(i, app)| {
+            let pod = format!("{app}-7f9c{i}");
+            (
+                *app,
+                container_dir(&pods, "demo", &pod, &format!("uid-{app}"), app),
+            )
+        })
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let mut containers = Vec::new();
     let mut writers = Vec::new();
     if use_podman {
         ensure_image(tmp.path());
         println!("== starting 3 podman containers (runc + conmon, CRI log format)");
-        for (i, app) in ["web", "worker", "cron"].iter().enumerate() {
-            let dir = container_dir(
-                &pods,
-                "demo",
-                &format!("{app}-7f9c{i}"),
-                &format!("uid-{app}"),
-                app,
-            );
+        for (app, dir) in &apps {
             let name = format!("bpftail-demo-{}-{app}", std::process::id());
             let script = format!(
                 "i=0; while [ $i -lt {} ]; do echo \"{app} request $i handled\"; \
@@ -84,15 +70,8 @@ fn main() {
         }
     } else {
         println!("== podman unavailable: 3 built-in writers log CRI lines into the pods dir");
-        for (i, app) in ["web", "worker", "cron"].iter().enumerate() {
-            let dir = container_dir(
-                &pods,
-                "demo",
-                &format!("{app}-7f9c{i}"),
-                &format!("uid-{app}"),
-                app,
-            );
-            let stop = stop.clone();
+        for (i, (_, dir)) in apps.iter().enumerate() {
+            let (dir, stop) = (dir.clone(), stop.clone());
             writers.push(std::thread::spawn(move || {
                 let mut out = LineWriter::create(&dir.join("0.log"));
                 let mut seq = 0;

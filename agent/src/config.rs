@@ -87,7 +87,7 @@ pub struct RunArgs {
     /// Longest logical record in bytes; longer ones are cut and marked truncated [default: 1048576].
     #[arg(long, env = "BPFTAIL_MAX_RECORD_BYTES")]
     pub max_record_bytes: Option<usize>,
-    /// Bytes produced but not yet acknowledged by Kafka before reading pauses [default: 8388608].
+    /// Bytes produced but not yet acknowledged by Kafka before reading pauses [default: 4194304].
     #[arg(long, env = "BPFTAIL_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<u64>,
     /// How often acknowledged offsets are persisted, in milliseconds [default: 1000].
@@ -331,7 +331,7 @@ impl Config {
         let max_inflight_bytes = args
             .max_inflight_bytes
             .or(file.max_inflight_bytes)
-            .unwrap_or(8 << 20);
+            .unwrap_or(4 << 20);
         if max_inflight_bytes < 64 * 1024 {
             return Err(invalid(
                 "max-inflight-bytes",

