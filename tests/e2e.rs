@@ -550,3 +550,65 @@ fn a_reused_inode_is_read_from_the_start_not_from_the_old_files_offset() {
     assert_eq!((t.missing, t.duplicates, t.jumps), (0, 0, 0), "{t:?}");
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_topic_the_broker_refuses_is_counted_and_the_other_files_keep_shipping() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+    // librdkafka's mock cluster: in-process, with error injection.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("logs-good", 1, 1).unwrap();
+    cluster.create_topic("logs-bad", 1, 1).unwrap();
+    cluster
+        .topic_error(
+            "logs-bad",
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let node = Node::new();
+    let mut good =
+        LineWriter::create(&container_dir(&node.pods, "good", "p", "uid-g", "app").join("0.log"));
+    let mut bad =
+        LineWriter::create(&container_dir(&node.pods, "bad", "p", "uid-b", "app").join("0.log"));
+    for seq in 0..1000 {
+        good.line(0, seq, 100);
+        bad.line(1, seq, 100);
+    }
+    let args = agent_args(
+        &node.pods,
+        &node.data,
+        &cluster.bootstrap_servers(),
+        "logs-{namespace}",
+        &[],
+    );
+    let agent = Agent::start(&args, &node.log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.metric("bpftail_delivery_failures_total{kind=\"dropped\"}") < 1000
+        || agent.metric("bpftail_records_delivered_total") < 1000
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}\n{}",
+            agent.metrics(),
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let collector = Collector::start(&cluster.bootstrap_servers(), "logs-good");
+    let records = collector.wait_for(Duration::from_secs(30), |r| r.len() >= 1000);
+    let t = tally(&records, 1, 1000);
+    assert_eq!((t.missing, t.duplicates, t.jumps), (0, 0, 0), "{t:?}");
+    // Refusals are logged at a bounded rate, not once per record.
+    let warnings = node.agent_log().matches("delivery failed").count();
+    assert!(warnings <= 3, "{warnings} warnings");
+    assert!(agent.healthz());
+    assert!(agent.stop().success());
+    // Both files are passed over to their end: a refused record does not
+    // hold a file back forever.
+    let cp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.data.join("checkpoints.json")).unwrap())
+            .unwrap();
+    for f in cp["files"].as_array().unwrap() {
+        assert_eq!(f["offset"].as_u64().unwrap(), 1000 * 100, "{f}");
+    }
+}
