@@ -39,7 +39,10 @@ fn main() -> Result<()> {
             deps()?;
             test(rest)
         }
-        "lint" => lint(),
+        "lint" => {
+            debian_packages()?;
+            lint()
+        }
         "demo" => {
             deps()?;
             demo(rest)
