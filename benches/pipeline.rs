@@ -25,7 +25,7 @@ fn main() {
     let line_len: usize = cli_arg("--line-bytes", "200")
         .parse()
         .expect("--line-bytes B");
-    let format = cli_arg("--format", "raw");
+    let format = cli_arg("--format", "json");
     let compression = cli_arg("--compression", "none");
     let per_writer = lines / WRITERS as u64;
 

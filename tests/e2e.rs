@@ -47,7 +47,14 @@ impl Node {
             &self.data,
             &broker.addr(),
             topic,
-            &["--node-name", "test-node", "--kube", "off"],
+            &[
+                "--node-name",
+                "test-node",
+                "--kube",
+                "off",
+                "--format",
+                "raw",
+            ],
         );
         a.extend(extra.iter().map(|s| s.to_string()));
         a
@@ -579,7 +586,7 @@ fn a_topic_the_broker_refuses_is_counted_and_the_other_files_keep_shipping() {
         &node.data,
         &cluster.bootstrap_servers(),
         "logs-{namespace}",
-        &[],
+        &["--format", "raw"],
     );
     let agent = Agent::start(&args, &node.log);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -611,4 +618,48 @@ fn a_topic_the_broker_refuses_is_counted_and_the_other_files_keep_shipping() {
     for f in cp["files"].as_array().unwrap() {
         assert_eq!(f["offset"].as_u64().unwrap(), 1000 * 100, "{f}");
     }
+}
+
+#[test]
+fn json_records_carry_the_pod_fields_and_the_message_as_valid_json() {
+    let broker = Broker::start();
+    broker.create_topic("logs-json", 1);
+    let node = Node::new();
+    let path = node.container(4).join("0.log");
+    std::fs::write(
+        &path,
+        b"2026-11-25T16:00:00.5Z stdout F plain\n2026-11-25T16:00:01Z stderr F quote \" tab\t bad \xff end\n\
+          2026-11-25T16:00:02Z stdout P part-\n2026-11-25T16:00:02Z stdout F two\n",
+    )
+    .unwrap();
+    let args = agent_args(
+        &node.pods,
+        &node.data,
+        &broker.addr(),
+        "logs-json",
+        &["--node-name", "n1"],
+    );
+    let agent = Agent::start(&args, &node.log);
+    let collector = Collector::start(&broker.addr(), "logs-json");
+    let records = collector.wait_for(Duration::from_secs(30), |r| r.len() >= 3);
+    let v: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| serde_json::from_slice(&r.value).expect("valid JSON"))
+        .collect();
+    assert_eq!(v.len(), 3);
+    assert_eq!(
+        v[0],
+        serde_json::json!({"time": "2026-11-25T16:00:00.5Z", "stream": "stdout", "namespace": "ns",
+            "pod": "pod-4", "container": "app", "node": "n1", "message": "plain"})
+    );
+    assert_eq!(v[1]["stream"], "stderr");
+    assert_eq!(v[1]["message"], "quote \" tab\t bad \u{fffd} end");
+    assert_eq!(v[2]["message"], "part-two");
+    assert!(
+        records
+            .iter()
+            .all(|r| r.key == b"uid-4/app" && r.headers.is_empty())
+    );
+    assert_eq!(agent.metric("bpftail_invalid_utf8_total"), 1);
+    assert!(agent.stop().success());
 }

@@ -29,7 +29,14 @@ fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
         &tmp.path().join("data"),
         &broker.addr(),
         "podlogs",
-        &["--partial-flush-ms", "1000", "--sweep-interval-ms", "500"],
+        &[
+            "--partial-flush-ms",
+            "1000",
+            "--sweep-interval-ms",
+            "500",
+            "--format",
+            "raw",
+        ],
     );
     let log = tmp.path().join("bpftail.log");
     let agent = Agent::start(&args, &log);

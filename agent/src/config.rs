@@ -56,7 +56,7 @@ pub struct RunArgs {
     /// Topic: a literal or a template over {namespace} {pod} {container} {stream} [default: k8s-logs].
     #[arg(long, env = "BPFTAIL_TOPIC")]
     pub topic: Option<String>,
-    /// Record encoding in Kafka [default: raw].
+    /// Record encoding in Kafka [default: json].
     #[arg(long, env = "BPFTAIL_FORMAT")]
     pub format: Option<OutputFormat>,
     /// Kafka compression codec [default: none].
@@ -367,7 +367,7 @@ impl Config {
                 .unwrap_or_else(|| "/var/lib/docker/containers".into()),
             brokers,
             topic,
-            format: args.format.or(file.format).unwrap_or(OutputFormat::Raw),
+            format: args.format.or(file.format).unwrap_or(OutputFormat::Json),
             compression: args
                 .compression
                 .or(file.compression)
