@@ -477,6 +477,8 @@ impl<'a> JsonCursor<'a> {
                     if rest[j] == b'"' {
                         return Some(());
                     }
+                    // The escaped character (a line may end right after `\`).
+                    self.peek()?;
                     self.i += 1;
                 }
             }
@@ -679,6 +681,68 @@ mod tests {
             ("stderr", "T1", &b"part1 part2"[..])
         );
         assert!(out[3].malformed);
+    }
+
+    #[test]
+    fn no_prefix_or_corruption_of_a_json_line_makes_the_decoder_panic() {
+        let line = br#"{"log":"a\"b\\c\u00e9\ud83d\ude00\n","stream":"stderr","attrs":{"k":["v\\",1,{"x":null}]},"time":"2024-01-01T00:00:00Z"}"#;
+        let mut d = Decoder::new(Format::DockerJson, 64);
+        let mut seen = 0;
+        for end in 0..=line.len() {
+            d.decode(
+                Line {
+                    bytes: &line[..end],
+                    start: 0,
+                    cut: false,
+                },
+                |_| seen += 1,
+            );
+            // And with each byte replaced by something hostile.
+            for bad in [b'"', b'\\', b'{', b'}', 0xff] {
+                let mut l = line.to_vec();
+                if end < l.len() {
+                    l[end] = bad;
+                }
+                d.decode(
+                    Line {
+                        bytes: &l,
+                        start: 0,
+                        cut: false,
+                    },
+                    |_| seen += 1,
+                );
+            }
+        }
+        assert!(seen > line.len());
+    }
+
+    #[test]
+    fn random_bytes_never_make_any_decoder_panic() {
+        let alphabet = b"{}[]\":,\\ubdfnrt0189aAF FPstdoutsterr\xff\x00\n";
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for format in [Format::Cri, Format::DockerJson, Format::Raw] {
+            let mut d = Decoder::new(format, 32);
+            for _ in 0..20_000 {
+                let mut line = Vec::new();
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                for k in 0..(x % 48) {
+                    line.push(
+                        alphabet[((x >> (k % 50)) as usize + k as usize * 7) % alphabet.len()],
+                    );
+                }
+                d.decode(
+                    Line {
+                        bytes: &line,
+                        start: 0,
+                        cut: x.is_multiple_of(5),
+                    },
+                    |r| assert!(r.msg.len() <= 32),
+                );
+            }
+            d.flush_partial(|r| assert!(r.msg.len() <= 32));
+        }
     }
 
     #[test]
