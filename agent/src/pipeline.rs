@@ -251,6 +251,9 @@ impl<S: Sink> Pipeline<S> {
             if !self.dirty.is_empty() || (!self.backlog.is_empty() && self.sink.has_budget()) {
                 continue;
             }
+            if self.backlog.is_empty() && self.rearm() {
+                continue;
+            }
             let deadline = next_sweep.min(next_rescan).min(next_checkpoint);
             let timeout = deadline.saturating_duration_since(Instant::now());
             // Woken by a change, a delivery report, or shutdown.
@@ -286,6 +289,22 @@ impl<S: Sink> Pipeline<S> {
         if rescan {
             self.rescan();
         }
+    }
+
+    /// Everything is read: lets the change source report writes again, and
+    /// reads once more the files of the directories it re-armed (what was
+    /// written just before the re-arm). True if there is something to read.
+    fn rearm(&mut self) -> bool {
+        let dirs = self.source.rearm();
+        if dirs.is_empty() {
+            return false;
+        }
+        for (&id, f) in &self.files {
+            if f.path.parent().is_some_and(|p| dirs.iter().any(|d| d == p)) {
+                self.dirty.push(id);
+            }
+        }
+        !self.dirty.is_empty()
     }
 
     fn apply_acks(&mut self) {

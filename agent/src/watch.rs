@@ -136,28 +136,65 @@ pub trait ChangeSource: Send {
     fn watch_dir(&mut self, dir: &Path) -> std::io::Result<()>;
     /// Stops watching `dir` (it is gone or no longer of interest).
     fn unwatch_dir(&mut self, dir: &Path);
+    /// Called when the data loop has read everything: turns write reports
+    /// back on where the backend coalesced them off, and returns those
+    /// directories, whose files the loop then reads once more.
+    fn rearm(&mut self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 /// inotify, one watch per directory.
+///
+/// Coalescing: the first write reported for a directory disarms its
+/// `IN_MODIFY` (entries appearing and vanishing stay reported), so a write
+/// storm costs one event, not one per write. The data loop re-arms with
+/// [`ChangeSource::rearm`] once it has read everything, then reads that
+/// directory's files once more: a write before the re-arm is seen by that
+/// read, one after it makes a new event. Nothing is missed.
 pub struct InotifySource {
-    watches: Watches,
-    dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>,
+    shared: Arc<InotifyShared>,
     by_path: HashMap<PathBuf, WatchDescriptor>,
+}
+
+struct InotifyShared {
+    watches: Mutex<Watches>,
+    dirs: Mutex<HashMap<WatchDescriptor, PathBuf>>,
+    /// Directories whose `IN_MODIFY` is off until the data loop re-arms.
+    disarmed: Mutex<HashSet<WatchDescriptor>>,
+}
+
+/// What a directory watch reports when armed.
+const ARMED: WatchMask = WatchMask::MODIFY
+    .union(WatchMask::CREATE)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR);
+/// The same without writes.
+const DISARMED: WatchMask = ARMED.difference(WatchMask::MODIFY);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl InotifySource {
     /// Starts the reader thread.
     pub fn start(queue: ChangeQueue, metrics: Arc<Metrics>) -> std::io::Result<InotifySource> {
         let inotify = Inotify::init()?;
-        let watches = inotify.watches();
-        let dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>> = Arc::default();
-        let thread_dirs = dirs.clone();
+        let shared = Arc::new(InotifyShared {
+            watches: Mutex::new(inotify.watches()),
+            dirs: Mutex::default(),
+            disarmed: Mutex::default(),
+        });
+        let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("bpftail-inotify".into())
-            .spawn(move || read_events(inotify, thread_dirs, queue, metrics))?;
+            .spawn(move || read_events(inotify, thread_shared, queue, metrics))?;
         Ok(InotifySource {
-            watches,
-            dirs,
+            shared,
             by_path: HashMap::new(),
         })
     }
@@ -169,7 +206,7 @@ const BUSY_BATCH: usize = 64;
 
 fn read_events(
     mut inotify: Inotify,
-    dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>,
+    shared: Arc<InotifyShared>,
     queue: ChangeQueue,
     metrics: Arc<Metrics>,
 ) {
@@ -189,7 +226,8 @@ fn read_events(
         };
         let mut n = 0;
         {
-            let dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
+            let dirs = lock(&shared.dirs);
+            let mut disarmed = lock(&shared.disarmed);
             for ev in events {
                 n += 1;
                 if ev.mask.contains(EventMask::Q_OVERFLOW) {
@@ -198,6 +236,11 @@ fn read_events(
                     batch.all_files = true;
                 } else if ev.mask.contains(EventMask::MODIFY) {
                     if let (Some(dir), Some(name)) = (dirs.get(&ev.wd), ev.name) {
+                        if disarmed.insert(ev.wd.clone()) {
+                            // Fails only if the directory is gone (then its
+                            // removal is reported).
+                            let _ = lock(&shared.watches).add(dir, DISARMED);
+                        }
                         set_path(&mut path, dir, name);
                         if !batch.written.contains(&path) {
                             batch.written.insert(path.clone());
@@ -231,32 +274,33 @@ impl ChangeSource for InotifySource {
         if self.by_path.contains_key(dir) {
             return Ok(());
         }
-        let mask = WatchMask::MODIFY
-            | WatchMask::CREATE
-            | WatchMask::DELETE
-            | WatchMask::MOVED_FROM
-            | WatchMask::MOVED_TO
-            | WatchMask::DELETE_SELF
-            | WatchMask::MOVE_SELF
-            | WatchMask::ONLYDIR;
-        let wd = self.watches.add(dir, mask)?;
-        self.dirs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(wd.clone(), dir.to_owned());
+        let wd = lock(&self.shared.watches).add(dir, ARMED)?;
+        lock(&self.shared.dirs).insert(wd.clone(), dir.to_owned());
         self.by_path.insert(dir.to_owned(), wd);
         Ok(())
     }
 
     fn unwatch_dir(&mut self, dir: &Path) {
         if let Some(wd) = self.by_path.remove(dir) {
-            self.dirs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&wd);
+            lock(&self.shared.dirs).remove(&wd);
+            lock(&self.shared.disarmed).remove(&wd);
             // Fails harmlessly if the kernel already dropped the watch.
-            let _ = self.watches.remove(wd);
+            let _ = lock(&self.shared.watches).remove(wd);
         }
+    }
+
+    fn rearm(&mut self) -> Vec<PathBuf> {
+        let wds: Vec<WatchDescriptor> = lock(&self.shared.disarmed).drain().collect();
+        if wds.is_empty() {
+            return Vec::new();
+        }
+        let dirs = lock(&self.shared.dirs);
+        let mut watches = lock(&self.shared.watches);
+        wds.iter()
+            .filter_map(|wd| dirs.get(wd))
+            .filter(|dir| watches.add(dir, ARMED).is_ok())
+            .cloned()
+            .collect()
     }
 }
 
@@ -325,6 +369,47 @@ mod tests {
             got.written.contains(&file),
             "writing reports the file's path"
         );
+    }
+
+    #[test]
+    fn inotify_coalesces_a_write_storm_until_rearmed() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("0.log");
+        let mut f = std::fs::File::create(&file).unwrap();
+        let (tx, wake) = crossbeam_channel::bounded(1);
+        let q = ChangeQueue::new(tx);
+        let mut src = InotifySource::start(q.clone(), Arc::default()).unwrap();
+        src.watch_dir(dir.path()).unwrap();
+        let wait_for_write = |q: &ChangeQueue| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let _ = wake.recv_timeout(Duration::from_millis(50));
+                let mut p = Pending::default();
+                q.take(&mut p);
+                if p.written.contains(&file) || std::time::Instant::now() > deadline {
+                    return p.written.contains(&file);
+                }
+            }
+        };
+        f.write_all(b"first\n").unwrap();
+        assert!(wait_for_write(&q));
+        // Disarmed: a storm of writes reports nothing more...
+        for _ in 0..1000 {
+            f.write_all(b"more\n").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut p = Pending::default();
+        q.take(&mut p);
+        assert!(
+            p.written.is_empty(),
+            "disarmed before the first report was handed over"
+        );
+        // ...until the data loop re-arms; then the next write is reported.
+        assert_eq!(src.rearm(), vec![dir.path().to_owned()]);
+        assert!(src.rearm().is_empty());
+        f.write_all(b"after\n").unwrap();
+        assert!(wait_for_write(&q));
     }
 
     #[test]
