@@ -248,10 +248,14 @@ impl<S: Sink> Pipeline<S> {
                 self.checkpoint();
                 next_checkpoint = now + self.cfg.checkpoint_interval;
             }
-            if !self.dirty.is_empty() || (!self.backlog.is_empty() && self.sink.has_budget()) {
-                continue;
-            }
-            if self.backlog.is_empty() && self.rearm() {
+            // Every turn (unless waiting for budget), directories whose
+            // write reports were coalesced off are re-armed and their files
+            // read once more, so one busy file never hides another's writes.
+            let rearmed = self.backlog.is_empty() && self.rearm();
+            if rearmed
+                || !self.dirty.is_empty()
+                || (!self.backlog.is_empty() && self.sink.has_budget())
+            {
                 continue;
             }
             let deadline = next_sweep.min(next_rescan).min(next_checkpoint);
@@ -291,9 +295,9 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
-    /// Everything is read: lets the change source report writes again, and
-    /// reads once more the files of the directories it re-armed (what was
-    /// written just before the re-arm). True if there is something to read.
+    /// Lets the change source report writes again where it coalesced them
+    /// off, and reads once more the files of the directories it re-armed
+    /// (what was written just before the re-arm). True if it re-armed any.
     fn rearm(&mut self) -> bool {
         let dirs = self.source.rearm();
         if dirs.is_empty() {
