@@ -450,15 +450,17 @@ impl<S: Sink> Pipeline<S> {
             discover::scan_pods_dir(&self.cfg.pods_dir, &mut scan);
             let mut added = false;
             for dir in &scan.dirs {
-                if !self.watched_dirs.contains(dir) {
-                    match self.source.watch_dir(dir) {
-                        Ok(()) => {
+                // Idempotent; renews a watch the kernel dropped (a
+                // directory deleted and made again at the same path).
+                match self.source.watch_dir(dir) {
+                    Ok(new) => {
+                        added |= new;
+                        if !self.watched_dirs.contains(dir) {
                             self.watched_dirs.insert(dir.clone());
-                            added = true;
                         }
-                        Err(e) => {
-                            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; the sweep covers it")
-                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; the sweep covers it")
                     }
                 }
             }

@@ -133,7 +133,8 @@ impl ChangeQueue {
 pub trait ChangeSource: Send {
     fn name(&self) -> &'static str;
     /// Reports writes to files in `dir` and entries changing in it.
-    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<()>;
+    /// Idempotent; true if a new watch was placed.
+    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool>;
     /// Stops watching `dir` (it is gone or no longer of interest).
     fn unwatch_dir(&mut self, dir: &Path);
     /// Called when the data loop has read everything: turns write reports
@@ -226,7 +227,7 @@ fn read_events(
         };
         let mut n = 0;
         {
-            let dirs = lock(&shared.dirs);
+            let mut dirs = lock(&shared.dirs);
             let mut disarmed = lock(&shared.disarmed);
             for ev in events {
                 n += 1;
@@ -247,6 +248,12 @@ fn read_events(
                         }
                     }
                 } else {
+                    if ev.mask.contains(EventMask::IGNORED) {
+                        // The kernel dropped the watch (directory gone): a
+                        // directory at that path later is watched anew.
+                        dirs.remove(&ev.wd);
+                        disarmed.remove(&ev.wd);
+                    }
                     // Create, delete, rename, or the watched directory itself went.
                     batch.rescan = true;
                 }
@@ -270,14 +277,16 @@ impl ChangeSource for InotifySource {
         "inotify"
     }
 
-    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-        if self.by_path.contains_key(dir) {
-            return Ok(());
+    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool> {
+        if let Some(wd) = self.by_path.get(dir)
+            && lock(&self.shared.dirs).contains_key(wd)
+        {
+            return Ok(false);
         }
         let wd = lock(&self.shared.watches).add(dir, ARMED)?;
         lock(&self.shared.dirs).insert(wd.clone(), dir.to_owned());
         self.by_path.insert(dir.to_owned(), wd);
-        Ok(())
+        Ok(true)
     }
 
     fn unwatch_dir(&mut self, dir: &Path) {
@@ -336,8 +345,8 @@ impl ChangeSource for PollSource {
     fn name(&self) -> &'static str {
         "poll"
     }
-    fn watch_dir(&mut self, _: &Path) -> std::io::Result<()> {
-        Ok(())
+    fn watch_dir(&mut self, _: &Path) -> std::io::Result<bool> {
+        Ok(false)
     }
     fn unwatch_dir(&mut self, _: &Path) {}
 }
@@ -410,6 +419,43 @@ mod tests {
         assert!(src.rearm().is_empty());
         f.write_all(b"after\n").unwrap();
         assert!(wait_for_write(&q));
+    }
+
+    #[test]
+    fn a_directory_made_again_at_the_same_path_is_watched_anew() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("c");
+        std::fs::create_dir(&dir).unwrap();
+        let (tx, wake) = crossbeam_channel::bounded(1);
+        let q = ChangeQueue::new(tx);
+        let mut src = InotifySource::start(q.clone(), Arc::default()).unwrap();
+        assert!(src.watch_dir(&dir).unwrap());
+        assert!(!src.watch_dir(&dir).unwrap(), "idempotent");
+        std::fs::remove_dir(&dir).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // Until the kernel's IN_IGNORED is processed, the old watch counts.
+        while !src
+            .watch_dir(&dir)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::create_dir(&dir).unwrap();
+        assert!(
+            src.watch_dir(&dir).unwrap(),
+            "a new watch on the new directory"
+        );
+        let file = dir.join("0.log");
+        std::fs::write(&file, b"x\n").unwrap();
+        let mut got = false;
+        while !got && std::time::Instant::now() < deadline {
+            let _ = wake.recv_timeout(Duration::from_millis(50));
+            let mut p = Pending::default();
+            q.take(&mut p);
+            got = p.written.contains(&file);
+        }
+        assert!(got);
     }
 
     #[test]
