@@ -247,6 +247,9 @@ pub struct KafkaSink {
     wake: Receiver<()>,
     /// Set at shutdown: stop waiting for queue space, accept nothing new.
     stopping: Arc<AtomicBool>,
+    /// Kafka timestamp (Unix ms) for the records of the current batch: the
+    /// clock is read once per read, not by librdkafka once per record.
+    batch_time_ms: i64,
 }
 
 impl KafkaSink {
@@ -292,6 +295,7 @@ impl KafkaSink {
             metrics,
             acks,
             wake: wake.1,
+            batch_time_ms: 0,
             stopping,
         })
     }
@@ -345,6 +349,12 @@ impl RecordSink for KafkaSink {
         self.metrics.inflight_bytes.get() < self.budget && !self.stopping.load(Ordering::Relaxed)
     }
 
+    fn begin_batch(&mut self) {
+        self.batch_time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+    }
+
     fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64) {
         if self.format == OutputFormat::Json {
             self.build_json(meta, rec);
@@ -360,7 +370,8 @@ impl RecordSink for KafkaSink {
         };
         let mut record = BaseRecord::with_opaque_to(meta.topic(rec.stream), opaque(file, seq))
             .key(&meta.key[..])
-            .payload(value);
+            .payload(value)
+            .timestamp(self.batch_time_ms);
         if let Some(h) = headers {
             record = record.headers(h);
         }

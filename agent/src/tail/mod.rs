@@ -119,6 +119,9 @@ impl TailedFile {
 pub trait RecordSink {
     /// False when the in-flight budget is used up: reading must pause.
     fn has_budget(&self) -> bool;
+    /// A batch of records (one read) follows: a sink that stamps records
+    /// with the time takes the clock here, once, not per record.
+    fn begin_batch(&mut self) {}
     /// Hands over one record. `(file, seq)` comes back in its delivery report.
     fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64);
 }
@@ -171,6 +174,7 @@ impl Reader {
             if total >= quota {
                 return ReadEnd::Quota;
             }
+            sink.begin_batch();
             let n = match f.file.read_at(&mut self.buf, f.read_offset) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -274,6 +278,7 @@ impl Reader {
         sink: &mut S,
         m: &Metrics,
     ) {
+        sink.begin_batch();
         if size > f.read_offset && !f.skipping {
             let want = (size - f.read_offset).min(self.max_line as u64) as usize;
             if self.buf.len() < want {
