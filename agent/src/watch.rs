@@ -93,14 +93,6 @@ impl ChangeQueue {
         });
     }
 
-    pub fn written(&self, path: &Path) {
-        self.update(|p| {
-            if !p.written.contains(path) {
-                p.written.insert(path.to_owned());
-            }
-        });
-    }
-
     pub fn rescan(&self) {
         self.update(|p| p.rescan = true);
     }
@@ -462,8 +454,11 @@ mod tests {
     fn a_burst_of_writes_is_one_entry() {
         let (tx, wake) = crossbeam_channel::bounded(1);
         let q = ChangeQueue::new(tx);
+        let mut batch = Pending::default();
         for _ in 0..1000 {
-            q.written(Path::new("/x/0.log"));
+            batch.written.insert(PathBuf::from("/x/0.log"));
+            q.merge(&mut batch);
+            assert!(batch.is_empty(), "merge takes the batch");
         }
         assert!(wake.try_recv().is_ok());
         assert!(wake.try_recv().is_err(), "one wake token, not a thousand");
