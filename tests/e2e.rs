@@ -663,3 +663,83 @@ fn json_records_carry_the_pod_fields_and_the_message_as_valid_json() {
     assert_eq!(agent.metric("bpftail_invalid_utf8_total"), 1);
     assert!(agent.stop().success());
 }
+
+#[test]
+fn docker_json_logs_with_docker_rotation_arrive_complete_and_in_order() {
+    let broker = Broker::start();
+    broker.create_topic("docker", 2);
+    let node = Node::new();
+    let docker = node.pods.parent().unwrap().join("docker");
+    let id = "4f1c0ffee4f1c0ffee4f1c0ffee4f1c0ffee4f1c0ffee4f1c0ffee4f1c0ffee1";
+    let dir = docker.join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.v2.json"),
+        r#"{"Name":"/k8s_web_web-0_shop_u-9_0","Config":{"Env":["A=1"],"Labels":{
+            "io.kubernetes.pod.namespace":"shop","io.kubernetes.pod.name":"web-0",
+            "io.kubernetes.pod.uid":"u-9","io.kubernetes.container.name":"web"}}}"#,
+    )
+    .unwrap();
+    let mut args = node.args(&broker, "docker", &[]);
+    let i = args.iter().position(|a| a == "/nonexistent").unwrap();
+    args[i] = docker.to_str().unwrap().to_owned();
+    let agent = Agent::start(&args, &node.log);
+    let collector = Collector::start(&broker.addr(), "docker");
+    // Docker's json-file rotation: .1 → .2, -json.log → .1, a new -json.log.
+    const N: u64 = 20_000;
+    let log = dir.join(format!("{id}-json.log"));
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    use std::io::Write as _;
+    for seq in 0..N {
+        if seq > 0 && seq % 5_000 == 0 {
+            for k in (1..3).rev() {
+                let from = dir.join(format!("{id}-json.log.{k}"));
+                if from.exists() {
+                    std::fs::rename(&from, dir.join(format!("{id}-json.log.{}", k + 1))).unwrap();
+                }
+            }
+            std::fs::rename(&log, dir.join(format!("{id}-json.log.1"))).unwrap();
+            out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+        }
+        // Every 7th line is split in two, as Docker does with long lines.
+        if seq % 7 == 0 {
+            writeln!(out, r#"{{"log":"w0 seq={seq:08} first half, ","stream":"stdout","time":"2026-11-25T16:00:00Z"}}"#).unwrap();
+            writeln!(
+                out,
+                r#"{{"log":"second half\n","stream":"stdout","time":"2026-11-25T16:00:00Z"}}"#
+            )
+            .unwrap();
+        } else {
+            writeln!(out, r#"{{"log":"w0 seq={seq:08} \"quoted\"\n","stream":"stdout","time":"2026-11-25T16:00:00Z"}}"#).unwrap();
+        }
+    }
+    let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 1, N) == N as usize);
+    let t = tally(&records, 1, N);
+    assert_eq!(
+        (t.missing, t.duplicates, t.jumps, t.foreign),
+        (0, 0, 0, 0),
+        "{t:?}\n{}",
+        node.agent_log()
+    );
+    let r = &records[7];
+    assert_eq!(r.value, b"w0 seq=00000007 first half, second half");
+    assert_eq!(records[1].value, b"w0 seq=00000001 \"quoted\"");
+    assert_eq!(r.key, b"u-9/web");
+    assert_eq!(
+        (
+            r.header("namespace"),
+            r.header("pod"),
+            r.header("container")
+        ),
+        (Some("shop"), Some("web-0"), Some("web"))
+    );
+    assert!(agent.stop().success());
+}
