@@ -258,7 +258,13 @@ impl<S: Sink> Pipeline<S> {
             {
                 continue;
             }
-            let deadline = next_sweep.min(next_rescan).min(next_checkpoint);
+            // An idle agent sleeps until the sweep: the checkpoint timer
+            // only counts while there is progress to persist.
+            self.apply_acks();
+            let mut deadline = next_sweep.min(next_rescan);
+            if self.last_saved != Some(self.checkpoint_state()) {
+                deadline = deadline.min(next_checkpoint);
+            }
             let timeout = deadline.saturating_duration_since(Instant::now());
             // Woken by a change, a delivery report, or shutdown.
             let _ = self.wake.recv_timeout(timeout);
@@ -759,13 +765,19 @@ impl<S: Sink> Pipeline<S> {
             .collect()
     }
 
-    fn checkpoint(&mut self) {
+    /// What a checkpoint would record, in brief: it changes whenever an
+    /// offset moves or a file comes or goes.
+    fn checkpoint_state(&self) -> (u64, usize) {
         let sum = self
             .files
             .values()
             .map(|f| f.acks.committed())
             .fold(0u64, u64::wrapping_add);
-        let state = (sum, self.files.len());
+        (sum, self.files.len())
+    }
+
+    fn checkpoint(&mut self) {
+        let state = self.checkpoint_state();
         if self.last_saved == Some(state) {
             return;
         }
