@@ -13,7 +13,9 @@
 //! 4. timers: `sweep` (stat every open file: missed writes, rotations,
 //!    truncation, partial records to flush, drained files to close),
 //!    `rescan` (full discovery as a safety net) and `checkpoint`;
-//! 5. sleep until a change, a report or the next timer.
+//! 5. `rearm`: let the change source report writes again where it
+//!    coalesced them off, and read those directories' files once more;
+//! 6. sleep until a change, a report or the next timer.
 //!
 //! Guarantees: a file stays open until everything in it is acknowledged;
 //! a checkpoint never names an offset past an unacknowledged record;
@@ -596,6 +598,11 @@ impl<S: Sink> Pipeline<S> {
                 tracing::info!(path = %found.path.display(), "checkpointed inode now holds another file; reading it from the start");
                 0
             }
+            None if found.rotated && md.len() < Fingerprint::MAX_LEN as u64 => {
+                // Too short to tell a copy still being written from a
+                // rotation: looked at again at the next scan.
+                return None;
+            }
             None if found.rotated => match self.copied_from(&meta.key, &file) {
                 // copytruncate: only what we had not read of the original
                 // (the copy may still be being written: it can be shorter).
@@ -627,7 +634,7 @@ impl<S: Sink> Pipeline<S> {
                 fingerprint,
                 status,
                 found_rotated: found.rotated,
-                before_truncation: None,
+                before_truncation: Vec::new(),
                 size_seen: md.len(),
                 last_activity: Instant::now(),
             },
@@ -656,7 +663,7 @@ impl<S: Sink> Pipeline<S> {
             .flat_map(|f| {
                 [(f.fingerprint, f.read_offset)]
                     .into_iter()
-                    .chain(f.before_truncation)
+                    .chain(f.before_truncation.iter().copied())
             })
             .find(|(fp, _)| {
                 fp.len > 0 && Fingerprint::read(copy, fp.len as usize).ok() == Some(*fp)
@@ -1056,13 +1063,13 @@ mod tests {
                     }
                     6 => {
                         // copytruncate after catching up (it loses data otherwise).
+                        // The copy is seen by a scan while still empty.
                         drain(&mut p);
                         k.rotations += 1;
-                        std::fs::copy(
-                            k.dir.join("0.log"),
-                            k.dir.join(format!("0.log.20261125-{:06}", k.rotations)),
-                        )
-                        .unwrap();
+                        let copy = k.dir.join(format!("0.log.20261125-{:06}", k.rotations));
+                        std::fs::File::create(&copy).unwrap();
+                        p.rescan();
+                        std::fs::copy(k.dir.join("0.log"), &copy).unwrap();
                         k.file.set_len(0).unwrap();
                     }
                     7 => {

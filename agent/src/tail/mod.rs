@@ -60,9 +60,10 @@ pub struct TailedFile {
     /// First seen under a rotated name (a copy, a rotation we missed, or a
     /// rotated file restored from the checkpoint), never as a live file.
     pub found_rotated: bool,
-    /// Fingerprint and read offset before the last truncation: a copy made
-    /// by copytruncate is recognised by it and read from that offset.
-    pub before_truncation: Option<(Fingerprint, u64)>,
+    /// Fingerprint and read offset before each of the last truncations
+    /// (at most [`TailedFile::TRUNCATIONS_KEPT`]): a copy made by
+    /// copytruncate is recognised by it and read from that offset.
+    pub before_truncation: Vec<(Fingerprint, u64)>,
     /// File size at the last sweep.
     pub size_seen: u64,
     /// Last time the sweep saw the file grow, or its status changed.
@@ -70,6 +71,8 @@ pub struct TailedFile {
 }
 
 impl TailedFile {
+    pub const TRUNCATIONS_KEPT: usize = 8;
+
     /// Forgets everything read: the file was truncated (copytruncate) or
     /// replaced, and is read again from `offset`.
     pub fn restart_at(&mut self, offset: u64) {
@@ -108,7 +111,11 @@ impl TailedFile {
     /// it again from the start, under a fingerprint that regrows with it.
     pub fn truncated(&mut self, m: &Metrics) {
         m.truncations.inc();
-        self.before_truncation = Some((self.fingerprint, self.read_offset));
+        if self.before_truncation.len() >= Self::TRUNCATIONS_KEPT {
+            self.before_truncation.remove(0);
+        }
+        self.before_truncation
+            .push((self.fingerprint, self.read_offset));
         self.restart_at(0);
         self.fingerprint =
             Fingerprint::read(&self.file, Fingerprint::MAX_LEN).unwrap_or(Fingerprint::of(b""));
@@ -407,7 +414,7 @@ mod tests {
             fingerprint: Fingerprint::of(b""),
             status: FileStatus::Live,
             found_rotated: false,
-            before_truncation: None,
+            before_truncation: Vec::new(),
             size_seen: 0,
             last_activity: Instant::now(),
         }
