@@ -24,10 +24,7 @@ use crate::tail::decode::{Format, Stream};
 pub struct FileMeta {
     pub namespace: String,
     pub pod: String,
-    pub pod_uid: String,
     pub container: String,
-    /// Docker container id (empty for CRI files).
-    pub container_id: String,
     pub format: Format,
     /// Kafka key: the container stream (pod uid + container), so one
     /// container's lines share a partition and keep their order.
@@ -36,9 +33,6 @@ pub struct FileMeta {
     pub topics: [Arc<str>; 2],
     /// For `--format json`: the `"namespace":…,"node":…` members, escaped.
     pub json_members: Box<[u8]>,
-    /// Docker labels / env (for log-pilot declarations in a later release).
-    pub labels: BTreeMap<String, String>,
-    pub env: Vec<String>,
 }
 
 impl FileMeta {
@@ -96,15 +90,11 @@ impl MetaContext {
         FileMeta {
             namespace: o.namespace,
             pod: o.pod,
-            pod_uid: o.pod_uid,
             container: o.container,
-            container_id: o.container_id,
             format,
             key: key.into_bytes().into(),
             topics: [stdout, stderr],
             json_members: json.into_bytes().into(),
-            labels: o.labels,
-            env: o.env,
         }
     }
 }

@@ -48,8 +48,33 @@ impl Gauge {
     }
 }
 
-/// Delivery failures by kind: the label set is closed.
-pub const FAILURE_KINDS: [&str; 3] = ["retried", "dropped", "queue_full"];
+/// Why a record was not delivered at the first try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Transient: the file is read again from its acknowledged offset.
+    Retried,
+    /// Permanent: counted and passed over.
+    Dropped,
+    /// The producer's queue was full; the send was retried.
+    QueueFull,
+}
+
+impl FailureKind {
+    const ALL: [FailureKind; 3] = [
+        FailureKind::Retried,
+        FailureKind::Dropped,
+        FailureKind::QueueFull,
+    ];
+
+    /// The metric label.
+    pub fn kind(self) -> &'static str {
+        match self {
+            FailureKind::Retried => "retried",
+            FailureKind::Dropped => "dropped",
+            FailureKind::QueueFull => "queue_full",
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -58,8 +83,8 @@ pub struct Metrics {
     pub records_sent: Counter,
     pub records_delivered: Counter,
     pub bytes_delivered: Counter,
-    /// Indexed like [`FAILURE_KINDS`].
-    pub delivery_failures: [Counter; 3],
+    /// Indexed by [`FailureKind`]; use [`Metrics::delivery_failed`].
+    delivery_failures: [Counter; 3],
     pub truncated: Counter,
     pub malformed: Counter,
     pub invalid_utf8: Counter,
@@ -80,6 +105,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn delivery_failed(&self, kind: FailureKind) {
+        self.delivery_failures[kind as usize].inc();
+    }
+
     pub fn beat(&self) {
         self.heartbeat.set(unix_now());
     }
@@ -182,11 +211,12 @@ impl Metrics {
             out,
             "# HELP bpftail_delivery_failures_total Failed deliveries: retried (re-read from the file), dropped (permanent error), queue_full (producer queue full, retried).\n# TYPE bpftail_delivery_failures_total counter"
         );
-        for (kind, v) in FAILURE_KINDS.iter().zip(&self.delivery_failures) {
+        for kind in FailureKind::ALL {
+            let v = self.delivery_failures[kind as usize].get();
             let _ = writeln!(
                 out,
-                "bpftail_delivery_failures_total{{kind=\"{kind}\"}} {}",
-                v.get()
+                "bpftail_delivery_failures_total{{kind=\"{}\"}} {v}",
+                kind.kind()
             );
         }
         let mut g = |name: &str, help: &str, v: u64| {
@@ -330,7 +360,7 @@ mod tests {
     fn render_is_prometheus_text_with_every_failure_kind() {
         let m = Metrics::default();
         m.lines_read.add(3);
-        m.delivery_failures[1].inc();
+        m.delivery_failed(FailureKind::Dropped);
         let text = m.render();
         assert!(text.contains("bpftail_lines_read_total 3\n"));
         assert!(text.contains("bpftail_delivery_failures_total{kind=\"dropped\"} 1\n"));

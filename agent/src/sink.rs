@@ -30,7 +30,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 
 use crate::config::{Config, OutputFormat};
 use crate::discover::FileMeta;
-use crate::metrics::{Metrics, RateLimit};
+use crate::metrics::{FailureKind, Metrics, RateLimit};
 use crate::tail::RecordSink;
 use crate::tail::decode::Record;
 
@@ -176,14 +176,14 @@ impl ProducerContext for DeliveryContext {
             Err((err, msg)) => {
                 let outcome = classify(err);
                 let kind = match outcome {
-                    Outcome::Retry => 0,
-                    _ => 1,
+                    Outcome::Retry => FailureKind::Retried,
+                    _ => FailureKind::Dropped,
                 };
                 if !matches!(
                     err.rdkafka_error_code(),
                     Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
                 ) {
-                    self.metrics.delivery_failures[kind].inc();
+                    self.metrics.delivery_failed(kind);
                     self.failures.log(|suppressed| {
                         tracing::warn!(
                             topic = msg.topic(),
@@ -383,7 +383,7 @@ impl RecordSink for KafkaSink {
                     return;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    self.metrics.delivery_failures[2].inc();
+                    self.metrics.delivery_failed(FailureKind::QueueFull);
                     if self.stopping.load(Ordering::Relaxed) {
                         // Never acknowledged, so the checkpoint stays before it.
                         self.metrics.inflight_bytes.sub(c);
@@ -396,7 +396,7 @@ impl RecordSink for KafkaSink {
                     // The record cannot be produced at all (e.g. larger than
                     // message.max.bytes): report it like a delivery failure.
                     self.metrics.inflight_bytes.sub(c);
-                    self.metrics.delivery_failures[1].inc();
+                    self.metrics.delivery_failed(FailureKind::Dropped);
                     tracing::warn!(error = %e, topic = meta.topic(rec.stream), "record refused by the producer; dropped");
                     let opaque = opaque(file, seq) as u64;
                     self.acks.push(Ack {

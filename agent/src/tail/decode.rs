@@ -38,16 +38,6 @@ pub enum Format {
     Raw,
 }
 
-impl Format {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Cri => "cri",
-            Format::DockerJson => "docker-json",
-            Format::Raw => "raw",
-        }
-    }
-}
-
 /// A logical record, lent to the sink for the duration of one call.
 #[derive(Debug, Clone, Copy)]
 pub struct Record<'a> {
@@ -132,10 +122,6 @@ impl Decoder {
             pending: Default::default(),
             scratch: Vec::new(),
         }
-    }
-
-    pub fn format(&self) -> Format {
-        self.format
     }
 
     /// The file offset before which every byte belongs to a record that has

@@ -341,8 +341,8 @@ fn emit_line<S: RecordSink>(
     let id = f.id;
     let (meta, acks, decoder) = (&f.meta, &mut f.acks, &mut f.decoder);
     let mut emitted = false;
-    // Commit target of a record: this line's end, unless an earlier record
-    // is still being reassembled (then its start).
+    // A record's commit target is this line's end, lowered below to the
+    // start of any record of the other stream still being reassembled.
     decoder.decode(line, |mut rec| {
         if unterminated {
             rec.partial = true;
@@ -355,10 +355,6 @@ fn emit_line<S: RecordSink>(
             m.malformed.inc();
         }
         emitted = true;
-        // `rec` may be the record that just completed; the decoder has
-        // already dropped it from its pending set, so safe_offset is exact
-        // once decode returns. Use the line end as the target here and let
-        // read_to below hold the checkpoint at any still-open record.
         let seq = acks.sent(read_to);
         sink.send(meta, &rec, id, seq);
     });
@@ -373,7 +369,7 @@ fn emit_line<S: RecordSink>(
 
 #[cfg(test)]
 mod tests {
-    use super::decode::{Format, Stream};
+    use super::decode::Format;
     use super::*;
     use crate::config::TopicTemplate;
     use crate::discover::{MetaContext, Origin};
@@ -544,7 +540,6 @@ mod tests {
         assert_eq!(f.acks.committed(), 0);
         f.acks.acked(sink.seqs[1]);
         assert_eq!(f.acks.committed(), text.len() as u64);
-        let _ = Stream::Stdout;
     }
 
     #[test]
