@@ -75,6 +75,18 @@ pub struct RunArgs {
     /// Change-detection backend [default: auto].
     #[arg(long, env = "BPFTAIL_WATCHER")]
     pub watcher: Option<WatcherKind>,
+    /// How the eBPF hook attaches; auto tries fexit, then tp-btf, then raw-tp [default: auto].
+    #[arg(long, env = "BPFTAIL_EBPF_ATTACH")]
+    pub ebpf_attach: Option<EbpfAttach>,
+    /// eBPF watcher: minimum milliseconds between passes over kernel events (and the re-arm delay) [default: 10].
+    #[arg(long, env = "BPFTAIL_EBPF_TICK_MS")]
+    pub ebpf_tick_ms: Option<u64>,
+    /// eBPF watcher: capacity of the kernel's watched-file map; files beyond it are polled [default: 16384].
+    #[arg(long, env = "BPFTAIL_EBPF_MAX_FILES")]
+    pub ebpf_max_files: Option<u32>,
+    /// poll watcher: interval between reads of every open file, in milliseconds [default: 250].
+    #[arg(long, env = "BPFTAIL_POLL_INTERVAL_MS")]
+    pub poll_interval_ms: Option<u64>,
     /// This node's name, sent with every record [default: $NODE_NAME, else the hostname].
     #[arg(long, env = "BPFTAIL_NODE_NAME")]
     pub node_name: Option<String>,
@@ -143,14 +155,39 @@ impl Compression {
 pub enum WatcherKind {
     /// The best backend this kernel offers.
     Auto,
-    /// eBPF write hook (not in this release).
+    /// eBPF write hook (tp_btf/raw_tp on sys_exit, or fexit on vfs writes).
     Ebpf,
-    /// fanotify marks (not in this release).
+    /// fanotify marks on the log directories.
     Fanotify,
     /// inotify on the log directories.
     Inotify,
     /// stat polling of every open file.
     Poll,
+}
+
+impl WatcherKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Ebpf => "ebpf",
+            Self::Fanotify => "fanotify",
+            Self::Inotify => "inotify",
+            Self::Poll => "poll",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EbpfAttach {
+    /// fexit where the kernel allows BPF trampolines, else tp-btf, else raw-tp.
+    Auto,
+    /// fexit on vfs_write, vfs_writev, vfs_iter_write, vfs_iocb_iter_write.
+    Fexit,
+    /// BTF-enabled tracepoint on sys_exit.
+    TpBtf,
+    /// Raw tracepoint on sys_exit.
+    RawTp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -181,6 +218,10 @@ struct FileConfig {
     kafka_options: BTreeMap<String, String>,
     data_dir: Option<PathBuf>,
     watcher: Option<WatcherKind>,
+    ebpf_attach: Option<EbpfAttach>,
+    ebpf_tick_ms: Option<u64>,
+    ebpf_max_files: Option<u32>,
+    poll_interval_ms: Option<u64>,
     node_name: Option<String>,
     kube: Option<KubeMode>,
     metrics_addr: Option<String>,
@@ -207,6 +248,10 @@ pub struct Config {
     pub kafka_options: BTreeMap<String, String>,
     pub data_dir: PathBuf,
     pub watcher: WatcherKind,
+    pub ebpf_attach: EbpfAttach,
+    pub ebpf_tick: Duration,
+    pub ebpf_max_files: u32,
+    pub poll_interval: Duration,
     pub node_name: String,
     pub kube: KubeMode,
     pub metrics_addr: Option<SocketAddr>,
@@ -295,12 +340,18 @@ impl Config {
         }
 
         let watcher = args.watcher.or(file.watcher).unwrap_or(WatcherKind::Auto);
-        if matches!(watcher, WatcherKind::Ebpf | WatcherKind::Fanotify) {
+        let ebpf_tick_ms = args.ebpf_tick_ms.or(file.ebpf_tick_ms).unwrap_or(10);
+        if !(1..=1000).contains(&ebpf_tick_ms) {
             return Err(invalid(
-                "watcher",
-                format!(
-                    "{watcher:?} is not available in this release of bpftail; use auto, inotify or poll"
-                ),
+                "ebpf-tick-ms",
+                format!("{ebpf_tick_ms} is outside 1..=1000"),
+            ));
+        }
+        let ebpf_max_files = args.ebpf_max_files.or(file.ebpf_max_files).unwrap_or(16384);
+        if !(16..=1 << 20).contains(&ebpf_max_files) {
+            return Err(invalid(
+                "ebpf-max-files",
+                format!("{ebpf_max_files} is outside 16..=1048576"),
             ));
         }
 
@@ -378,6 +429,18 @@ impl Config {
                 .or(file.data_dir)
                 .unwrap_or_else(|| "/var/lib/bpftail".into()),
             watcher,
+            ebpf_attach: args
+                .ebpf_attach
+                .or(file.ebpf_attach)
+                .unwrap_or(EbpfAttach::Auto),
+            ebpf_tick: Duration::from_millis(ebpf_tick_ms),
+            ebpf_max_files,
+            poll_interval: ms(
+                args.poll_interval_ms,
+                file.poll_interval_ms,
+                250,
+                "poll-interval-ms",
+            )?,
             node_name,
             kube: args.kube.or(file.kube).unwrap_or(KubeMode::Auto),
             metrics_addr,

@@ -22,11 +22,40 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::checkpoint::{CheckpointError, Store};
-use crate::config::{Config, KubeMode, WatcherKind};
+use crate::config::{Config, KubeMode};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::sink::KafkaSink;
-use crate::watch::{ChangeQueue, ChangeSource, InotifySource, PollSource};
+use crate::watch::{ChangeQueue, WatchOptions};
+
+/// The change-detection settings of `cfg`.
+pub fn watch_options(cfg: &Config) -> WatchOptions {
+    use crate::config::EbpfAttach;
+    use crate::watch::ebpf::{Attach, Options};
+    let attach = match cfg.ebpf_attach {
+        EbpfAttach::Auto => Attach::ALL.to_vec(),
+        EbpfAttach::Fexit => vec![Attach::Fexit],
+        EbpfAttach::TpBtf => vec![Attach::TpBtf],
+        EbpfAttach::RawTp => vec![Attach::RawTp],
+    };
+    // Test instrumentation: the hook drops every event, as if its ring
+    // buffer were always full (the agent must still lose nothing).
+    let sabotage = std::env::var_os("BPFTAIL_TEST_EBPF_SABOTAGE").is_some_and(|v| v == "1");
+    if sabotage {
+        tracing::warn!("BPFTAIL_TEST_EBPF_SABOTAGE=1: the eBPF hook drops every event");
+    }
+    WatchOptions {
+        ebpf: Options {
+            attach,
+            max_files: cfg.ebpf_max_files,
+            tick: cfg.ebpf_tick,
+            ring_bytes: 256 * 1024,
+            sabotage,
+        },
+        tick: cfg.ebpf_tick,
+        poll_interval: cfg.poll_interval,
+    }
+}
 
 /// Runs the agent until SIGTERM or SIGINT, then shuts down in order.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -68,36 +97,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     let queue = ChangeQueue::new(wake_tx);
-    let source: Box<dyn ChangeSource> = match cfg.watcher {
-        WatcherKind::Inotify => Box::new(
-            InotifySource::start(queue.clone(), metrics.clone()).context("watcher inotify")?,
-        ),
-        WatcherKind::Poll => Box::new(PollSource::start(
-            queue.clone(),
-            Duration::from_millis(250),
-            8,
-        )?),
-        WatcherKind::Auto | WatcherKind::Ebpf | WatcherKind::Fanotify => {
-            match InotifySource::start(queue.clone(), metrics.clone()) {
-                Ok(s) => Box::new(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "inotify unavailable; polling");
-                    Box::new(PollSource::start(
-                        queue.clone(),
-                        Duration::from_millis(250),
-                        8,
-                    )?)
-                }
-            }
-        }
-    };
+    let started = watch::start(cfg.watcher, &watch_options(&cfg), &queue, &metrics)
+        .map_err(|e| anyhow::anyhow!("watcher {}: {e}", cfg.watcher.as_str()))?;
+    for (kind, why) in &started.skipped {
+        tracing::warn!(watcher = kind.as_str(), reason = %why, "change-detection backend unusable; trying the next");
+    }
+    let source = started.source;
     if cfg.kube == KubeMode::Auto {
         tracing::info!(
             "pod metadata comes from log paths and Docker labels; the Kubernetes list-watch is not in this release"
         );
     }
     tracing::info!(
-        watcher = source.name(),
+        watcher = %started.detail,
         pods_dir = %cfg.pods_dir.display(),
         docker_dir = %cfg.docker_dir.display(),
         brokers = %cfg.brokers,

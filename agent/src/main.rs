@@ -47,27 +47,68 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Reports what change detection this kernel offers.
+/// Reports what change detection this kernel offers, and what
+/// `--watcher auto` would choose. Needs no broker; always exits 0.
 fn probe() {
+    use bpftail::watch::{ebpf, fanotify};
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel: {}", release.trim());
+    println!("arch: {}", std::env::consts::ARCH);
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
     println!(
         "btf: {}",
-        std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
-    );
-    let inotify = inotify::Inotify::init();
-    println!(
-        "inotify: {}",
-        if inotify.is_ok() {
-            "available"
+        if btf {
+            "available (/sys/kernel/btf/vmlinux)"
         } else {
-            "unavailable"
+            "missing"
         }
     );
-    println!("ebpf: not in this release");
-    println!("fanotify: not in this release");
+    let lockdown = match std::fs::read_to_string("/sys/kernel/security/lockdown") {
+        Ok(s) => s
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_owned))
+            .unwrap_or_else(|| s.trim().to_owned()),
+        Err(_) => "unknown (securityfs not mounted at /sys/kernel/security)".into(),
+    };
+    println!("lockdown: {lockdown}");
     println!(
-        "watcher auto picks: {}",
-        if inotify.is_ok() { "inotify" } else { "poll" }
+        "ebpf object: {}",
+        if ebpf::embedded() {
+            "embedded"
+        } else {
+            "missing (built with BPFTAIL_NO_EBPF=1)"
+        }
     );
+    let mut ebpf_choice = None;
+    for (attach, result) in ebpf::probe() {
+        match result {
+            Ok(()) => {
+                println!("ebpf {}: loads and attaches", attach.name());
+                ebpf_choice.get_or_insert(attach);
+            }
+            Err(e) => println!("ebpf {}: refused: {e}", attach.name()),
+        }
+    }
+    match ebpf_choice {
+        Some(a) => println!("ebpf: usable ({})", a.name()),
+        None => println!("ebpf: unusable"),
+    }
+    let fan = fanotify::probe();
+    match &fan {
+        Ok(()) => println!("fanotify: usable"),
+        Err(e) => println!("fanotify: unusable: {e}"),
+    }
+    let inotify = inotify::Inotify::init();
+    match &inotify {
+        Ok(_) => println!("inotify: usable"),
+        Err(e) => println!("inotify: unusable: {e}"),
+    }
+    println!("poll: usable");
+    let auto = match (ebpf_choice, &fan, &inotify) {
+        (Some(a), _, _) => format!("ebpf ({})", a.name()),
+        (None, Ok(()), _) => "fanotify".into(),
+        (None, Err(_), Ok(_)) => "inotify".into(),
+        _ => "poll".into(),
+    };
+    println!("auto picks: {auto}");
 }

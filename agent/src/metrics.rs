@@ -100,6 +100,15 @@ pub struct Metrics {
     pub checkpoint_writes: Counter,
     pub checkpoint_errors: Counter,
     pub watcher_overflows: Counter,
+    /// Times a change-source thread woke up to handle kernel events.
+    pub watcher_wakeups: Counter,
+    /// Kernel-side counters of the eBPF hook (copied from its per-CPU map).
+    pub ebpf_hook_hits: Gauge,
+    pub ebpf_watched_writes: Gauge,
+    pub ebpf_events: Gauge,
+    pub ebpf_drops: Gauge,
+    /// Files the eBPF map had no room for (followed by polling instead).
+    pub ebpf_unwatched_files: Gauge,
     /// Unix seconds of the data loop's last turn (liveness).
     pub heartbeat: Gauge,
 }
@@ -207,6 +216,31 @@ impl Metrics {
             "Change-source overflows (followed by a full rescan).",
             self.watcher_overflows.get(),
         );
+        c(
+            "watcher_wakeups_total",
+            "Wakeups of the change-source thread to handle kernel events.",
+            self.watcher_wakeups.get(),
+        );
+        c(
+            "ebpf_hook_hits_total",
+            "Write-family syscalls (or VFS writes) seen by the eBPF hook.",
+            self.ebpf_hook_hits.get(),
+        );
+        c(
+            "ebpf_watched_writes_total",
+            "Writes to watched files seen by the eBPF hook.",
+            self.ebpf_watched_writes.get(),
+        );
+        c(
+            "ebpf_events_total",
+            "Events the eBPF hook put in its ring buffer.",
+            self.ebpf_events.get(),
+        );
+        c(
+            "ebpf_drops_total",
+            "Events the eBPF hook could not deliver (each makes the agent read every file).",
+            self.ebpf_drops.get(),
+        );
         let _ = writeln!(
             out,
             "# HELP bpftail_delivery_failures_total Failed deliveries: retried (re-read from the file), dropped (permanent error), queue_full (producer queue full, retried).\n# TYPE bpftail_delivery_failures_total counter"
@@ -229,6 +263,11 @@ impl Metrics {
             "files_watched",
             "Log files open and followed.",
             self.files_watched.get(),
+        );
+        g(
+            "ebpf_unwatched_files",
+            "Files the eBPF map had no room for (polled every second instead).",
+            self.ebpf_unwatched_files.get(),
         );
         g(
             "inflight_bytes",

@@ -289,6 +289,11 @@ impl<S: Sink> Pipeline<S> {
                 self.dirty.push(id);
             }
         }
+        for key in &self.pending.keys {
+            if let Some(&id) = self.by_key.get(key) {
+                self.dirty.push(id);
+            }
+        }
         for path in &self.pending.written {
             match self.by_path.get(path) {
                 Some(&id) => self.dirty.push(id),
@@ -649,6 +654,9 @@ impl<S: Sink> Pipeline<S> {
                 .push(id);
         }
         self.by_key.insert(key, id);
+        // Watched before the first read: a write after this is reported, one
+        // before it is seen by that read.
+        self.source.watch_file(key);
         self.dirty.push(id);
         Some(id)
     }
@@ -749,6 +757,7 @@ impl<S: Sink> Pipeline<S> {
                 }
                 self.by_key.remove(&f.key);
                 self.by_path.remove(&f.path);
+                self.source.unwatch_file(f.key);
                 if let Some(ids) = self.retired.get_mut(&f.meta.key) {
                     ids.retain(|&i| i != id);
                     if ids.is_empty() {
@@ -833,7 +842,7 @@ mod tests {
 
     use super::*;
     use crate::config::{
-        Compression, KubeMode, LogFormat, OutputFormat, TopicTemplate, WatcherKind,
+        Compression, EbpfAttach, KubeMode, LogFormat, OutputFormat, TopicTemplate, WatcherKind,
     };
     use crate::discover::FileMeta;
     use crate::tail::RecordSink;
@@ -916,6 +925,10 @@ mod tests {
             kafka_options: Default::default(),
             data_dir: data.to_owned(),
             watcher: WatcherKind::Poll,
+            ebpf_attach: EbpfAttach::Auto,
+            ebpf_tick: Duration::from_millis(10),
+            ebpf_max_files: 1024,
+            poll_interval: Duration::from_millis(250),
             node_name: "n".into(),
             kube: KubeMode::Off,
             metrics_addr: None,

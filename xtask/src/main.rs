@@ -7,6 +7,10 @@
 //! - `demo`: the main job on this machine: a broker, containers logging
 //!   into a pods dir, bpftail shipping them; shows progress.
 //! - `bench`: the end-to-end benchmark (prints figures, asserts nothing).
+//! - `build-ebpf`: installs the eBPF toolchain if missing (the `rust-src`
+//!   component; `bpf-linker` built against rustc's own LLVM) and builds the
+//!   object that `bpftail` embeds. Every command that builds the agent runs
+//!   it first.
 //! - `deps`: only the installation step of `test`.
 
 use std::path::{Path, PathBuf};
@@ -35,24 +39,29 @@ fn main() -> Result<()> {
         .unwrap_or(("help", &[]));
     match cmd {
         "deps" => deps(),
+        "build-ebpf" => build_ebpf().map(|_| ()),
         "test" => {
             deps()?;
+            build_ebpf()?;
             test(rest)
         }
         "lint" => {
             debian_packages()?;
+            build_ebpf()?;
             lint()
         }
         "demo" => {
             deps()?;
+            build_ebpf()?;
             demo(rest)
         }
         "bench" => {
             deps()?;
+            build_ebpf()?;
             bench(rest)
         }
         _ => {
-            eprintln!("usage: cargo xtask <test|lint|demo|bench|deps> [args]");
+            eprintln!("usage: cargo xtask <test|lint|demo|bench|build-ebpf|deps> [args]");
             Ok(())
         }
     }
@@ -78,6 +87,101 @@ fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
+}
+
+/// bpf-linker's version; it must be built against the LLVM rustc uses.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn rustc_sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()?;
+    if !out.status.success() {
+        bail!("rustc --print sysroot failed");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// The LLVM major version rustc was built with (`rustc -vV`).
+fn rustc_llvm_major() -> Result<String> {
+    let out = Command::new("rustc").arg("-vV").output()?;
+    let text = String::from_utf8(out.stdout)?;
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc -vV names no LLVM version")?;
+    Ok(version
+        .split('.')
+        .next()
+        .unwrap_or(version)
+        .trim()
+        .to_owned())
+}
+
+/// Installs the eBPF toolchain where missing, then builds
+/// `agent-ebpf` for `bpfel-unknown-none`; returns the object's path.
+fn build_ebpf() -> Result<PathBuf> {
+    let sysroot = rustc_sysroot()?;
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        run(Command::new("rustup").args(["component", "add", "rust-src"]))?;
+    }
+    let tools = root().join("target/tools");
+    let linker = tools.join("bin/bpf-linker");
+    if !linker.exists() {
+        // bpf-linker links LLVM dynamically: give it rustc's own libLLVM
+        // (same version as the bitcode rustc emits) through a prefix dir,
+        // and an rpath so it finds that library at run time.
+        let major = rustc_llvm_major()?;
+        let lib = std::fs::read_dir(sysroot.join("lib"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-"))
+            })
+            .context("no libLLVM in rustc's sysroot: cannot build bpf-linker")?;
+        let prefix = tools.join("llvm-prefix");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        let link = prefix.join("lib/libLLVM.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+        run(cargo()
+            .args(["install", "--locked", "--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .arg("--root")
+            .arg(&tools)
+            .env("LLVM_PREFIX", &prefix)
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", sysroot.join("lib").display()),
+            ))?;
+    }
+    let target_dir = root().join("target");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![tools.join("bin")];
+    paths.extend(std::env::split_paths(&path));
+    run(cargo()
+        .args(["build", "--release", "--manifest-path"])
+        .arg(root().join("agent-ebpf/Cargo.toml"))
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // build-std on a stable toolchain; confined to this one build.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("PATH", std::env::join_paths(paths)?)
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f"),
+        ))?;
+    let obj = target_dir.join("bpfel-unknown-none/release/bpftail-ebpf");
+    if !obj.exists() {
+        bail!("the eBPF build produced no {}", obj.display());
+    }
+    eprintln!("xtask: eBPF object at {}", obj.display());
+    Ok(obj)
 }
 
 /// Installs what is missing; idempotent and quick when all is there.
@@ -184,6 +288,9 @@ fn test(rest: &[String]) -> Result<()> {
 
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(root().join("agent-ebpf/Cargo.toml")))?;
     validate_manifests()?;
     run(cargo().args([
         "clippy",

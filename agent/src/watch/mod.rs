@@ -5,10 +5,17 @@
 //! entry, however many events the backend produced. The data loop sleeps on
 //! the queue's wake channel, so an idle agent does not poll.
 //!
-//! Backends here: inotify (one watch per log directory: writes to the files
-//! in it, and entries appearing, vanishing, being renamed) and stat polling.
-//! The eBPF write hook and fanotify plug into the same seam. No backend is
-//! trusted alone: the data loop's slow safety sweep stats every open file.
+//! Backends, in the order `--watcher auto` tries them ([`start`]):
+//! - [`ebpf`]: a kernel hook after every completed write reports writes to
+//!   the files the loop has open (by inode), with inotify for directory
+//!   changes;
+//! - [`fanotify`]: directory marks report writes to the files in them and
+//!   entries changing;
+//! - inotify: one watch per log directory, the same;
+//! - poll: every open file is read at an interval.
+//!
+//! No backend is trusted alone: the data loop's slow safety sweep stats
+//! every open file.
 //!
 //! Limits: inotify sees writes that go through the VFS write paths, not
 //! stores into a shared mmap of the file (the sweep covers those). On queue
@@ -23,13 +30,21 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
+use crate::checkpoint::FileKey;
+use crate::config::WatcherKind;
 use crate::metrics::Metrics;
+
+pub mod btf;
+pub mod ebpf;
+pub mod fanotify;
 
 /// What the data loop must look at, coalesced.
 #[derive(Debug, Default)]
 pub struct Pending {
     /// Files written (by path: dir + name as the backend knows them).
     pub written: HashSet<PathBuf>,
+    /// Files written (by device and inode: backends that see inodes).
+    pub keys: HashSet<FileKey>,
     /// Entries appeared, vanished or were renamed somewhere: rescan.
     pub rescan: bool,
     /// Events were lost or the backend cannot tell files apart: read every
@@ -39,7 +54,7 @@ pub struct Pending {
 
 impl Pending {
     pub fn is_empty(&self) -> bool {
-        self.written.is_empty() && !self.rescan && !self.all_files
+        self.written.is_empty() && self.keys.is_empty() && !self.rescan && !self.all_files
     }
 }
 
@@ -88,6 +103,7 @@ impl ChangeQueue {
             for path in batch.written.drain() {
                 p.written.insert(path);
             }
+            p.keys.extend(batch.keys.drain());
             p.rescan |= std::mem::take(&mut batch.rescan);
             p.all_files |= std::mem::take(&mut batch.all_files);
         });
@@ -110,6 +126,7 @@ impl ChangeQueue {
     /// the sets' memory is reused.
     pub fn take(&self, spare: &mut Pending) {
         spare.written.clear();
+        spare.keys.clear();
         spare.rescan = false;
         spare.all_files = false;
         let mut p = self
@@ -135,6 +152,90 @@ pub trait ChangeSource: Send {
     fn rearm(&mut self) -> Vec<PathBuf> {
         Vec::new()
     }
+    /// The data loop opened this file (backends that watch files).
+    fn watch_file(&mut self, _key: FileKey) {}
+    /// The data loop closed this file.
+    fn unwatch_file(&mut self, _key: FileKey) {}
+}
+
+/// Settings of the backends.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    pub ebpf: ebpf::Options,
+    /// Pacing of the fanotify reader (at most one pass per tick).
+    pub tick: Duration,
+    pub poll_interval: Duration,
+}
+
+/// A started backend, and why the ones tried before it were unusable.
+pub struct Started {
+    pub source: Box<dyn ChangeSource>,
+    pub skipped: Vec<(WatcherKind, String)>,
+    /// What was chosen, with detail (e.g. the eBPF attachment).
+    pub detail: String,
+}
+
+/// Starts the backend `kind`; `Auto` tries eBPF, fanotify, inotify, poll
+/// in that order. A forced backend that cannot start is an error.
+pub fn start(
+    kind: WatcherKind,
+    opts: &WatchOptions,
+    queue: &ChangeQueue,
+    metrics: &Arc<Metrics>,
+) -> Result<Started, String> {
+    let order: &[WatcherKind] = match kind {
+        WatcherKind::Auto => &[
+            WatcherKind::Ebpf,
+            WatcherKind::Fanotify,
+            WatcherKind::Inotify,
+            WatcherKind::Poll,
+        ],
+        WatcherKind::Ebpf => &[WatcherKind::Ebpf],
+        WatcherKind::Fanotify => &[WatcherKind::Fanotify],
+        WatcherKind::Inotify => &[WatcherKind::Inotify],
+        WatcherKind::Poll => &[WatcherKind::Poll],
+    };
+    let mut skipped = Vec::new();
+    for &k in order {
+        let r: Result<(Box<dyn ChangeSource>, String), String> = match k {
+            WatcherKind::Ebpf => {
+                ebpf::EbpfSource::start(queue.clone(), metrics.clone(), &opts.ebpf)
+                    .map(|s| {
+                        let detail = format!("ebpf ({})", s.attach().name());
+                        (Box::new(s) as Box<dyn ChangeSource>, detail)
+                    })
+                    .map_err(|e| e.to_string())
+            }
+            WatcherKind::Fanotify => {
+                fanotify::FanotifySource::start(queue.clone(), metrics.clone(), opts.tick)
+                    .map(|s| (Box::new(s) as Box<dyn ChangeSource>, "fanotify".to_owned()))
+                    .map_err(|e| e.to_string())
+            }
+            WatcherKind::Inotify => InotifySource::start(queue.clone(), metrics.clone())
+                .map(|s| (Box::new(s) as Box<dyn ChangeSource>, "inotify".to_owned()))
+                .map_err(|e| e.to_string()),
+            WatcherKind::Poll | WatcherKind::Auto => {
+                PollSource::start(queue.clone(), opts.poll_interval, 8)
+                    .map(|s| (Box::new(s) as Box<dyn ChangeSource>, "poll".to_owned()))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match r {
+            Ok((source, detail)) => {
+                return Ok(Started {
+                    source,
+                    skipped,
+                    detail,
+                });
+            }
+            Err(e) => skipped.push((k, e)),
+        }
+    }
+    Err(skipped
+        .iter()
+        .map(|(k, e)| format!("{}: {e}", k.as_str()))
+        .collect::<Vec<_>>()
+        .join("; "))
 }
 
 /// inotify, one watch per directory.
@@ -147,6 +248,8 @@ pub trait ChangeSource: Send {
 /// read, one after it makes a new event. Nothing is missed.
 pub struct InotifySource {
     shared: Arc<InotifyShared>,
+    /// Whether writes are reported (`IN_MODIFY`), or only entries changing.
+    writes: bool,
     by_path: HashMap<PathBuf, WatchDescriptor>,
 }
 
@@ -176,6 +279,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl InotifySource {
     /// Starts the reader thread.
     pub fn start(queue: ChangeQueue, metrics: Arc<Metrics>) -> std::io::Result<InotifySource> {
+        InotifySource::start_with(queue, metrics, true)
+    }
+
+    /// Entries appearing, vanishing and renamed only: for backends that
+    /// learn about writes another way.
+    pub fn start_dirs_only(
+        queue: ChangeQueue,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<InotifySource> {
+        InotifySource::start_with(queue, metrics, false)
+    }
+
+    fn start_with(
+        queue: ChangeQueue,
+        metrics: Arc<Metrics>,
+        writes: bool,
+    ) -> std::io::Result<InotifySource> {
         let inotify = Inotify::init()?;
         let shared = Arc::new(InotifyShared {
             watches: Mutex::new(inotify.watches()),
@@ -188,6 +308,7 @@ impl InotifySource {
             .spawn(move || read_events(inotify, thread_shared, queue, metrics))?;
         Ok(InotifySource {
             shared,
+            writes,
             by_path: HashMap::new(),
         })
     }
@@ -275,7 +396,8 @@ impl ChangeSource for InotifySource {
         {
             return Ok(false);
         }
-        let wd = lock(&self.shared.watches).add(dir, ARMED)?;
+        let mask = if self.writes { ARMED } else { DISARMED };
+        let wd = lock(&self.shared.watches).add(dir, mask)?;
         lock(&self.shared.dirs).insert(wd.clone(), dir.to_owned());
         self.by_path.insert(dir.to_owned(), wd);
         Ok(true)

@@ -1,0 +1,1031 @@
+//! The eBPF change source: the kernel reports writes to watched files.
+//!
+//! The program (`agent-ebpf`, embedded at build time) runs after every
+//! completed write; for a file in the `WATCHED` map it sets the file's
+//! pending flag and, when the flag was clear, emits one ring-buffer event.
+//! This side:
+//!
+//! - fills the map as the data loop opens files ([`ChangeSource::watch_file`])
+//!   and prunes it as they close; each file gets a slot in the `FLAGS`
+//!   array, which is mmapped here so flags are cleared without syscalls;
+//! - consumes the ring buffer on its own thread, at most one pass per tick
+//!   (default 10 ms), so a write storm over many files costs one wakeup per
+//!   tick, not one per event;
+//! - re-arms on the next pass: clears the flags reported in the previous
+//!   pass and hands those files to the loop again, so a write between the
+//!   loop's read and the clear is read too. Nothing is missed: the program
+//!   checks the flag after the write completed, and the agent reads after
+//!   clearing it.
+//! - Lost events (ring buffer full) are counted by the program, which
+//!   clears the flag again; a rising drop count makes the loop read every
+//!   file. Files the map has no room for are polled every second.
+//!
+//! Directory changes (files created, renamed, deleted) come from inotify
+//! watches without `IN_MODIFY`: rare events, no write traffic.
+//!
+//! Attachment: fexit on the VFS write functions where the kernel allows BPF
+//! trampolines (runs only for writes), else the `sys_exit` BTF tracepoint,
+//! else the raw tracepoint (both run for every syscall and return early for
+//! all but the write family). Field offsets come from the kernel's BTF.
+//! Not seen by any of them: stores into a shared mmap, io_uring writes
+//! (with the tracepoints); the safety sweep covers those.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{BtfTracePoint, FExit, RawTracePoint};
+use aya::{Ebpf, EbpfLoader};
+
+use super::btf::Btf;
+use super::{ChangeQueue, ChangeSource, InotifySource, Pending};
+use crate::checkpoint::FileKey;
+use crate::metrics::Metrics;
+
+#[path = "../../../agent-ebpf/src/shared.rs"]
+#[allow(dead_code, reason = "shared with the eBPF side")]
+mod shared;
+
+use shared::{
+    CLEAN, COUNTER_DROPS, COUNTER_EVENTS, COUNTER_HITS, COUNTER_SLOTS, COUNTER_WATCHED,
+    FEXIT_PROGRAMS, FileId, MAP_COUNTERS, MAP_EVENTS, MAP_FLAGS, MAP_WATCHED, PROG_RAW_TP,
+    PROG_TP_BTF, WriteEvent,
+};
+
+// SAFETY: `#[repr(C)]`, integers only, padding spelled out as a field:
+// every bit pattern is a valid value.
+unsafe impl aya::Pod for FileId {}
+
+/// The object built by `cargo xtask build-ebpf` (see `agent/build.rs`).
+#[cfg(bpftail_ebpf)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/bpftail.bpf.o"
+)));
+#[cfg(not(bpftail_ebpf))]
+static OBJECT: Option<&[u8]> = None;
+
+/// How the program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// fexit on vfs_write, vfs_writev, vfs_iter_write, vfs_iocb_iter_write.
+    Fexit,
+    /// BTF-enabled raw tracepoint `sys_exit`.
+    TpBtf,
+    /// Raw tracepoint `sys_exit`.
+    RawTp,
+}
+
+impl Attach {
+    /// In order of preference.
+    pub const ALL: [Attach; 3] = [Attach::Fexit, Attach::TpBtf, Attach::RawTp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Attach::Fexit => "fexit",
+            Attach::TpBtf => "tp_btf",
+            Attach::RawTp => "raw_tp",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Attachments to try, in order.
+    pub attach: Vec<Attach>,
+    /// Capacity of the watched map (open files followed by eBPF).
+    pub max_files: u32,
+    /// Minimum time between passes over the ring buffer, and the re-arm delay.
+    pub tick: Duration,
+    /// Size of the ring buffer in bytes (a power of two, ≥ one page).
+    pub ring_bytes: u32,
+    /// Tests only: the program drops every event as if the ring buffer
+    /// were full.
+    pub sabotage: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            attach: Attach::ALL.to_vec(),
+            max_files: 16384,
+            tick: Duration::from_millis(10),
+            ring_bytes: 256 * 1024,
+            sabotage: false,
+        }
+    }
+}
+
+/// The kernel's `s_dev` encoding (`MAJOR << 20 | MINOR`) of a `st_dev`.
+pub fn kernel_dev(st_dev: u64) -> u32 {
+    (libc::major(st_dev) << 20) | (libc::minor(st_dev) & 0xf_ffff)
+}
+
+/// `st_dev` of the kernel's `s_dev` encoding.
+pub fn user_dev(dev: u32) -> u64 {
+    libc::makedev(dev >> 20, dev & 0xf_ffff)
+}
+
+/// Globals the program needs: struct member offsets on this kernel and
+/// this architecture's syscall numbers.
+/// A global of the program and its value (little-endian, `len` bytes).
+struct GlobalValue {
+    name: &'static str,
+    bytes: [u8; 8],
+    len: usize,
+}
+
+fn globals(btf: &Btf) -> Result<Vec<GlobalValue>, String> {
+    let mut out = Vec::new();
+    let fields: &[(&str, &str, &str, u32)] = &[
+        ("OFF_TASK_FILES", "task_struct", "files", 8),
+        ("OFF_FILES_FDT", "files_struct", "fdt", 8),
+        ("OFF_FDT_MAX_FDS", "fdtable", "max_fds", 4),
+        ("OFF_FDT_FD", "fdtable", "fd", 8),
+        ("OFF_FILE_INODE", "file", "f_inode", 8),
+        ("OFF_INODE_INO", "inode", "i_ino", 8),
+        ("OFF_INODE_SB", "inode", "i_sb", 8),
+        ("OFF_SB_DEV", "super_block", "s_dev", 4),
+        #[cfg(target_arch = "x86_64")]
+        ("OFF_REGS_NR", "pt_regs", "orig_ax", 8),
+        #[cfg(target_arch = "x86_64")]
+        ("OFF_REGS_ARG0", "pt_regs", "di", 8),
+        #[cfg(target_arch = "x86_64")]
+        ("OFF_REGS_ARG2", "pt_regs", "dx", 8),
+    ];
+    for &(global, st, field, size) in fields {
+        let m = btf.member(st, field).map_err(|e| e.to_string())?;
+        if m.size != size {
+            return Err(format!(
+                "{st}.{field} is {} bytes on this kernel, expected {size}",
+                m.size
+            ));
+        }
+        out.push(GlobalValue {
+            name: global,
+            bytes: u64::from(m.offset).to_le_bytes(),
+            len: 4,
+        });
+    }
+    let syscalls: &[(&str, libc::c_long)] = &[
+        ("SYS_WRITE", libc::SYS_write),
+        ("SYS_PWRITE64", libc::SYS_pwrite64),
+        ("SYS_WRITEV", libc::SYS_writev),
+        ("SYS_PWRITEV", libc::SYS_pwritev),
+        ("SYS_PWRITEV2", libc::SYS_pwritev2),
+        ("SYS_SENDFILE", libc::SYS_sendfile),
+        ("SYS_SPLICE", libc::SYS_splice),
+        ("SYS_COPY_FILE_RANGE", libc::SYS_copy_file_range),
+    ];
+    for &(global, nr) in syscalls {
+        #[allow(clippy::unnecessary_cast, reason = "c_long is 32 bits on some targets")]
+        out.push(GlobalValue {
+            name: global,
+            bytes: (nr as i64).to_le_bytes(),
+            len: 8,
+        });
+    }
+    Ok(out)
+}
+
+/// Why the hook could not be used, per attachment tried.
+#[derive(Debug)]
+pub struct Unusable(pub String);
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unusable {}
+
+/// The program, loaded and attached, with its maps.
+pub struct Hook {
+    /// Owns the programs and their links: dropping it detaches.
+    _ebpf: Ebpf,
+    pub attach: Attach,
+    watched: Option<BpfHashMap<MapData, FileId, u32>>,
+    flags: Arc<Flags>,
+    ring: Option<RingBuf<MapData>>,
+    counters: Option<PerCpuArray<MapData, u64>>,
+    max_files: u32,
+}
+
+/// Loads the program and attaches it the first way in `opts.attach` that
+/// the kernel accepts. The error says why each way failed.
+pub fn load(opts: &Options) -> Result<Hook, Unusable> {
+    let object = OBJECT.ok_or_else(|| {
+        Unusable("this bpftail was built without its eBPF object (BPFTAIL_NO_EBPF=1)".into())
+    })?;
+    let btf = Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
+    let globals = globals(&btf).map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
+    drop(btf);
+    let aya_btf =
+        aya::Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF (aya): {e}")))?;
+    let sabotage = u32::from(opts.sabotage).to_le_bytes();
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(&aya_btf));
+    for g in &globals {
+        loader.override_global(g.name, &g.bytes[..g.len], true);
+    }
+    loader.override_global("SABOTAGE", &sabotage[..], true);
+    let entries = opts.max_files.max(1);
+    loader.map_max_entries(MAP_WATCHED, entries);
+    loader.map_max_entries(MAP_FLAGS, entries);
+    loader.map_max_entries(MAP_EVENTS, opts.ring_bytes.next_power_of_two().max(4096));
+    let mut ebpf = loader
+        .load(object)
+        .map_err(|e| Unusable(format!("loading the eBPF object: {e}")))?;
+
+    let mut reasons = Vec::new();
+    let mut chosen = None;
+    for &attach in &opts.attach {
+        match attach_one(&mut ebpf, attach, &aya_btf).map_err(|e| e.replace('\n', " ")) {
+            Ok(()) => {
+                chosen = Some(attach);
+                break;
+            }
+            Err(e) => {
+                // aya appends the verifier log; an empty one is noise.
+                let e = e.trim_end().trim_end_matches("Verifier output:").trim_end();
+                let hint = if attach == Attach::Fexit && e.contains("Operation not permitted") {
+                    " (BPF trampolines refused: kernel lockdown, or missing CAP_SYS_ADMIN)"
+                } else {
+                    ""
+                };
+                reasons.push(format!("{}: {e}{hint}", attach.name()))
+            }
+        }
+    }
+    drop(aya_btf);
+    let Some(attach) = chosen else {
+        return Err(Unusable(reasons.join("; ")));
+    };
+    for r in &reasons {
+        tracing::info!(reason = %r, "eBPF attachment not used");
+    }
+
+    let flags = Flags::map(&ebpf, entries).map_err(|e| Unusable(format!("mmap of FLAGS: {e}")))?;
+    let watched = BpfHashMap::try_from(
+        ebpf.take_map(MAP_WATCHED)
+            .ok_or_else(|| Unusable("no WATCHED map".into()))?,
+    )
+    .map_err(|e| Unusable(format!("WATCHED: {e}")))?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map(MAP_EVENTS)
+            .ok_or_else(|| Unusable("no EVENTS map".into()))?,
+    )
+    .map_err(|e| Unusable(format!("EVENTS: {e}")))?;
+    let counters = PerCpuArray::try_from(
+        ebpf.take_map(MAP_COUNTERS)
+            .ok_or_else(|| Unusable("no COUNTERS map".into()))?,
+    )
+    .map_err(|e| Unusable(format!("COUNTERS: {e}")))?;
+    Ok(Hook {
+        _ebpf: ebpf,
+        attach,
+        watched: Some(watched),
+        flags: Arc::new(flags),
+        ring: Some(ring),
+        counters: Some(counters),
+        max_files: entries,
+    })
+}
+
+/// Tries every attachment on its own: whether it loads and attaches here.
+pub fn probe() -> Vec<(Attach, Result<(), String>)> {
+    Attach::ALL
+        .iter()
+        .map(|&a| {
+            let opts = Options {
+                attach: vec![a],
+                max_files: 16,
+                ring_bytes: 4096,
+                ..Options::default()
+            };
+            (a, load(&opts).map(drop).map_err(|e| e.0))
+        })
+        .collect()
+}
+
+/// Whether this binary carries the eBPF object.
+pub fn embedded() -> bool {
+    OBJECT.is_some()
+}
+
+/// Loads and attaches the program(s) of one attachment; on failure,
+/// unloads whatever part of it had loaded.
+fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), String> {
+    fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        ebpf.program_mut(name)
+            .ok_or_else(|| format!("no program {name}"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())
+    }
+    match attach {
+        Attach::TpBtf => {
+            let p: &mut BtfTracePoint = prog(ebpf, PROG_TP_BTF)?;
+            p.load("sys_exit", btf).map_err(|e| format!("load: {e}"))?;
+            if let Err(e) = p.attach() {
+                let _ = p.unload();
+                return Err(format!("attach: {e}"));
+            }
+            Ok(())
+        }
+        Attach::RawTp => {
+            let p: &mut RawTracePoint = prog(ebpf, PROG_RAW_TP)?;
+            p.load().map_err(|e| format!("load: {e}"))?;
+            if let Err(e) = p.attach("sys_exit") {
+                let _ = p.unload();
+                return Err(format!("attach: {e}"));
+            }
+            Ok(())
+        }
+        Attach::Fexit => {
+            let mut done = Vec::new();
+            let mut result = Ok(());
+            for (name, function) in FEXIT_PROGRAMS {
+                let r = prog::<FExit>(ebpf, name).and_then(|p| {
+                    p.load(function, btf)
+                        .map_err(|e| format!("load {function}: {e}"))?;
+                    done.push(name);
+                    p.attach()
+                        .map(|_| ())
+                        .map_err(|e| format!("attach {function}: {e}"))
+                });
+                if let Err(e) = r {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if result.is_err() {
+                for name in done {
+                    if let Ok(p) = prog::<FExit>(ebpf, name) {
+                        let _ = p.unload();
+                    }
+                }
+            }
+            result
+        }
+    }
+}
+
+/// The `FLAGS` array, mmapped: one u64 per slot.
+struct Flags {
+    ptr: *mut AtomicU64,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics; it
+// lives until Drop.
+unsafe impl Send for Flags {}
+// SAFETY: as above.
+unsafe impl Sync for Flags {}
+
+impl Flags {
+    fn map(ebpf: &Ebpf, entries: u32) -> std::io::Result<Flags> {
+        let map = ebpf
+            .map(MAP_FLAGS)
+            .ok_or_else(|| std::io::Error::other("no FLAGS map"))?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(std::io::Error::other("FLAGS is not an array"));
+        };
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = entries as usize;
+        let bytes = (len * 8).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // the size against the array's. Checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Flags {
+            ptr: ptr.cast(),
+            len,
+            bytes,
+        })
+    }
+
+    fn clear(&self, slot: u32) {
+        if (slot as usize) < self.len {
+            // SAFETY: in bounds of the mapping, which is 8-byte aligned.
+            unsafe { (*self.ptr.add(slot as usize)).store(CLEAN, Ordering::SeqCst) };
+        }
+    }
+}
+
+impl Drop for Flags {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
+/// Sums of the per-CPU counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub hits: u64,
+    pub watched: u64,
+    pub events: u64,
+    pub drops: u64,
+}
+
+fn read_counter(map: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
+    map.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Counters {
+    debug_assert_eq!(COUNTER_SLOTS, 4);
+    Counters {
+        hits: read_counter(map, COUNTER_HITS),
+        watched: read_counter(map, COUNTER_WATCHED),
+        events: read_counter(map, COUNTER_EVENTS),
+        drops: read_counter(map, COUNTER_DROPS),
+    }
+}
+
+/// Which files are in the map, and their slots.
+struct Table {
+    watched: BpfHashMap<MapData, FileId, u32>,
+    slots: HashMap<FileKey, (FileId, u32)>,
+    free: Vec<u32>,
+    next: u32,
+    max: u32,
+    /// Files the map had no room for: reported every second instead.
+    overflow: Vec<FileKey>,
+}
+
+impl Table {
+    fn add(&mut self, key: FileKey, flags: &Flags) -> bool {
+        if self.slots.contains_key(&key) || self.overflow.contains(&key) {
+            return true;
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None if self.next < self.max => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => {
+                self.overflow.push(key);
+                return false;
+            }
+        };
+        let id = FileId {
+            dev: kernel_dev(key.dev),
+            pad: 0,
+            ino: key.ino,
+        };
+        flags.clear(slot);
+        match self.watched.insert(id, slot, 0) {
+            Ok(()) => {
+                self.slots.insert(key, (id, slot));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF map full; polling this file every second");
+                self.free.push(slot);
+                self.overflow.push(key);
+                false
+            }
+        }
+    }
+
+    fn remove(&mut self, key: FileKey) {
+        if let Some((id, slot)) = self.slots.remove(&key) {
+            let _ = self.watched.remove(&id);
+            // A write racing the removal may still flag the slot: its next
+            // owner then gets one spurious read.
+            self.free.push(slot);
+        }
+        self.overflow.retain(|k| *k != key);
+    }
+}
+
+/// The eBPF change source: writes from the hook, directory changes from
+/// inotify.
+pub struct EbpfSource {
+    dirs: InotifySource,
+    table: Arc<Mutex<Table>>,
+    flags: Arc<Flags>,
+    metrics: Arc<Metrics>,
+    attach: Attach,
+    counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    /// Keeps the program attached and the maps alive.
+    _hook: Hook,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl EbpfSource {
+    pub fn start(
+        queue: ChangeQueue,
+        metrics: Arc<Metrics>,
+        opts: &Options,
+    ) -> Result<EbpfSource, Unusable> {
+        let mut hook = load(opts)?;
+        let dirs = InotifySource::start_dirs_only(queue.clone(), metrics.clone())
+            .map_err(|e| Unusable(format!("inotify for directory changes: {e}")))?;
+        let watched = hook.watched.take().expect("watched map taken once");
+        let table = Arc::new(Mutex::new(Table {
+            watched,
+            slots: HashMap::new(),
+            free: Vec::new(),
+            next: 0,
+            max: hook.max_files,
+            overflow: Vec::new(),
+        }));
+        let ring = hook.ring.take().expect("ring buffer taken once");
+        let counters = Arc::new(Mutex::new(
+            hook.counters.take().expect("counters taken once"),
+        ));
+        let reader = Reader {
+            ring,
+            counters: counters.clone(),
+            flags: hook.flags.clone(),
+            table: table.clone(),
+            queue,
+            metrics: metrics.clone(),
+            tick: opts.tick,
+        };
+        std::thread::Builder::new()
+            .name("bpftail-ebpf".into())
+            .spawn(move || reader.run())
+            .map_err(|e| Unusable(format!("thread: {e}")))?;
+        Ok(EbpfSource {
+            dirs,
+            table,
+            flags: hook.flags.clone(),
+            metrics,
+            attach: hook.attach,
+            counters,
+            _hook: hook,
+        })
+    }
+
+    pub fn attach(&self) -> Attach {
+        self.attach
+    }
+
+    /// The kernel side's counters, summed over CPUs.
+    pub fn counters(&self) -> Counters {
+        read_counters(&lock(&self.counters))
+    }
+}
+
+impl ChangeSource for EbpfSource {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool> {
+        self.dirs.watch_dir(dir)
+    }
+
+    fn unwatch_dir(&mut self, dir: &Path) {
+        self.dirs.unwatch_dir(dir)
+    }
+
+    fn watch_file(&mut self, key: FileKey) {
+        let mut t = lock(&self.table);
+        t.add(key, &self.flags);
+        self.metrics
+            .ebpf_unwatched_files
+            .set(t.overflow.len() as u64);
+    }
+
+    fn unwatch_file(&mut self, key: FileKey) {
+        let mut t = lock(&self.table);
+        t.remove(key);
+        self.metrics
+            .ebpf_unwatched_files
+            .set(t.overflow.len() as u64);
+    }
+}
+
+struct Reader {
+    ring: RingBuf<MapData>,
+    counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    flags: Arc<Flags>,
+    table: Arc<Mutex<Table>>,
+    queue: ChangeQueue,
+    metrics: Arc<Metrics>,
+    tick: Duration,
+}
+
+impl Reader {
+    fn run(mut self) {
+        let fd = self.ring.as_raw_fd();
+        let mut batch = Pending::default();
+        // Slots reported in the previous pass: cleared in the next one.
+        let mut reported: Vec<(u32, FileKey)> = Vec::new();
+        let mut fresh: Vec<(u32, FileKey)> = Vec::new();
+        let mut last_pass = Instant::now() - self.tick;
+        let mut last_drops = 0;
+        let mut next_poll = Instant::now() + Duration::from_secs(1);
+        let mut next_counters = Instant::now();
+        loop {
+            let has_overflow = !lock(&self.table).overflow.is_empty();
+            let timeout: i32 = if !reported.is_empty() {
+                self.tick.as_millis().max(1) as i32
+            } else if has_overflow {
+                next_poll
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as i32
+            } else {
+                -1
+            };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "polling the eBPF ring buffer failed; falling back to the safety sweep");
+                return;
+            }
+            // At most one pass per tick: events gather in the ring buffer.
+            let since = last_pass.elapsed();
+            if since < self.tick {
+                std::thread::sleep(self.tick - since);
+            }
+            last_pass = Instant::now();
+            self.metrics.watcher_wakeups.inc();
+
+            // Re-arm what the previous pass reported, then have the loop
+            // read it again (a write before the clear is read then; one
+            // after it makes a new event).
+            for (slot, key) in reported.drain(..) {
+                self.flags.clear(slot);
+                batch.keys.insert(key);
+            }
+            std::sync::atomic::fence(Ordering::SeqCst);
+            while let Some(item) = self.ring.next() {
+                if item.len() < std::mem::size_of::<WriteEvent>() {
+                    continue;
+                }
+                // SAFETY: length checked; WriteEvent is plain integers.
+                let ev: WriteEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let key = FileKey {
+                    dev: user_dev(ev.file.dev),
+                    ino: ev.file.ino,
+                };
+                batch.keys.insert(key);
+                fresh.push((ev.slot, key));
+            }
+            std::mem::swap(&mut reported, &mut fresh);
+
+            let drops = read_counter(&lock(&self.counters), COUNTER_DROPS);
+            if drops > last_drops {
+                // Some write was not reported: read every file.
+                tracing::debug!(
+                    lost = drops - last_drops,
+                    "eBPF events lost; reading every file"
+                );
+                batch.all_files = true;
+                last_drops = drops;
+            }
+            let now = Instant::now();
+            if has_overflow && now >= next_poll {
+                batch
+                    .keys
+                    .extend(lock(&self.table).overflow.iter().copied());
+                next_poll = now + Duration::from_secs(1);
+            }
+            // Fresh figures every second while busy, and when going idle.
+            if now >= next_counters || reported.is_empty() {
+                let c = read_counters(&lock(&self.counters));
+                self.metrics.ebpf_hook_hits.set(c.hits);
+                self.metrics.ebpf_watched_writes.set(c.watched);
+                self.metrics.ebpf_events.set(c.events);
+                self.metrics.ebpf_drops.set(c.drops);
+                next_counters = now + Duration::from_secs(1);
+            }
+            self.queue.merge(&mut batch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These load the real program: they need root (CAP_BPF, CAP_PERFMON)
+    //! and a BTF kernel, which CI has. They do not skip.
+
+    use std::io::{IoSlice, Write as _};
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        src: EbpfSource,
+        q: ChangeQueue,
+        wake: crossbeam_channel::Receiver<()>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn key_of(f: &std::fs::File) -> FileKey {
+        use std::os::unix::fs::MetadataExt;
+        let md = f.metadata().unwrap();
+        FileKey {
+            dev: md.dev(),
+            ino: md.ino(),
+        }
+    }
+
+    fn rig() -> Rig {
+        rig_with(Options::default())
+    }
+
+    fn rig_with(opts: Options) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, wake) = crossbeam_channel::bounded(1);
+        let q = ChangeQueue::new(tx);
+        let metrics = Arc::new(Metrics::default());
+        let src = EbpfSource::start(q.clone(), metrics.clone(), &opts)
+            .unwrap_or_else(|e| panic!("the eBPF hook must load here (root, BTF kernel): {e}"));
+        Rig {
+            _dir: dir,
+            src,
+            q,
+            wake,
+            metrics,
+        }
+    }
+
+    impl Rig {
+        fn file(&self, name: &str) -> (std::fs::File, FileKey) {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(self._dir.path().join(name))
+                .unwrap();
+            let k = key_of(&f);
+            (f, k)
+        }
+
+        /// Keys reported within `wait`, stopping early once `want` is seen.
+        fn reported(&self, wait: Duration, want: Option<FileKey>) -> Pending {
+            let mut got = Pending::default();
+            let deadline = Instant::now() + wait;
+            while Instant::now() < deadline {
+                let _ = self.wake.recv_timeout(Duration::from_millis(5));
+                let mut p = Pending::default();
+                self.q.take(&mut p);
+                got.keys.extend(p.keys);
+                got.all_files |= p.all_files;
+                if want.is_some_and(|k| got.keys.contains(&k)) {
+                    break;
+                }
+            }
+            got
+        }
+
+        /// Waits until nothing has been reported for 100 ms.
+        fn quiet(&self) {
+            while !self.reported(Duration::from_millis(100), None).is_empty() {}
+        }
+    }
+
+    #[test]
+    fn dev_numbers_convert_both_ways() {
+        let st_dev = libc::makedev(254, 0);
+        assert_eq!(kernel_dev(st_dev), 266338304);
+        assert_eq!(user_dev(266338304), st_dev);
+        let st_dev = libc::makedev(8, 17);
+        assert_eq!(user_dev(kernel_dev(st_dev)), st_dev);
+    }
+
+    #[test]
+    fn a_watched_file_is_reported_an_unwatched_one_is_not() {
+        let mut r = rig();
+        assert!(Attach::ALL.contains(&r.src.attach()));
+        let (mut watched, wk) = r.file("watched.log");
+        let (mut other, ok) = r.file("other.log");
+        r.src.watch_file(wk);
+        other.write_all(b"not watched\n").unwrap();
+        let got = r.reported(Duration::from_millis(300), None);
+        assert!(got.keys.is_empty(), "unwatched writes are silent: {got:?}");
+        watched.write_all(b"watched\n").unwrap();
+        let got = r.reported(Duration::from_secs(5), Some(wk));
+        assert!(got.keys.contains(&wk));
+        assert!(!got.keys.contains(&ok));
+        // Unwatched again: silent again.
+        r.quiet();
+        r.src.unwatch_file(wk);
+        watched.write_all(b"after\n").unwrap();
+        assert!(r.reported(Duration::from_millis(300), None).keys.is_empty());
+        assert!(r.metrics.ebpf_events.get() >= 1);
+        assert!(r.metrics.ebpf_hook_hits.get() >= r.metrics.ebpf_watched_writes.get());
+    }
+
+    #[test]
+    fn every_write_family_syscall_is_seen() {
+        let mut r = rig();
+        let (f, k) = r.file("0.log");
+        r.src.watch_file(k);
+        let (mut src_file, _) = r.file("source.txt");
+        src_file.write_all(b"0123456789\n").unwrap();
+        // sendfile, splice and copy_file_range refuse O_APPEND targets.
+        let g = std::fs::OpenOptions::new()
+            .write(true)
+            .open(r._dir.path().join("0.log"))
+            .unwrap();
+        let fd = g.as_raw_fd();
+        type Way<'a> = (&'static str, Box<dyn Fn() + 'a>);
+        let ways: Vec<Way> = vec![
+            ("write", Box::new(|| (&f).write_all(b"w\n").unwrap())),
+            (
+                "writev",
+                Box::new(|| {
+                    let n = (&f)
+                        .write_vectored(&[IoSlice::new(b"v"), IoSlice::new(b"\n")])
+                        .unwrap();
+                    assert_eq!(n, 2);
+                }),
+            ),
+            ("pwrite64", Box::new(|| f.write_all_at(b"p\n", 0).unwrap())),
+            (
+                "sendfile",
+                Box::new(|| {
+                    let mut off: libc::off_t = 0;
+                    // SAFETY: valid fds and offset pointer.
+                    let n = unsafe { libc::sendfile(fd, src_file.as_raw_fd(), &mut off, 11) };
+                    assert_eq!(n, 11, "{}", std::io::Error::last_os_error());
+                }),
+            ),
+            (
+                "splice",
+                Box::new(|| {
+                    let mut p = [0; 2];
+                    // SAFETY: an array of two fds for pipe() to fill.
+                    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+                    // SAFETY: valid fds and buffer; NULL offsets use the
+                    // pipe and the file position.
+                    let n = unsafe {
+                        libc::write(p[1], b"s\n".as_ptr().cast(), 2);
+                        let n = libc::splice(
+                            p[0],
+                            std::ptr::null_mut(),
+                            fd,
+                            std::ptr::null_mut(),
+                            2,
+                            0,
+                        );
+                        libc::close(p[0]);
+                        libc::close(p[1]);
+                        n
+                    };
+                    assert_eq!(n, 2, "{}", std::io::Error::last_os_error());
+                }),
+            ),
+            (
+                "copy_file_range",
+                Box::new(|| {
+                    let mut off: libc::loff_t = 0;
+                    // SAFETY: valid fds and offset pointer; NULL out-offset
+                    // uses the file position.
+                    let n = unsafe {
+                        libc::copy_file_range(
+                            src_file.as_raw_fd(),
+                            &mut off,
+                            fd,
+                            std::ptr::null_mut(),
+                            11,
+                            0,
+                        )
+                    };
+                    assert_eq!(n, 11, "{}", std::io::Error::last_os_error());
+                }),
+            ),
+        ];
+        for (name, write) in ways {
+            r.quiet();
+            write();
+            let got = r.reported(Duration::from_secs(5), Some(k));
+            assert!(got.keys.contains(&k), "{name} was not reported");
+        }
+    }
+
+    #[test]
+    fn a_burst_of_writes_is_few_events_and_reading_on_reports_reads_everything() {
+        let mut r = rig();
+        let (mut f, k) = r.file("0.log");
+        r.src.watch_file(k);
+        let path = r._dir.path().join("0.log");
+        let reader = std::fs::File::open(&path).unwrap();
+        let mut read_to = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let writer = std::thread::spawn(move || {
+            for i in 0..100_000u32 {
+                writeln!(f, "line {i:06}").unwrap();
+            }
+        });
+        // The data loop's part: read to EOF whenever the file is reported.
+        let mut done = false;
+        loop {
+            let got = r.reported(Duration::from_millis(500), Some(k));
+            if got.keys.contains(&k) {
+                loop {
+                    let n = reader.read_at(&mut buf, read_to).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    read_to += n as u64;
+                }
+            } else if done {
+                break;
+            }
+            done = writer.is_finished();
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, 100_000 * 12);
+        assert_eq!(
+            read_to, len,
+            "reads triggered by reports alone saw every byte"
+        );
+        let events = r.metrics.ebpf_events.get();
+        assert!(r.metrics.ebpf_watched_writes.get() >= 100_000);
+        assert!(events <= 2_000, "{events} events for 100,000 writes");
+        assert_eq!(r.metrics.ebpf_drops.get(), 0);
+    }
+
+    #[test]
+    fn sabotaged_delivery_is_counted_in_the_kernel_and_nothing_is_reported() {
+        let mut r = rig_with(Options {
+            sabotage: true,
+            ..Options::default()
+        });
+        let (mut f, k) = r.file("0.log");
+        r.src.watch_file(k);
+        for _ in 0..3 {
+            f.write_all(b"x\n").unwrap();
+        }
+        assert!(r.reported(Duration::from_millis(200), None).is_empty());
+        let c = r.src.counters();
+        assert_eq!(c.events, 0);
+        // The flag is cleared after each failed delivery: every write retries.
+        assert_eq!(c.drops, 3, "{c:?}");
+    }
+
+    #[test]
+    fn a_full_ring_buffer_makes_the_agent_read_every_file() {
+        // One page of ring buffer (~170 events) and a slow reader: 1,000
+        // files written at once cannot all be reported.
+        let mut r = rig_with(Options {
+            ring_bytes: 4096,
+            tick: Duration::from_millis(300),
+            ..Options::default()
+        });
+        let mut files = Vec::new();
+        for i in 0..1000 {
+            let (f, k) = r.file(&format!("{i}.log"));
+            r.src.watch_file(k);
+            files.push(f);
+        }
+        // Make the reader start a pass (and its 300 ms pause) first.
+        files[0].write_all(b"first\n").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        for f in &mut files {
+            f.write_all(b"x\n").unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Pending::default();
+        while !got.all_files && Instant::now() < deadline {
+            let p = r.reported(Duration::from_millis(100), None);
+            got.all_files |= p.all_files;
+            got.keys.extend(p.keys);
+        }
+        let c = r.src.counters();
+        assert!(c.drops > 0, "{c:?}");
+        assert!(got.all_files, "lost events make the loop read every file");
+    }
+}
