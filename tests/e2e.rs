@@ -127,6 +127,139 @@ fn assert_complete(node: &Node, records: &[Received], allow_rewinds: bool) -> Ta
 
 #[test]
 fn every_line_of_eight_growing_files_arrives_once_and_in_order() {
+    // The default watcher: auto (eBPF on this machine).
+    eight_growing_files(&[], &Launch::default());
+}
+
+#[test]
+fn watcher_ebpf_every_line_arrives_with_few_kernel_events() {
+    let (_, m) = eight_growing_files(&["--watcher", "ebpf"], &Launch::default());
+    assert!(watcher(&m).starts_with("ebpf ("), "{}", watcher(&m));
+    // Hundreds of thousands of writes (the writers flush every few lines):
+    // the hook coalesces them into a few hundred events.
+    let (writes, events, misses) = (
+        m["bpftail_ebpf_watched_writes_total"],
+        m["bpftail_ebpf_events_total"],
+        m["bpftail_ebpf_recursion_misses_total"],
+    );
+    eprintln!("ebpf: {writes} watched writes, {events} events, {misses} skipped runs");
+    // Every write was seen by the hook or counted as a run the kernel
+    // skipped (which makes the agent read every file).
+    assert!(writes + misses >= WRITERS as u64 * LINES);
+    assert!(events * 20 < writes, "{events} events for {writes} writes");
+    assert_eq!(m["bpftail_ebpf_drops_total"], 0);
+}
+
+#[test]
+fn watcher_ebpf_with_every_event_dropped_still_loses_nothing() {
+    // The hook drops every event, as if its ring buffer were always full:
+    // the safety sweep is all that is left, and it must be enough.
+    let how = Launch {
+        env: vec![("BPFTAIL_TEST_EBPF_SABOTAGE".into(), "1".into())],
+        ..Launch::default()
+    };
+    let (_, m) = eight_growing_files(&["--watcher", "ebpf"], &how);
+    assert_eq!(m["bpftail_ebpf_events_total"], 0);
+    assert!(m["bpftail_ebpf_drops_total"] > 0);
+}
+
+#[test]
+fn watcher_fanotify_every_line_arrives() {
+    let (_, m) = eight_growing_files(&["--watcher", "fanotify"], &Launch::default());
+    assert_eq!(watcher(&m), "fanotify");
+}
+
+#[test]
+fn watcher_inotify_every_line_arrives() {
+    let (_, m) = eight_growing_files(&["--watcher", "inotify"], &Launch::default());
+    assert_eq!(watcher(&m), "inotify");
+}
+
+#[test]
+fn watcher_poll_every_line_arrives() {
+    let (_, m) = eight_growing_files(&["--watcher", "poll"], &Launch::default());
+    assert_eq!(watcher(&m), "poll");
+}
+
+#[test]
+fn with_only_the_documented_capabilities_the_ebpf_watcher_works() {
+    // Root, but with every capability dropped except those the README
+    // lists for the eBPF watcher: BPF, PERFMON, DAC_READ_SEARCH.
+    let how = Launch {
+        capabilities: Some(vec![
+            "bpf".into(),
+            "perfmon".into(),
+            "dac_read_search".into(),
+        ]),
+        ..Launch::default()
+    };
+    let (_, m) = eight_growing_files(&["--watcher", "ebpf"], &how);
+    assert!(watcher(&m).starts_with("ebpf ("), "{}", watcher(&m));
+}
+
+#[test]
+fn without_cap_bpf_auto_falls_back_and_a_forced_ebpf_fails_fast() {
+    let broker = Broker::start();
+    let node = Node::new();
+    let how = Launch {
+        capabilities: Some(vec!["perfmon".into(), "dac_read_search".into()]),
+        ..Launch::default()
+    };
+    // Forced: exits non-zero, saying why.
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-all,+perfmon", "--inh-caps=-all"])
+        .arg(bpftail_bin())
+        .arg("run")
+        .args(node.args(
+            &broker,
+            "logs",
+            &["--watcher", "ebpf", "--metrics-addr", "off"],
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("watcher ebpf"), "{err}");
+    // auto: logs why eBPF was skipped and runs with the next backend.
+    broker.create_topic("logs", 1);
+    let agent = Agent::launch(&node.args(&broker, "logs", &[]), &node.log, &how);
+    let collector = Collector::start(&broker.addr(), "logs");
+    let dir = node.container(0);
+    let mut out = LineWriter::create(&dir.join("0.log"));
+    for seq in 0..1000 {
+        out.line(0, seq, LINE_LEN);
+    }
+    let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 1, 1000) == 1000);
+    assert_eq!(unique(&records, 1, 1000), 1000);
+    let log = node.agent_log();
+    assert!(log.contains("change-detection backend unusable"), "{log}");
+    assert!(
+        log.contains("watcher=ebpf"),
+        "the skipped backend is named: {log}"
+    );
+    let w = watcher(&agent.metrics());
+    assert!(w == "fanotify" || w == "inotify", "{w}");
+    assert!(agent.stop().success());
+}
+
+/// The change-detection backend the agent reports in its metrics.
+fn watcher(m: &std::collections::HashMap<String, u64>) -> String {
+    m.keys()
+        .find_map(|k| {
+            k.strip_prefix("bpftail_watcher_info{watcher=\"")?
+                .strip_suffix("\"}")
+        })
+        .unwrap_or("none")
+        .to_owned()
+}
+
+/// 8 files × 100,000 lines written while the agent runs with `extra`
+/// flags: every line arrives once, in order. Returns the agent's log and
+/// its last metrics.
+fn eight_growing_files(
+    extra: &[&str],
+    how: &Launch,
+) -> (String, std::collections::HashMap<String, u64>) {
     let broker = Broker::start();
     broker.create_topic("logs", 4);
     let node = Node::new();
@@ -134,7 +267,17 @@ fn every_line_of_eight_growing_files_arrives_once_and_in_order() {
     for w in 0..WRITERS {
         std::fs::write(node.container(w).join("0.log"), b"").unwrap();
     }
-    let agent = Agent::start(&node.args(&broker, "logs", &[]), &node.log);
+    let agent = Agent::launch(&node.args(&broker, "logs", extra), &node.log, how);
+    // Every write happens once the agent follows the files (so the eBPF
+    // test can count them all in the kernel).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.metrics().get("bpftail_files_watched") != Some(&(WRITERS as u64)) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never followed the files"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let collector = Collector::start(&broker.addr(), "logs");
     let started = Instant::now();
     join(write_all(&node, |_, _, _, _| {}));
@@ -179,6 +322,7 @@ fn every_line_of_eight_growing_files_arrives_once_and_in_order() {
     for f in files {
         assert_eq!(f["offset"].as_u64().unwrap(), LINES * LINE_LEN as u64);
     }
+    (node.agent_log(), m)
 }
 
 #[test]
@@ -742,4 +886,41 @@ fn docker_json_logs_with_docker_rotation_arrive_complete_and_in_order() {
         (Some("shop"), Some("web-0"), Some("web"))
     );
     assert!(agent.stop().success());
+}
+
+#[test]
+fn probe_reports_this_machines_kernel_features_without_a_broker() {
+    let out = std::process::Command::new(bpftail_bin())
+        .arg("probe")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    let line = |prefix: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{text}"))
+            .trim()
+            .to_owned()
+    };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(line("kernel:"), release.trim());
+    assert!(line("btf:").starts_with("available"));
+    assert!(!line("lockdown:").is_empty());
+    assert_eq!(line("ebpf object:"), "embedded");
+    // Each attachment is reported; on these machines (lockdown) fexit is
+    // refused and the tracepoints load.
+    for a in ["fexit", "tp_btf", "raw_tp"] {
+        let l = line(&format!("ebpf {a}:"));
+        assert!(
+            l == "loads and attaches" || l.starts_with("refused: "),
+            "{a}: {l}"
+        );
+    }
+    assert_eq!(line("ebpf tp_btf:"), "loads and attaches");
+    assert!(line("ebpf:").starts_with("usable ("));
+    assert_eq!(line("fanotify:"), "usable");
+    assert_eq!(line("inotify:"), "usable");
+    assert!(line("auto picks:").starts_with("ebpf ("));
 }

@@ -17,6 +17,9 @@
 
 #![no_std]
 #![no_main]
+// Atomic add (BPF_ATOMIC | BPF_ADD); core's atomics lack fetch_add on bpfel.
+#![allow(internal_features)]
+#![feature(core_intrinsics, adt_const_params)]
 
 #[path = "shared.rs"]
 #[allow(dead_code, reason = "constants for the agent side")]
@@ -104,8 +107,13 @@ static SABOTAGE: Global<u32> = Global::new(0);
 #[inline(always)]
 fn count(slot: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: a per-CPU slot, written only by this CPU's program run.
-        unsafe { *p += 1 };
+        // SAFETY: a valid, aligned per-CPU slot. Atomic: a program run can
+        // be preempted by another on the same CPU.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, 1,
+            )
+        };
     }
 }
 

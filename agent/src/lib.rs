@@ -100,9 +100,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let started = watch::start(cfg.watcher, &watch_options(&cfg), &queue, &metrics)
         .map_err(|e| anyhow::anyhow!("watcher {}: {e}", cfg.watcher.as_str()))?;
     for (kind, why) in &started.skipped {
-        tracing::warn!(watcher = kind.as_str(), reason = %why, "change-detection backend unusable; trying the next");
+        tracing::warn!(watcher = %kind.as_str(), reason = %why, "change-detection backend unusable; trying the next");
     }
     let source = started.source;
+    // Starting the eBPF watcher parsed the kernel's BTF (tens of MB, freed
+    // since): hand those pages back to the system now.
+    // SAFETY: mi_collect has no preconditions.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    let _ = metrics.watcher.set(started.detail.clone());
     if cfg.kube == KubeMode::Auto {
         tracing::info!(
             "pod metadata comes from log paths and Docker labels; the Kubernetes list-watch is not in this release"

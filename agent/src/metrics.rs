@@ -107,8 +107,11 @@ pub struct Metrics {
     pub ebpf_watched_writes: Gauge,
     pub ebpf_events: Gauge,
     pub ebpf_drops: Gauge,
+    pub ebpf_misses: Gauge,
     /// Files the eBPF map had no room for (followed by polling instead).
     pub ebpf_unwatched_files: Gauge,
+    /// The change-detection backend in use (e.g. `ebpf (tp_btf)`), set once.
+    pub watcher: std::sync::OnceLock<String>,
     /// Unix seconds of the data loop's last turn (liveness).
     pub heartbeat: Gauge,
 }
@@ -241,6 +244,17 @@ impl Metrics {
             "Events the eBPF hook could not deliver (each makes the agent read every file).",
             self.ebpf_drops.get(),
         );
+        c(
+            "ebpf_recursion_misses_total",
+            "Hook runs the kernel skipped (another run in progress on that CPU); each makes the agent read every file.",
+            self.ebpf_misses.get(),
+        );
+        if let Some(w) = self.watcher.get() {
+            let _ = writeln!(
+                out,
+                "# HELP bpftail_watcher_info The change-detection backend in use.\n# TYPE bpftail_watcher_info gauge\nbpftail_watcher_info{{watcher=\"{w}\"}} 1"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP bpftail_delivery_failures_total Failed deliveries: retried (re-read from the file), dropped (permanent error), queue_full (producer queue full, retried).\n# TYPE bpftail_delivery_failures_total counter"

@@ -697,6 +697,7 @@ impl<S: Sink> Pipeline<S> {
     /// The slow safety net: finds what change events missed, flushes
     /// records stuck at EOF, closes drained files.
     fn sweep(&mut self) {
+        self.source.sweep();
         let now = Instant::now();
         let idle = self.cfg.partial_flush;
         let mut lag = 0;

@@ -287,6 +287,20 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
+/// How to start the agent process.
+#[derive(Debug, Default, Clone)]
+pub struct Launch {
+    pub uid: Option<u32>,
+    pub env: Vec<(String, String)>,
+    /// Capabilities to keep (e.g. `["bpf", "perfmon"]`); all others are
+    /// dropped from the bounding set.
+    pub capabilities: Option<Vec<String>>,
+}
+
+fn plus(caps: &[String]) -> String {
+    caps.iter().map(|c| format!(",+{c}")).collect()
+}
+
 impl Agent {
     /// Starts `bpftail run` with `args`, its own metrics port, and its log
     /// appended to `log`.
@@ -296,6 +310,18 @@ impl Agent {
 
     /// As [`Agent::start`], as user `uid` if given (needs root).
     pub fn start_as(args: &[String], log: &Path, uid: Option<u32>) -> Agent {
+        Self::launch(
+            args,
+            log,
+            &Launch {
+                uid,
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// As [`Agent::start`], with the process settings of `how`.
+    pub fn launch(args: &[String], log: &Path, how: &Launch) -> Agent {
         use std::os::unix::process::CommandExt as _;
         let metrics_port = free_port();
         let stderr = OpenOptions::new()
@@ -303,11 +329,23 @@ impl Agent {
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = Command::new(bpftail_bin());
+        let mut cmd = match &how.capabilities {
+            // setpriv (util-linux): the process keeps only these
+            // capabilities, even as root.
+            Some(caps) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--bounding-set=-all{}", plus(caps)))
+                    .arg(format!("--inh-caps=-all{}", plus(caps)))
+                    .arg(bpftail_bin());
+                c
+            }
+            None => Command::new(bpftail_bin()),
+        };
         die_with_parent(&mut cmd);
-        if let Some(uid) = uid {
+        if let Some(uid) = how.uid {
             cmd.uid(uid).gid(uid);
         }
+        cmd.envs(how.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = cmd
             .arg("run")
             .args(args)
@@ -321,12 +359,17 @@ impl Agent {
             .stderr(stderr)
             .spawn()
             .expect("start bpftail");
-        let agent = Agent {
+        let mut agent = Agent {
             child,
             metrics_port,
             log: log.to_owned(),
         };
         wait_for_port(metrics_port, Duration::from_secs(20));
+        // Ready once the data loop has made its first turn (first scan done).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.healthz() && Instant::now() < deadline && agent.running() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         agent
     }
 
@@ -358,6 +401,11 @@ impl Agent {
 
     pub fn metric(&self, name: &str) -> u64 {
         self.metrics().get(name).copied().unwrap_or(0)
+    }
+
+    /// The process has not exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn healthz(&self) -> bool {

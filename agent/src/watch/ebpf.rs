@@ -31,7 +31,7 @@
 //! (with the tracepoints); the safety sweep covers those.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -213,7 +213,46 @@ pub struct Hook {
     flags: Arc<Flags>,
     ring: Option<RingBuf<MapData>>,
     counters: Option<PerCpuArray<MapData, u64>>,
+    /// The attached programs (duplicated fds), for their run statistics.
+    programs: Vec<OwnedFd>,
     max_files: u32,
+}
+
+/// Whether this process may create BPF maps at all: answered in
+/// microseconds, before the (slow) BTF parsing.
+fn may_use_bpf() -> Result<(), Unusable> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    let attr = MapCreate {
+        map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
+    // SAFETY: BPF_MAP_CREATE with an attr of the given size, alive across
+    // the call; the returned fd is closed below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_MAP_CREATE as libc::c_long,
+            &attr as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Unusable(format!(
+            "bpf(BPF_MAP_CREATE): {e} (the eBPF watcher needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)"
+        )));
+    }
+    // SAFETY: a descriptor we own and no longer use.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
 }
 
 /// Loads the program and attaches it the first way in `opts.attach` that
@@ -222,14 +261,18 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     let object = OBJECT.ok_or_else(|| {
         Unusable("this bpftail was built without its eBPF object (BPFTAIL_NO_EBPF=1)".into())
     })?;
+    may_use_bpf()?;
     let btf = Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
     let globals = globals(&btf).map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
     drop(btf);
+    let sabotage = u32::from(opts.sabotage).to_le_bytes();
+    // The loader parses the kernel's BTF for CO-RE relocations, which this
+    // object has none of (offsets are globals): drop that copy at once, so
+    // only one parsed BTF (tens of MB) exists at a time.
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
     let aya_btf =
         aya::Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF (aya): {e}")))?;
-    let sabotage = u32::from(opts.sabotage).to_le_bytes();
-    let mut loader = EbpfLoader::new();
-    loader.btf(Some(&aya_btf));
     for g in &globals {
         loader.override_global(g.name, &g.bytes[..g.len], true);
     }
@@ -270,6 +313,23 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         tracing::info!(reason = %r, "eBPF attachment not used");
     }
 
+    let names: Vec<&str> = match attach {
+        Attach::Fexit => FEXIT_PROGRAMS.iter().map(|(n, _)| *n).collect(),
+        Attach::TpBtf => vec![PROG_TP_BTF],
+        Attach::RawTp => vec![PROG_RAW_TP],
+    };
+    let mut programs = Vec::new();
+    for name in names {
+        let fd = ebpf
+            .program(name)
+            .ok_or_else(|| Unusable(format!("no program {name}")))?
+            .fd()
+            .map_err(|e| Unusable(format!("{name}: {e}")))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Unusable(format!("{name}: {e}")))?;
+        programs.push(fd);
+    }
     let flags = Flags::map(&ebpf, entries).map_err(|e| Unusable(format!("mmap of FLAGS: {e}")))?;
     let watched = BpfHashMap::try_from(
         ebpf.take_map(MAP_WATCHED)
@@ -293,6 +353,7 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         flags: Arc::new(flags),
         ring: Some(ring),
         counters: Some(counters),
+        programs,
         max_files: entries,
     })
 }
@@ -440,6 +501,42 @@ impl Drop for Flags {
     }
 }
 
+/// Runs of the programs the kernel skipped because another run was in
+/// progress on the same CPU (`bpf_prog_info.recursion_misses`). Syscall
+/// tracepoints are preemptible on recent kernels: a writer preempted inside
+/// the program makes every write on that CPU go unseen until it resumes.
+fn recursion_misses(programs: &[OwnedFd]) -> u64 {
+    programs
+        .iter()
+        .map(|fd| {
+            // SAFETY: a plain C struct; all-zero is a valid value.
+            let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+            #[repr(C)]
+            struct InfoAttr {
+                bpf_fd: u32,
+                info_len: u32,
+                info: u64,
+            }
+            let attr = InfoAttr {
+                bpf_fd: fd.as_raw_fd() as u32,
+                info_len: std::mem::size_of_val(&info) as u32,
+                info: &mut info as *mut _ as u64,
+            };
+            // SAFETY: BPF_OBJ_GET_INFO_BY_FD with an attr naming a buffer of
+            // info_len bytes that lives across the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+                    &attr as *const InfoAttr,
+                    std::mem::size_of::<InfoAttr>(),
+                )
+            };
+            if r == 0 { info.recursion_misses } else { 0 }
+        })
+        .sum()
+}
+
 /// Sums of the per-CPU counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
@@ -447,19 +544,22 @@ pub struct Counters {
     pub watched: u64,
     pub events: u64,
     pub drops: u64,
+    /// Program runs the kernel skipped (see [`recursion_misses`]).
+    pub misses: u64,
 }
 
 fn read_counter(map: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     map.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
-fn read_counters(map: &PerCpuArray<MapData, u64>) -> Counters {
+fn read_counters(map: &PerCpuArray<MapData, u64>, programs: &[OwnedFd]) -> Counters {
     debug_assert_eq!(COUNTER_SLOTS, 4);
     Counters {
         hits: read_counter(map, COUNTER_HITS),
         watched: read_counter(map, COUNTER_WATCHED),
         events: read_counter(map, COUNTER_EVENTS),
         drops: read_counter(map, COUNTER_DROPS),
+        misses: recursion_misses(programs),
     }
 }
 
@@ -560,9 +660,16 @@ impl EbpfSource {
         let counters = Arc::new(Mutex::new(
             hook.counters.take().expect("counters taken once"),
         ));
+        let programs = hook
+            .programs
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Unusable(format!("program fds: {e}")))?;
         let reader = Reader {
             ring,
             counters: counters.clone(),
+            programs,
             flags: hook.flags.clone(),
             table: table.clone(),
             queue,
@@ -590,7 +697,7 @@ impl EbpfSource {
 
     /// The kernel side's counters, summed over CPUs.
     pub fn counters(&self) -> Counters {
-        read_counters(&lock(&self.counters))
+        read_counters(&lock(&self.counters), &self._hook.programs)
     }
 }
 
@@ -622,16 +729,45 @@ impl ChangeSource for EbpfSource {
             .ebpf_unwatched_files
             .set(t.overflow.len() as u64);
     }
+
+    fn sweep(&mut self) {
+        // The reader refreshes these when it wakes; an idle reader (or one
+        // whose events are all lost) does not.
+        publish(&self.metrics, self.counters());
+    }
+}
+
+fn publish(metrics: &Metrics, c: Counters) {
+    metrics.ebpf_hook_hits.set(c.hits);
+    metrics.ebpf_watched_writes.set(c.watched);
+    metrics.ebpf_events.set(c.events);
+    metrics.ebpf_drops.set(c.drops);
+    metrics.ebpf_misses.set(c.misses);
 }
 
 struct Reader {
     ring: RingBuf<MapData>,
     counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    programs: Vec<OwnedFd>,
     flags: Arc<Flags>,
     table: Arc<Mutex<Table>>,
     queue: ChangeQueue,
     metrics: Arc<Metrics>,
     tick: Duration,
+}
+
+/// After the last event, the reader keeps checking for skipped runs this
+/// long (every [`LINGER_EVERY`]): the write that ended a burst may be one
+/// the kernel did not show the program.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_EVERY: Duration = Duration::from_millis(50);
+/// Skipped runs make the loop read every file, at most this often.
+const MISS_READ_EVERY: Duration = Duration::from_millis(100);
+
+fn millis_until(t: Instant) -> i32 {
+    t.saturating_duration_since(Instant::now())
+        .as_millis()
+        .min(i32::MAX as u128) as i32
 }
 
 impl Reader {
@@ -643,19 +779,30 @@ impl Reader {
         let mut fresh: Vec<(u32, FileKey)> = Vec::new();
         let mut last_pass = Instant::now() - self.tick;
         let mut last_drops = 0;
+        let mut last_misses = recursion_misses(&self.programs);
+        let mut miss_pending = false;
+        let mut next_miss_read = Instant::now();
+        let mut linger_until = Instant::now();
         let mut next_poll = Instant::now() + Duration::from_secs(1);
         let mut next_counters = Instant::now();
         loop {
             let has_overflow = !lock(&self.table).overflow.is_empty();
-            let timeout: i32 = if !reported.is_empty() {
-                self.tick.as_millis().max(1) as i32
-            } else if has_overflow {
-                next_poll
-                    .saturating_duration_since(Instant::now())
-                    .as_millis() as i32
-            } else {
-                -1
-            };
+            let now = Instant::now();
+            let mut deadline: Option<Instant> = None;
+            let mut wake_at = |t: Instant| deadline = Some(deadline.map_or(t, |d| d.min(t)));
+            if !reported.is_empty() {
+                wake_at(now + self.tick);
+            }
+            if miss_pending {
+                wake_at(next_miss_read);
+            }
+            if now < linger_until {
+                wake_at(now + LINGER_EVERY);
+            }
+            if has_overflow {
+                wake_at(next_poll);
+            }
+            let timeout = deadline.map_or(-1, millis_until);
             let mut pfd = libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -701,6 +848,10 @@ impl Reader {
                 fresh.push((ev.slot, key));
             }
             std::mem::swap(&mut reported, &mut fresh);
+            let now = Instant::now();
+            if !reported.is_empty() {
+                linger_until = now + LINGER;
+            }
 
             let drops = read_counter(&lock(&self.counters), COUNTER_DROPS);
             if drops > last_drops {
@@ -712,7 +863,17 @@ impl Reader {
                 batch.all_files = true;
                 last_drops = drops;
             }
-            let now = Instant::now();
+            let misses = recursion_misses(&self.programs);
+            if misses > last_misses {
+                miss_pending = true;
+                last_misses = misses;
+                linger_until = now + LINGER;
+            }
+            if miss_pending && now >= next_miss_read {
+                batch.all_files = true;
+                miss_pending = false;
+                next_miss_read = now + MISS_READ_EVERY;
+            }
             if has_overflow && now >= next_poll {
                 batch
                     .keys
@@ -720,12 +881,11 @@ impl Reader {
                 next_poll = now + Duration::from_secs(1);
             }
             // Fresh figures every second while busy, and when going idle.
-            if now >= next_counters || reported.is_empty() {
-                let c = read_counters(&lock(&self.counters));
-                self.metrics.ebpf_hook_hits.set(c.hits);
-                self.metrics.ebpf_watched_writes.set(c.watched);
-                self.metrics.ebpf_events.set(c.events);
-                self.metrics.ebpf_drops.set(c.drops);
+            if now >= next_counters || (reported.is_empty() && now >= linger_until) {
+                publish(
+                    &self.metrics,
+                    read_counters(&lock(&self.counters), &self.programs),
+                );
                 next_counters = now + Duration::from_secs(1);
             }
             self.queue.merge(&mut batch);

@@ -156,6 +156,8 @@ pub trait ChangeSource: Send {
     fn watch_file(&mut self, _key: FileKey) {}
     /// The data loop closed this file.
     fn unwatch_file(&mut self, _key: FileKey) {}
+    /// Called at each safety sweep (refresh figures, housekeeping).
+    fn sweep(&mut self) {}
 }
 
 /// Settings of the backends.
