@@ -31,7 +31,7 @@
 //! (with the tracepoints); the safety sweep covers those.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -610,14 +610,22 @@ impl Table {
         }
     }
 
-    fn remove(&mut self, key: FileKey) {
+    /// Returns a polled file that took the freed place: the caller has it
+    /// read once (a write just before it entered the map).
+    fn remove(&mut self, key: FileKey, flags: &Flags) -> Option<FileKey> {
+        self.overflow.retain(|k| *k != key);
         if let Some((id, slot)) = self.slots.remove(&key) {
             let _ = self.watched.remove(&id);
             // A write racing the removal may still flag the slot: its next
             // owner then gets one spurious read.
             self.free.push(slot);
+            // A polled file takes the free place.
+            if let Some(k) = self.overflow.pop() {
+                self.add(k, flags);
+                return Some(k);
+            }
         }
-        self.overflow.retain(|k| *k != key);
+        None
     }
 }
 
@@ -625,6 +633,9 @@ impl Table {
 /// inotify.
 pub struct EbpfSource {
     dirs: InotifySource,
+    queue: ChangeQueue,
+    /// eventfd that wakes the reader (a file went to the polled list).
+    wake: Arc<OwnedFd>,
     table: Arc<Mutex<Table>>,
     flags: Arc<Flags>,
     metrics: Arc<Metrics>,
@@ -657,6 +668,16 @@ impl EbpfSource {
             overflow: Vec::new(),
         }));
         let ring = hook.ring.take().expect("ring buffer taken once");
+        // SAFETY: plain syscall; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(Unusable(format!(
+                "eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: a fresh descriptor we own.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
         let counters = Arc::new(Mutex::new(
             hook.counters.take().expect("counters taken once"),
         ));
@@ -672,7 +693,8 @@ impl EbpfSource {
             programs,
             flags: hook.flags.clone(),
             table: table.clone(),
-            queue,
+            wake: wake.clone(),
+            queue: queue.clone(),
             metrics: metrics.clone(),
             tick: opts.tick,
         };
@@ -682,6 +704,8 @@ impl EbpfSource {
             .map_err(|e| Unusable(format!("thread: {e}")))?;
         Ok(EbpfSource {
             dirs,
+            wake,
+            queue: queue.clone(),
             table,
             flags: hook.flags.clone(),
             metrics,
@@ -716,7 +740,12 @@ impl ChangeSource for EbpfSource {
 
     fn watch_file(&mut self, key: FileKey) {
         let mut t = lock(&self.table);
-        t.add(key, &self.flags);
+        if !t.add(key, &self.flags) {
+            // The reader may be asleep with nothing to poll: wake it.
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a local to our eventfd.
+            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
         self.metrics
             .ebpf_unwatched_files
             .set(t.overflow.len() as u64);
@@ -724,7 +753,11 @@ impl ChangeSource for EbpfSource {
 
     fn unwatch_file(&mut self, key: FileKey) {
         let mut t = lock(&self.table);
-        t.remove(key);
+        if let Some(promoted) = t.remove(key, &self.flags) {
+            let mut p = Pending::default();
+            p.keys.insert(promoted);
+            self.queue.merge(&mut p);
+        }
         self.metrics
             .ebpf_unwatched_files
             .set(t.overflow.len() as u64);
@@ -751,6 +784,7 @@ struct Reader {
     programs: Vec<OwnedFd>,
     flags: Arc<Flags>,
     table: Arc<Mutex<Table>>,
+    wake: Arc<OwnedFd>,
     queue: ChangeQueue,
     metrics: Arc<Metrics>,
     tick: Duration,
@@ -803,13 +837,25 @@ impl Reader {
                 wake_at(next_poll);
             }
             let timeout = deadline.map_or(-1, millis_until);
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
+            let mut pfds = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds for the duration of the call.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) };
+            if n > 0 && pfds[1].revents & libc::POLLIN != 0 {
+                let mut v = 0u64;
+                // SAFETY: reading 8 bytes into a local from our eventfd.
+                unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            }
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -1187,5 +1233,25 @@ mod tests {
         let c = r.src.counters();
         assert!(c.drops > 0, "{c:?}");
         assert!(got.all_files, "lost events make the loop read every file");
+    }
+
+    #[test]
+    fn files_beyond_the_maps_capacity_are_polled_every_second() {
+        let mut r = rig_with(Options {
+            max_files: 4,
+            ..Options::default()
+        });
+        let files: Vec<_> = (0..6).map(|i| r.file(&format!("{i}.log"))).collect();
+        for (_, k) in &files {
+            r.src.watch_file(*k);
+        }
+        assert_eq!(r.metrics.ebpf_unwatched_files.get(), 2);
+        let (_, last) = files[5];
+        // Not in the map: reported by the one-second poll, written or not.
+        let got = r.reported(Duration::from_secs(3), Some(last));
+        assert!(got.keys.contains(&last));
+        // Closing a mapped file gives its slot to a polled one.
+        r.src.unwatch_file(files[0].1);
+        assert_eq!(r.metrics.ebpf_unwatched_files.get(), 1);
     }
 }
