@@ -22,11 +22,13 @@ use support::*;
 
 /// CPU time (ns) and context switches of every thread of `pid`, split into
 /// librdkafka's threads (`rdk:*`) and the agent's own.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Usage {
     cpu_ns: u64,
     own_switches: u64,
     rdk_switches: u64,
+    /// Per thread (tid, name): context switches.
+    threads: std::collections::BTreeMap<(String, String), u64>,
 }
 
 fn usage(pid: u32) -> Usage {
@@ -49,6 +51,13 @@ fn usage(pid: u32) -> Usage {
             .filter(|l| l.contains("ctxt_switches:"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum();
+        u.threads.insert(
+            (
+                t.file_name().to_string_lossy().into_owned(),
+                comm.trim().to_owned(),
+            ),
+            switches,
+        );
         if comm.starts_with("rdk:") {
             u.rdk_switches += switches;
         } else {
@@ -74,6 +83,17 @@ fn measure(agent: &Agent, during: impl FnOnce()) -> Phase {
     during();
     let wall = t0.elapsed().as_secs_f64();
     let u1 = usage(pid);
+    if std::env::args().any(|a| a == "--threads") {
+        for (k, v) in &u1.threads {
+            let d = v - u0.threads.get(k).unwrap_or(&0);
+            eprintln!(
+                "    thread {:>8} {:<16} {:>8.1} switches/s",
+                k.0,
+                k.1,
+                d as f64 / wall
+            );
+        }
+    }
     let m1 = agent.metrics();
     let delta = |k: &str| {
         m1.get(k)
@@ -95,6 +115,12 @@ fn main() {
     let rate: f64 = cli_arg("--rate", "5").parse().expect("--rate LINES/FILE/S");
     let secs: f64 = cli_arg("--secs", "10").parse().expect("--secs S");
     let backends = cli_arg("--backends", "ebpf,fanotify,inotify,poll");
+    // `--backends none`: only the cost to unrelated processes.
+    let backends = if backends == "none" {
+        String::new()
+    } else {
+        backends
+    };
     let tmp = tempfile::tempdir().unwrap();
     let pods = tmp.path().join("pods");
     let broker = Broker::start();
@@ -135,7 +161,7 @@ fn main() {
         "lines/s"
     );
     let mut seq = 0u64;
-    for backend in backends.split(',') {
+    for backend in backends.split(',').filter(|b| !b.is_empty()) {
         let data = tmp.path().join(format!("data-{backend}"));
         let args = agent_args(
             &pods,

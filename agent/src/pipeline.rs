@@ -261,10 +261,15 @@ impl<S: Sink> Pipeline<S> {
                 continue;
             }
             // An idle agent sleeps until the sweep: the checkpoint timer
-            // only counts while there is progress to persist.
+            // only counts while there is progress to persist (or records in
+            // flight, whose reports only wake the loop when it waits for
+            // budget).
             self.apply_acks();
+            self.sink.eager_acks(!self.backlog.is_empty());
             let mut deadline = next_sweep.min(next_rescan);
-            if self.last_saved != Some(self.checkpoint_state()) {
+            if self.last_saved != Some(self.checkpoint_state())
+                || self.metrics.inflight_bytes.get() > 0
+            {
                 deadline = deadline.min(next_checkpoint);
             }
             let timeout = deadline.saturating_duration_since(Instant::now());

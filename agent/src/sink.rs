@@ -26,7 +26,7 @@ use rdkafka::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
 use crate::config::{Config, OutputFormat};
 use crate::discover::FileMeta;
@@ -97,6 +97,8 @@ fn opaque(file: u32, seq: u64) -> usize {
 pub enum SinkError {
     #[error("invalid Kafka producer configuration: {0}")]
     Config(#[source] KafkaError),
+    #[error("cannot start the delivery-report thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Delivery reports on their way back to the data loop: appended under a
@@ -105,22 +107,39 @@ pub enum SinkError {
 pub struct AckQueue {
     acks: Mutex<Vec<Ack>>,
     wake: Sender<()>,
+    /// Wake the data loop for every report (it is waiting for budget or for
+    /// producer queue space). Otherwise reports wait for the loop's next
+    /// turn (at the latest its checkpoint timer), so a steady stream of
+    /// deliveries does not wake it hundreds of times a second.
+    eager: AtomicBool,
 }
+
+/// Reports pending above which the loop is woken anyway.
+const ACKS_WAKE_AT: usize = 4096;
 
 impl AckQueue {
     pub fn new(wake: Sender<()>) -> AckQueue {
         AckQueue {
-            acks: Mutex::new(Vec::with_capacity(4096)),
+            acks: Mutex::new(Vec::with_capacity(ACKS_WAKE_AT)),
             wake,
+            eager: AtomicBool::new(true),
         }
     }
 
     fn push(&self, ack: Ack) {
-        self.acks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(ack);
-        let _ = self.wake.try_send(());
+        let pending = {
+            let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+            acks.push(ack);
+            acks.len()
+        };
+        if self.eager.load(Ordering::Relaxed) || pending >= ACKS_WAKE_AT {
+            let _ = self.wake.try_send(());
+        }
+    }
+
+    /// Whether every report wakes the data loop.
+    pub fn set_eager(&self, eager: bool) {
+        self.eager.store(eager, Ordering::Relaxed);
     }
 
     /// Moves every report received so far into `out` (emptied first); the
@@ -232,9 +251,47 @@ fn classify(err: &KafkaError) -> Outcome {
     }
 }
 
+/// The thread that serves delivery reports. Idle, it wakes once a second
+/// (rust-rdkafka's ThreadedProducer wakes every 100 ms); a report wakes it
+/// at once. On drop it is stopped and joined (within that second).
+struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poller {
+    fn start(producer: Arc<BaseProducer<DeliveryContext>>) -> std::io::Result<Poller> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (producer.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("bpftail-delivery".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    // Returns only at the deadline; serves reports meanwhile.
+                    p.poll(Duration::from_secs(1));
+                }
+            })?;
+        Ok(Poller {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The Kafka producer with its budget and value buffer.
 pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryContext>,
+    producer: Arc<BaseProducer<DeliveryContext>>,
+    /// Serves delivery reports (librdkafka's poll) until dropped.
+    _poller: Option<Poller>,
     format: OutputFormat,
     node: Box<[u8]>,
     /// The JSON value being built; reused for every record.
@@ -285,9 +342,12 @@ impl KafkaSink {
             metrics: metrics.clone(),
             failures: RateLimit::new(Duration::from_secs(10)),
         };
-        let producer = cc.create_with_context(ctx).map_err(SinkError::Config)?;
+        let producer: Arc<BaseProducer<DeliveryContext>> =
+            Arc::new(cc.create_with_context(ctx).map_err(SinkError::Config)?);
+        let poller = Poller::start(producer.clone()).map_err(SinkError::Thread)?;
         Ok(KafkaSink {
             producer,
+            _poller: Some(poller),
             format: cfg.format,
             node: cfg.node_name.as_bytes().into(),
             value: Vec::with_capacity(4096),
@@ -332,6 +392,9 @@ pub trait Sink: RecordSink {
     fn take_acks(&self, out: &mut Vec<Ack>);
     /// Waits up to `timeout` for everything in flight to be acknowledged.
     fn flush(&self, timeout: Duration) -> bool;
+    /// Whether each delivery report should wake the data loop (it waits
+    /// for budget); otherwise reports are picked up at its next turn.
+    fn eager_acks(&self, _eager: bool) {}
 }
 
 impl Sink for KafkaSink {
@@ -340,7 +403,12 @@ impl Sink for KafkaSink {
     }
 
     fn flush(&self, timeout: Duration) -> bool {
+        self.acks.set_eager(true);
         self.producer.flush(timeout).is_ok()
+    }
+
+    fn eager_acks(&self, eager: bool) {
+        self.acks.set_eager(eager);
     }
 }
 
@@ -390,6 +458,7 @@ impl RecordSink for KafkaSink {
                         return;
                     }
                     record = r;
+                    self.acks.set_eager(true);
                     let _ = self.wake.recv_timeout(Duration::from_millis(100));
                 }
                 Err((e, _)) => {
