@@ -102,6 +102,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for (kind, why) in &started.skipped {
         tracing::warn!(watcher = %kind.as_str(), reason = %why, "change-detection backend unusable; trying the next");
     }
+    if cfg.watcher == config::WatcherKind::Auto
+        && started
+            .skipped
+            .iter()
+            .any(|(k, _)| *k == config::WatcherKind::Ebpf)
+        && !started.detail.starts_with("ebpf")
+    {
+        tracing::info!(
+            "auto does not use the eBPF sys_exit tracepoint hook (it would slow every syscall on this node); --watcher ebpf forces it"
+        );
+    }
     let source = started.source;
     // Starting the eBPF watcher parsed the kernel's BTF (tens of MB, freed
     // since): hand those pages back to the system now.

@@ -80,17 +80,17 @@ fn probe() {
             "missing (built with BPFTAIL_NO_EBPF=1)"
         }
     );
-    let mut ebpf_choice = None;
+    let mut usable = Vec::new();
     for (attach, result) in ebpf::probe() {
         match result {
             Ok(()) => {
                 println!("ebpf {}: loads and attaches", attach.name());
-                ebpf_choice.get_or_insert(attach);
+                usable.push(attach);
             }
             Err(e) => println!("ebpf {}: refused: {e}", attach.name()),
         }
     }
-    match ebpf_choice {
+    match usable.first() {
         Some(a) => println!("ebpf: usable ({})", a.name()),
         None => println!("ebpf: unusable"),
     }
@@ -105,11 +105,11 @@ fn probe() {
         Err(e) => println!("inotify: unusable: {e}"),
     }
     println!("poll: usable");
-    let auto = match (ebpf_choice, &fan, &inotify) {
-        (Some(a), _, _) => format!("ebpf ({})", a.name()),
-        (None, Ok(()), _) => "fanotify".into(),
-        (None, Err(_), Ok(_)) => "inotify".into(),
-        _ => "poll".into(),
-    };
+    let auto = bpftail::watch::auto_choice(&usable, fan.is_ok(), inotify.is_ok());
     println!("auto picks: {auto}");
+    if !usable.contains(&ebpf::Attach::Fexit) && !usable.is_empty() {
+        println!(
+            "  (eBPF runs here only on the sys_exit tracepoint, which slows every syscall on the node; auto prefers fanotify. --watcher ebpf forces it.)"
+        );
+    }
 }

@@ -790,9 +790,11 @@ struct Reader {
     tick: Duration,
 }
 
-/// After the last event, the reader keeps checking for skipped runs this
-/// long (every [`LINGER_EVERY`]): the write that ended a burst may be one
-/// the kernel did not show the program.
+/// Once the kernel has skipped runs of the program, the reader keeps
+/// checking for more this long after each event (every [`LINGER_EVERY`]):
+/// the write that ended a burst may be one the program did not see. While
+/// no run was ever skipped it does not linger (no extra wakeups); a skipped
+/// run it cannot see at once is still found by the safety sweep.
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_EVERY: Duration = Duration::from_millis(50);
 /// Skipped runs make the loop read every file, at most this often.
@@ -895,7 +897,7 @@ impl Reader {
             }
             std::mem::swap(&mut reported, &mut fresh);
             let now = Instant::now();
-            if !reported.is_empty() {
+            if !reported.is_empty() && last_misses > 0 {
                 linger_until = now + LINGER;
             }
 
