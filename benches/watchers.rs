@@ -27,8 +27,8 @@ struct Usage {
     cpu_ns: u64,
     own_switches: u64,
     rdk_switches: u64,
-    /// Per thread (tid, name): context switches.
-    threads: std::collections::BTreeMap<(String, String), u64>,
+    /// Per thread (tid, name): context switches and CPU ns.
+    threads: std::collections::BTreeMap<(String, String), (u64, u64)>,
 }
 
 fn usage(pid: u32) -> Usage {
@@ -40,11 +40,12 @@ fn usage(pid: u32) -> Usage {
         let dir = t.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         let sched = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
-        u.cpu_ns += sched
+        let cpu = sched
             .split_whitespace()
             .next()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+        u.cpu_ns += cpu;
         let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
         let switches: u64 = status
             .lines()
@@ -56,7 +57,7 @@ fn usage(pid: u32) -> Usage {
                 t.file_name().to_string_lossy().into_owned(),
                 comm.trim().to_owned(),
             ),
-            switches,
+            (switches, cpu),
         );
         if comm.starts_with("rdk:") {
             u.rdk_switches += switches;
