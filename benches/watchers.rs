@@ -85,13 +85,14 @@ fn measure(agent: &Agent, during: impl FnOnce()) -> Phase {
     let wall = t0.elapsed().as_secs_f64();
     let u1 = usage(pid);
     if std::env::args().any(|a| a == "--threads") {
-        for (k, v) in &u1.threads {
-            let d = v - u0.threads.get(k).unwrap_or(&0);
+        for (k, (sw, cpu)) in &u1.threads {
+            let (sw0, cpu0) = u0.threads.get(k).copied().unwrap_or((0, 0));
             eprintln!(
-                "    thread {:>8} {:<16} {:>8.1} switches/s",
+                "    thread {:>8} {:<16} {:>8.1} switches/s {:>8.3} % CPU",
                 k.0,
                 k.1,
-                d as f64 / wall
+                (sw - sw0) as f64 / wall,
+                (cpu - cpu0) as f64 / 1e9 / wall * 100.0
             );
         }
     }
