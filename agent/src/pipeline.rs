@@ -708,11 +708,17 @@ impl<S: Sink> Pipeline<S> {
         let mut lag = 0;
         let mut close = Vec::new();
         let mut rescan = false;
+        // Unread bytes while reading is not held back by the budget: the
+        // change source missed a write (or it is a few ms old).
+        let judge = self.backlog.is_empty() && self.sink.has_budget();
         for (&id, f) in &mut self.files {
             let Ok(md) = f.file.metadata() else { continue };
             let size = md.len();
             if size != f.read_offset {
                 self.dirty.push(id);
+                if judge && size > f.read_offset {
+                    self.source.missed(f.key);
+                }
             }
             if size != f.size_seen {
                 f.size_seen = size;

@@ -572,6 +572,19 @@ struct Table {
     max: u32,
     /// Files the map had no room for: reported every second instead.
     overflow: Vec<FileKey>,
+    /// Files in the map whose writes the hook does not seem to see (see
+    /// [`EbpfSource::missed`]): reported every second as well.
+    also_polled: Vec<FileKey>,
+}
+
+impl Table {
+    fn polled(&self) -> impl Iterator<Item = &FileKey> {
+        self.overflow.iter().chain(&self.also_polled)
+    }
+
+    fn polled_len(&self) -> usize {
+        self.overflow.len() + self.also_polled.len()
+    }
 }
 
 impl Table {
@@ -614,6 +627,7 @@ impl Table {
     /// read once (a write just before it entered the map).
     fn remove(&mut self, key: FileKey, flags: &Flags) -> Option<FileKey> {
         self.overflow.retain(|k| *k != key);
+        self.also_polled.retain(|k| *k != key);
         if let Some((id, slot)) = self.slots.remove(&key) {
             let _ = self.watched.remove(&id);
             // A write racing the removal may still flag the slot: its next
@@ -634,6 +648,10 @@ impl Table {
 pub struct EbpfSource {
     dirs: InotifySource,
     queue: ChangeQueue,
+    /// Sweeps so far, and files the sweep found grown unannounced:
+    /// (sweeps in a row, last such sweep).
+    sweeps: u64,
+    suspects: HashMap<FileKey, (u32, u64)>,
     /// eventfd that wakes the reader (a file went to the polled list).
     wake: Arc<OwnedFd>,
     table: Arc<Mutex<Table>>,
@@ -666,6 +684,7 @@ impl EbpfSource {
             next: 0,
             max: hook.max_files,
             overflow: Vec::new(),
+            also_polled: Vec::new(),
         }));
         let ring = hook.ring.take().expect("ring buffer taken once");
         // SAFETY: plain syscall; the result is checked.
@@ -704,6 +723,8 @@ impl EbpfSource {
             .map_err(|e| Unusable(format!("thread: {e}")))?;
         Ok(EbpfSource {
             dirs,
+            sweeps: 0,
+            suspects: HashMap::new(),
             wake,
             queue: queue.clone(),
             table,
@@ -741,14 +762,9 @@ impl ChangeSource for EbpfSource {
     fn watch_file(&mut self, key: FileKey) {
         let mut t = lock(&self.table);
         if !t.add(key, &self.flags) {
-            // The reader may be asleep with nothing to poll: wake it.
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes from a local to our eventfd.
-            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            wake(&self.wake);
         }
-        self.metrics
-            .ebpf_unwatched_files
-            .set(t.overflow.len() as u64);
+        self.metrics.ebpf_unwatched_files.set(t.polled_len() as u64);
     }
 
     fn unwatch_file(&mut self, key: FileKey) {
@@ -758,16 +774,54 @@ impl ChangeSource for EbpfSource {
             p.keys.insert(promoted);
             self.queue.merge(&mut p);
         }
-        self.metrics
-            .ebpf_unwatched_files
-            .set(t.overflow.len() as u64);
+        self.metrics.ebpf_unwatched_files.set(t.polled_len() as u64);
     }
 
     fn sweep(&mut self) {
         // The reader refreshes these when it wakes; an idle reader (or one
         // whose events are all lost) does not.
         publish(&self.metrics, self.counters());
+        self.sweeps += 1;
+        let now = self.sweeps;
+        self.suspects.retain(|_, (_, last)| *last + 1 >= now);
     }
+
+    fn missed(&mut self, key: FileKey) {
+        // Growth found by MISSES_TO_POLL sweeps in a row that no event
+        // announced: the hook does not see this file's writes (e.g. its
+        // st_dev is not the kernel's s_dev, as on btrfs subvolumes, or it
+        // is written through mmap). It stays in the map and is also polled
+        // every second. A busy file can be caught by chance (a write a few
+        // ms before the sweep): then it is only read once more a second.
+        let now = self.sweeps;
+        let e = self.suspects.entry(key).or_insert((0, now));
+        e.0 = if e.1 + 1 >= now { e.0 + 1 } else { 1 };
+        e.1 = now;
+        if e.0 == MISSES_TO_POLL {
+            let mut t = lock(&self.table);
+            if t.slots.contains_key(&key) && !t.also_polled.contains(&key) {
+                tracing::info!(
+                    dev = key.dev,
+                    ino = key.ino,
+                    "writes to this file were found by the sweep, not reported by the eBPF hook; polling it every second too"
+                );
+                t.also_polled.push(key);
+                self.metrics.ebpf_unwatched_files.set(t.polled_len() as u64);
+                wake(&self.wake);
+            }
+        }
+    }
+}
+
+/// Sweeps in a row that must find unannounced growth in a file before it
+/// is polled as well.
+const MISSES_TO_POLL: u32 = 3;
+
+/// Wakes the reader (it may be asleep with nothing to poll).
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a local to our eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 fn publish(metrics: &Metrics, c: Counters) {
@@ -822,7 +876,7 @@ impl Reader {
         let mut next_poll = Instant::now() + Duration::from_secs(1);
         let mut next_counters = Instant::now();
         loop {
-            let has_overflow = !lock(&self.table).overflow.is_empty();
+            let has_overflow = lock(&self.table).polled_len() > 0;
             let now = Instant::now();
             let mut deadline: Option<Instant> = None;
             let mut wake_at = |t: Instant| deadline = Some(deadline.map_or(t, |d| d.min(t)));
@@ -923,9 +977,7 @@ impl Reader {
                 next_miss_read = now + MISS_READ_EVERY;
             }
             if has_overflow && now >= next_poll {
-                batch
-                    .keys
-                    .extend(lock(&self.table).overflow.iter().copied());
+                batch.keys.extend(lock(&self.table).polled().copied());
                 next_poll = now + Duration::from_secs(1);
             }
             // Fresh figures every second while busy, and when going idle.
@@ -1255,5 +1307,37 @@ mod tests {
         // Closing a mapped file gives its slot to a polled one.
         r.src.unwatch_file(files[0].1);
         assert_eq!(r.metrics.ebpf_unwatched_files.get(), 1);
+    }
+
+    #[test]
+    fn a_file_whose_writes_the_hook_does_not_see_is_polled_after_three_sweeps() {
+        let mut r = rig();
+        let (_f, real) = r.file("0.log");
+        // A key the kernel will never name (as for a btrfs subvolume, whose
+        // st_dev is not the superblock's s_dev).
+        let wrong = FileKey {
+            dev: real.dev + 1,
+            ino: real.ino,
+        };
+        r.src.watch_file(wrong);
+        for round in 1..=3 {
+            assert_eq!(r.metrics.ebpf_unwatched_files.get(), 0, "round {round}");
+            r.src.sweep();
+            r.src.missed(wrong);
+        }
+        assert_eq!(r.metrics.ebpf_unwatched_files.get(), 1);
+        let got = r.reported(Duration::from_secs(3), Some(wrong));
+        assert!(got.keys.contains(&wrong), "polled every second");
+        // A miss now and then (a write just before a sweep) is not enough.
+        let (_g, other) = r.file("1.log");
+        r.src.watch_file(other);
+        for _ in 0..3 {
+            r.src.sweep();
+            r.src.missed(other);
+            r.src.sweep();
+        }
+        assert_eq!(r.metrics.ebpf_unwatched_files.get(), 1);
+        r.src.unwatch_file(wrong);
+        assert_eq!(r.metrics.ebpf_unwatched_files.get(), 0);
     }
 }

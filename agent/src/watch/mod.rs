@@ -158,6 +158,8 @@ pub trait ChangeSource: Send {
     fn unwatch_file(&mut self, _key: FileKey) {}
     /// Called at each safety sweep (refresh figures, housekeeping).
     fn sweep(&mut self) {}
+    /// The sweep found unread bytes in this file that no report announced.
+    fn missed(&mut self, _key: FileKey) {}
 }
 
 /// Settings of the backends.
