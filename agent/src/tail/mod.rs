@@ -66,6 +66,8 @@ pub struct TailedFile {
     pub before_truncation: Vec<(Fingerprint, u64)>,
     /// File size at the last sweep.
     pub size_seen: u64,
+    /// ctime (s, ns) at the last sweep.
+    pub ctime_seen: (i64, i64),
     /// Last time the sweep saw the file grow, or its status changed.
     pub last_activity: Instant,
 }
@@ -412,6 +414,7 @@ mod tests {
             found_rotated: false,
             before_truncation: Vec::new(),
             size_seen: 0,
+            ctime_seen: (0, 0),
             last_activity: Instant::now(),
         }
     }
