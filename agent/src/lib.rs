@@ -52,7 +52,6 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
             ring_bytes: 256 * 1024,
             sabotage,
         },
-        tick: cfg.ebpf_tick,
         poll_interval: cfg.poll_interval,
     }
 }

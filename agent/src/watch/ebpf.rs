@@ -42,7 +42,7 @@ use aya::programs::{BtfTracePoint, FExit, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 
 use super::btf::Btf;
-use super::{ChangeQueue, ChangeSource, InotifySource, Pending};
+use super::{ChangeQueue, ChangeSource, InotifySource, Pending, pace};
 use crate::checkpoint::FileKey;
 use crate::metrics::Metrics;
 
@@ -218,6 +218,22 @@ pub struct Hook {
     max_files: u32,
 }
 
+/// `bpf(cmd, attr, sizeof attr)`. `attr` is a `#[repr(C)]` prefix of
+/// `union bpf_attr` (the kernel zero-fills the rest); any buffer it points
+/// to must outlive the call.
+fn bpf<T>(cmd: aya_obj::generated::bpf_cmd, attr: &T) -> libc::c_long {
+    // SAFETY: the kernel reads size_of::<T>() bytes of `attr`, which is
+    // valid for the call; pointers inside it are the caller's promise.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    }
+}
+
 /// Whether this process may create BPF maps at all: answered in
 /// microseconds, before the (slow) BTF parsing.
 fn may_use_bpf() -> Result<(), Unusable> {
@@ -234,16 +250,8 @@ fn may_use_bpf() -> Result<(), Unusable> {
         value_size: 4,
         max_entries: 1,
     };
-    // SAFETY: BPF_MAP_CREATE with an attr of the given size, alive across
-    // the call; the returned fd is closed below.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            aya_obj::generated::bpf_cmd::BPF_MAP_CREATE as libc::c_long,
-            &attr as *const MapCreate,
-            std::mem::size_of::<MapCreate>(),
-        )
-    };
+    // The returned fd is closed below.
+    let fd = bpf(aya_obj::generated::bpf_cmd::BPF_MAP_CREATE, &attr);
     if fd < 0 {
         let e = std::io::Error::last_os_error();
         return Err(Unusable(format!(
@@ -522,16 +530,8 @@ fn recursion_misses(programs: &[OwnedFd]) -> u64 {
                 info_len: std::mem::size_of_val(&info) as u32,
                 info: &mut info as *mut _ as u64,
             };
-            // SAFETY: BPF_OBJ_GET_INFO_BY_FD with an attr naming a buffer of
-            // info_len bytes that lives across the call.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
-                    &attr as *const InfoAttr,
-                    std::mem::size_of::<InfoAttr>(),
-                )
-            };
+            // `info` outlives the call.
+            let r = bpf(aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr);
             if r == 0 { info.recursion_misses } else { 0 }
         })
         .sum()
@@ -585,9 +585,7 @@ impl Table {
     fn polled_len(&self) -> usize {
         self.overflow.len() + self.also_polled.len()
     }
-}
 
-impl Table {
     fn add(&mut self, key: FileKey, flags: &Flags) -> bool {
         if self.slots.contains_key(&key) || self.overflow.contains(&key) {
             return true;
@@ -747,10 +745,6 @@ impl EbpfSource {
 }
 
 impl ChangeSource for EbpfSource {
-    fn name(&self) -> &'static str {
-        "ebpf"
-    }
-
     fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool> {
         self.dirs.watch_dir(dir)
     }
@@ -920,12 +914,8 @@ impl Reader {
                 tracing::error!(error = %e, "polling the eBPF ring buffer failed; falling back to the safety sweep");
                 return;
             }
-            // At most one pass per tick: events gather in the ring buffer.
-            let since = last_pass.elapsed();
-            if since < self.tick {
-                std::thread::sleep(self.tick - since);
-            }
-            last_pass = Instant::now();
+            // Events gather in the ring buffer meanwhile.
+            pace(&mut last_pass, self.tick);
             self.metrics.watcher_wakeups.inc();
 
             // Re-arm what the previous pass reported, then have the loop

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{ChangeQueue, ChangeSource, Pending};
+use super::{ChangeQueue, ChangeSource, Pending, pace};
 use crate::metrics::Metrics;
 
 /// What a directory mark reports.
@@ -153,10 +153,6 @@ impl FanotifySource {
 }
 
 impl ChangeSource for FanotifySource {
-    fn name(&self) -> &'static str {
-        "fanotify"
-    }
-
     fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool> {
         let handle = handle_of(dir)?;
         if self.by_path.get(dir) == Some(&handle) {
@@ -211,13 +207,8 @@ fn read_events(
             parse(&buf[..n as usize], &dirs, &mut batch, metrics);
         }
         queue.merge(&mut batch);
-        // At most one pass per tick: meanwhile the kernel merges repeated
-        // events on the same file.
-        let since = last_pass.elapsed();
-        if since < tick {
-            std::thread::sleep(tick - since);
-        }
-        last_pass = Instant::now();
+        // Meanwhile the kernel merges repeated events on the same file.
+        pace(&mut last_pass, tick);
     }
 }
 

@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
@@ -140,7 +140,6 @@ impl ChangeQueue {
 
 /// A backend that reports changes under watched directories.
 pub trait ChangeSource: Send {
-    fn name(&self) -> &'static str;
     /// Reports writes to files in `dir` and entries changing in it.
     /// Idempotent; true if a new watch was placed.
     fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool>;
@@ -162,12 +161,21 @@ pub trait ChangeSource: Send {
     fn missed(&mut self, _key: FileKey) {}
 }
 
+/// Keeps a reader thread to at most one pass per `tick`: sleeps out the
+/// rest of the tick since `last_pass`, then starts the next one.
+fn pace(last_pass: &mut Instant, tick: Duration) {
+    let since = last_pass.elapsed();
+    if since < tick {
+        std::thread::sleep(tick - since);
+    }
+    *last_pass = Instant::now();
+}
+
 /// Settings of the backends.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
+    /// Its `tick` also paces the fanotify reader.
     pub ebpf: ebpf::Options,
-    /// Pacing of the fanotify reader (at most one pass per tick).
-    pub tick: Duration,
     pub poll_interval: Duration,
 }
 
@@ -273,7 +281,7 @@ pub fn start(
                     .map_err(|e| e.to_string())
             }
             Step::Fanotify => {
-                fanotify::FanotifySource::start(queue.clone(), metrics.clone(), opts.tick)
+                fanotify::FanotifySource::start(queue.clone(), metrics.clone(), opts.ebpf.tick)
                     .map(|s| (Box::new(s) as Box<dyn ChangeSource>, "fanotify".to_owned()))
                     .map_err(|e| e.to_string())
             }
@@ -451,10 +459,6 @@ fn set_path(path: &mut PathBuf, dir: &Path, name: &OsStr) {
 }
 
 impl ChangeSource for InotifySource {
-    fn name(&self) -> &'static str {
-        "inotify"
-    }
-
     fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool> {
         if let Some(wd) = self.by_path.get(dir)
             && lock(&self.shared.dirs).contains_key(wd)
@@ -523,9 +527,6 @@ impl PollSource {
 }
 
 impl ChangeSource for PollSource {
-    fn name(&self) -> &'static str {
-        "poll"
-    }
     fn watch_dir(&mut self, _: &Path) -> std::io::Result<bool> {
         Ok(false)
     }
