@@ -116,7 +116,12 @@ fn assert_complete(node: &Node, records: &[Received], allow_rewinds: bool) -> Ta
         "lines missing: {t:?}\nagent log:\n{}",
         node.agent_log()
     );
-    assert_eq!(t.jumps, 0, "lines out of order: {t:?}");
+    assert_eq!(
+        t.jumps,
+        0,
+        "lines out of order: {t:?}\nagent log:\n{}",
+        node.agent_log()
+    );
     assert_eq!(t.foreign, 0, "records that were never written: {t:?}");
     if !allow_rewinds {
         assert_eq!(t.duplicates, 0, "duplicates: {t:?}");
@@ -332,7 +337,11 @@ fn kubelet_rotation_during_the_writes_loses_nothing_and_keeps_order() {
     let broker = Broker::start();
     broker.create_topic("logs", 4);
     let node = Node::new();
-    let agent = Agent::start(&node.args(&broker, "logs", &[]), &node.log);
+    let how = Launch {
+        env: vec![("BPFTAIL_LOG".into(), "bpftail=debug".into())],
+        ..Default::default()
+    };
+    let agent = Agent::launch(&node.args(&broker, "logs", &[]), &node.log, &how);
     let collector = Collector::start(&broker.addr(), "logs");
     // Every 15,000 lines: rename 0.log to 0.log.<timestamp>, reopen 0.log —
     // what kubelet and the runtime do together.
@@ -348,7 +357,9 @@ fn kubelet_rotation_during_the_writes_loses_nothing_and_keeps_order() {
     let m = agent.metrics();
     assert_eq!(
         m["bpftail_file_rotations_total"],
-        WRITERS as u64 * (LINES / 15_000)
+        WRITERS as u64 * (LINES / 15_000),
+        "rotations counted; agent log:\n{}",
+        node.agent_log()
     );
     assert!(agent.stop().success());
 }

@@ -447,6 +447,7 @@ impl<S: Sink> Pipeline<S> {
         if f.status == FileStatus::Live && status == FileStatus::Rotated {
             self.metrics.rotations.inc();
         }
+        tracing::debug!(path = %f.path.display(), from = ?f.status, to = ?status, "file status");
         f.status = status;
         f.last_activity = Instant::now();
         let ids = self.retired.entry(f.meta.key.clone()).or_default();
@@ -463,6 +464,12 @@ impl<S: Sink> Pipeline<S> {
     /// Full discovery: opens new files, notices renames and disappearances,
     /// keeps the change source watching every log directory.
     fn rescan(&mut self) {
+        let scan = self.list();
+        self.apply_scan(scan);
+    }
+
+    /// Lists the log directories, watching each before trusting the listing.
+    fn list(&mut self) -> Scan {
         let mut scan = Scan::default();
         // Watch new directories before trusting the listing, then list again
         // so nothing created in between is missed.
@@ -504,13 +511,32 @@ impl<S: Sink> Pipeline<S> {
         for (path, e) in &scan.errors {
             tracing::warn!(path = %path.display(), error = %e, "cannot list directory");
         }
+        scan
+    }
 
+    /// Follows what a listing found and retires what it no longer holds.
+    fn apply_scan(&mut self, mut scan: Scan) {
         let mut seen = HashSet::new();
         let mut present = HashSet::new();
-        for found in scan.files {
-            if let Some(id) = self.track(found, &mut present) {
-                seen.insert(id);
+        for pass in 0.. {
+            seen.clear();
+            let mut new_live = false;
+            for found in std::mem::take(&mut scan.files) {
+                let live = !found.rotated;
+                if let Some((id, new)) = self.track(found, &mut present) {
+                    seen.insert(id);
+                    new_live |= new && live;
+                }
             }
+            // A live file first seen now may have been created after its
+            // directory was listed (a path is stat'ed after the listing): a
+            // file rotated just before it was created would then be missing
+            // from the listing, and read after its successor. A listing
+            // made now holds every rename that preceded the new file.
+            if !new_live || pass == 2 {
+                break;
+            }
+            scan = self.list();
         }
         // Shipped rotations stay remembered while they are on disk.
         self.finished.retain(|k, _| present.contains(k));
@@ -536,8 +562,9 @@ impl<S: Sink> Pipeline<S> {
         self.metrics.files_watched.set(self.files.len() as u64);
     }
 
-    /// Follows a discovered file; returns its id if it is being read.
-    fn track(&mut self, found: Found, present: &mut HashSet<FileKey>) -> Option<u32> {
+    /// Follows a discovered file; returns its id if it is being read, and
+    /// whether it was opened just now.
+    fn track(&mut self, found: Found, present: &mut HashSet<FileKey>) -> Option<(u32, bool)> {
         let md = std::fs::metadata(&found.path).ok()?;
         if !md.is_file() {
             // A FIFO or device where a log should be: opening it could block.
@@ -561,7 +588,7 @@ impl<S: Sink> Pipeline<S> {
                 self.dirty.push(id);
             }
             self.set_status(id, status);
-            return Some(id);
+            return Some((id, false));
         }
         if found.rotated && self.finished.contains_key(&key) {
             return None; // shipped and closed
@@ -678,7 +705,7 @@ impl<S: Sink> Pipeline<S> {
         // before it is seen by that read.
         self.source.watch_file(key);
         self.dirty.push(id);
-        Some(id)
+        Some((id, true))
     }
 
     /// Whether a short rotated file may be a copytruncate copy still being
@@ -1232,6 +1259,64 @@ mod tests {
         for seed in 1..=seeds {
             run_model(seed, 60);
         }
+    }
+
+    #[test]
+    fn a_file_rotated_while_its_directory_was_listed_is_read_before_its_successor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pods = tmp.path().join("pods");
+        let data = tmp.path().join("data");
+        let cfg = config(&pods, &data);
+        let dir = pods.join("ns_pod0_uid0/app");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::File::create(dir.join("0.log")).unwrap();
+        let mut k = Container {
+            dir,
+            file,
+            written: 0,
+            rotations: 0,
+        };
+        let mut sink = ModelSink {
+            sent: Vec::new(),
+            failing: RefCell::default(),
+            acks: RefCell::default(),
+            in_flight: Cell::new(0),
+            budget: 50,
+            rng: Cell::new(1),
+            fail_one_in: 0,
+        };
+        {
+            let mut p = pipeline(&cfg, &mut sink);
+            k.write(0, 10);
+            drain(&mut p);
+            // The directory is listed (it holds 0.log); before that path is
+            // stat'ed, the runtime fills 0.log, rotates it, fills the next
+            // one and rotates again: the stat finds a third file.
+            let stale = p.list();
+            for _ in 0..2 {
+                k.write(0, 10);
+                k.rotations += 1;
+                std::fs::rename(
+                    k.dir.join("0.log"),
+                    k.dir.join(format!("0.log.20261125-{:06}", k.rotations)),
+                )
+                .unwrap();
+                k.reopen();
+            }
+            k.write(0, 10);
+            p.apply_scan(stale);
+            p.read_dirty();
+            drain(&mut p);
+        }
+        let seqs: Vec<u64> = sink
+            .sent
+            .iter()
+            .map(|(_, m)| {
+                let text = String::from_utf8_lossy(m);
+                text.split(' ').nth(1).unwrap().parse().unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (0..40).collect::<Vec<u64>>());
     }
 
     #[test]
