@@ -93,6 +93,15 @@ pub struct RunArgs {
     /// Pod metadata from the Kubernetes API [default: auto].
     #[arg(long, env = "BPFTAIL_KUBE")]
     pub kube: Option<KubeMode>,
+    /// Pod labels records carry: comma-separated globs ("" for none) [default: *].
+    #[arg(long, env = "BPFTAIL_POD_LABELS")]
+    pub pod_labels: Option<String>,
+    /// Pod annotations records carry: comma-separated globs [default: none].
+    #[arg(long, env = "BPFTAIL_POD_ANNOTATIONS")]
+    pub pod_annotations: Option<String>,
+    /// How long a deleted pod's metadata is kept for the last lines of its files, in milliseconds [default: 300000].
+    #[arg(long, env = "BPFTAIL_DELETED_POD_GRACE_MS")]
+    pub deleted_pod_grace_ms: Option<u64>,
     /// Address of the /metrics and /healthz server; "off" disables it [default: 127.0.0.1:9808].
     #[arg(long, env = "BPFTAIL_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
@@ -224,6 +233,9 @@ struct FileConfig {
     poll_interval_ms: Option<u64>,
     node_name: Option<String>,
     kube: Option<KubeMode>,
+    pod_labels: Option<String>,
+    pod_annotations: Option<String>,
+    deleted_pod_grace_ms: Option<u64>,
     metrics_addr: Option<String>,
     max_record_bytes: Option<usize>,
     max_inflight_bytes: Option<u64>,
@@ -254,6 +266,10 @@ pub struct Config {
     pub poll_interval: Duration,
     pub node_name: String,
     pub kube: KubeMode,
+    /// Which pod labels and annotations records carry.
+    pub pod_labels: Globs,
+    pub pod_annotations: Globs,
+    pub deleted_pod_grace: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub max_record_bytes: usize,
     pub max_inflight_bytes: u64,
@@ -443,6 +459,26 @@ impl Config {
             )?,
             node_name,
             kube: args.kube.or(file.kube).unwrap_or(KubeMode::Auto),
+            pod_labels: Globs::parse(
+                "pod-labels",
+                &args
+                    .pod_labels
+                    .or(file.pod_labels)
+                    .unwrap_or_else(|| "*".into()),
+            )?,
+            pod_annotations: Globs::parse(
+                "pod-annotations",
+                &args
+                    .pod_annotations
+                    .or(file.pod_annotations)
+                    .unwrap_or_default(),
+            )?,
+            deleted_pod_grace: ms(
+                args.deleted_pod_grace_ms,
+                file.deleted_pod_grace_ms,
+                300_000,
+                "deleted-pod-grace-ms",
+            )?,
             metrics_addr,
             max_record_bytes,
             max_inflight_bytes,
@@ -493,6 +529,61 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
+}
+
+/// A comma-separated list of shell-style globs (`*` any run, `?` any one
+/// character); empty matches nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Globs(Vec<String>);
+
+impl Globs {
+    pub fn parse(setting: &'static str, s: &str) -> Result<Globs, ConfigError> {
+        let mut out = Vec::new();
+        for g in s.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+            if let Some(c) = g.chars().find(|c| c.is_control()) {
+                return Err(invalid(
+                    setting,
+                    format!("{g:?}: control character {c:?} in a glob"),
+                ));
+            }
+            out.push(g.to_owned());
+        }
+        Ok(Globs(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, s: &str) -> bool {
+        self.0
+            .iter()
+            .any(|g| glob_match(g.as_bytes(), s.as_bytes()))
+    }
+}
+
+/// Shell-style match of the whole of `s`: `*` any run, `?` any one byte.
+pub fn glob_match(pattern: &[u8], s: &[u8]) -> bool {
+    // Iterative with one backtrack point: linear for patterns with one `*`,
+    // never exponential.
+    let (mut p, mut i) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == s[i]) {
+            p += 1;
+            i += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, i));
+            p += 1;
+        } else if let Some((sp, si)) = star {
+            p = sp + 1;
+            i = si + 1;
+            star = Some((sp, si + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// One piece of a topic template.
@@ -610,6 +701,25 @@ mod tests {
             brokers: Some("127.0.0.1:9092".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn globs_match_whole_strings() {
+        let g = Globs::parse("pod-labels", "app, team-*,a?c").unwrap();
+        for yes in ["app", "team-", "team-x.y/z", "abc"] {
+            assert!(g.matches(yes), "{yes}");
+        }
+        for no in ["apps", "xteam-a", "ac", "abbc", ""] {
+            assert!(!g.matches(no), "{no}");
+        }
+        assert!(Globs::parse("x", "*").unwrap().matches(""));
+        assert!(!Globs::parse("x", "").unwrap().matches("a"));
+        assert!(glob_match(b"*a*b*c", b"xxaxxbxxc"));
+        assert!(!glob_match(b"*a*b*c", b"xxaxxbxx"));
+        // Pathological input stays fast (no exponential backtracking).
+        let long = "a".repeat(10_000);
+        assert!(!glob_match(b"*a*a*a*a*a*b", long.as_bytes()));
+        assert!(Globs::parse("pod-labels", "a\u{7}").is_err());
     }
 
     #[test]

@@ -16,10 +16,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{TopicTemplate, TopicVars};
+use crate::config::{Globs, TopicTemplate, TopicVars};
+use crate::kube::{PodCache, PodInfo};
 use crate::tail::decode::{Format, Stream};
 
-/// What every record of one file carries, rendered once per file.
+/// What every record of one file carries, rendered once per file (and again
+/// when its pod's metadata changes).
 #[derive(Debug)]
 pub struct FileMeta {
     pub namespace: String,
@@ -27,12 +29,21 @@ pub struct FileMeta {
     pub container: String,
     pub format: Format,
     /// Kafka key: the container stream (pod uid + container), so one
-    /// container's lines share a partition and keep their order.
+    /// container's lines share a partition and keep their order. Taken from
+    /// the path only, so it never changes while a file is read.
     pub key: Box<[u8]>,
     /// Rendered topic per stream (`Stream as usize`).
     pub topics: [Arc<str>; 2],
     /// For `--format json`: the `"namespace":…,"node":…` members, escaped.
     pub json_members: Box<[u8]>,
+    /// For `--format raw`: headers beyond time, stream, namespace, pod,
+    /// container and node (pod uid, owner, image, selected labels and
+    /// annotations).
+    pub headers: Vec<(Box<str>, Box<str>)>,
+    /// What discovery found (re-rendering starts from it).
+    pub origin: Origin,
+    /// The pod metadata this was rendered with; `None`: the path's only.
+    pub pod_info: Option<Arc<PodInfo>>,
 }
 
 impl FileMeta {
@@ -46,6 +57,11 @@ impl FileMeta {
 pub struct MetaContext {
     pub topic: TopicTemplate,
     pub node: String,
+    /// Pods of this node from the Kubernetes API (`None`: `--kube off`).
+    pub pods: Option<Arc<PodCache>>,
+    /// Which pod labels and annotations records carry.
+    pub labels: Globs,
+    pub annotations: Globs,
 }
 
 /// The identity fields discovery finds for a file.
@@ -60,11 +76,39 @@ pub struct Origin {
     pub env: Vec<String>,
 }
 
+fn json_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
 impl MetaContext {
+    /// The pod a file belongs to, if the cache knows it: by the uid in a
+    /// CRI path, else by a Docker log's container id.
+    pub fn pod_of(&self, o: &Origin) -> Option<Arc<PodInfo>> {
+        let cache = self.pods.as_ref()?;
+        if !o.pod_uid.is_empty()
+            && let Some(p) = cache.pod(&o.pod_uid)
+        {
+            return Some(p);
+        }
+        if o.container_id.is_empty() {
+            return None;
+        }
+        cache.pod_of_container(&o.container_id)
+    }
+
     pub fn render(&self, o: Origin, format: Format) -> FileMeta {
+        let pod = self.pod_of(&o);
+        let namespace = match &pod {
+            Some(p) if o.namespace.is_empty() => p.namespace.clone(),
+            _ => o.namespace.clone(),
+        };
+        let pod_name = match &pod {
+            Some(p) if o.pod.is_empty() => p.name.clone(),
+            _ => o.pod.clone(),
+        };
         let vars = TopicVars {
-            namespace: &o.namespace,
-            pod: &o.pod,
+            namespace: &namespace,
+            pod: &pod_name,
             container: &o.container,
         };
         let stdout: Arc<str> = self.topic.render(&vars, "stdout").into();
@@ -80,21 +124,75 @@ impl MetaContext {
         };
         let mut json = String::new();
         for (k, v) in [
-            ("namespace", &o.namespace),
-            ("pod", &o.pod),
+            ("namespace", &namespace),
+            ("pod", &pod_name),
             ("container", &o.container),
             ("node", &self.node),
         ] {
-            json.push_str(&format!(",\"{k}\":{}", serde_json::Value::from(v.as_str())));
+            json.push_str(&format!(",\"{k}\":{}", json_str(v)));
+        }
+        let mut headers: Vec<(Box<str>, Box<str>)> = Vec::new();
+        if let Some(p) = &pod {
+            let c = p.container(&o.container);
+            let image = c.map_or("", |c| c.image.as_str());
+            let id = match c {
+                Some(c) if !c.id.is_empty() => c.id.as_str(),
+                _ => o.container_id.as_str(),
+            };
+            for (k, v) in [
+                ("pod_uid", p.uid.as_str()),
+                ("container_id", id),
+                ("image", image),
+            ] {
+                if !v.is_empty() {
+                    json.push_str(&format!(",\"{k}\":{}", json_str(v)));
+                    headers.push((k.into(), v.into()));
+                }
+            }
+            if let Some((kind, name)) = &p.owner {
+                json.push_str(&format!(
+                    ",\"owner\":{{\"kind\":{},\"name\":{}}}",
+                    json_str(kind),
+                    json_str(name)
+                ));
+                headers.push(("owner_kind".into(), kind.as_str().into()));
+                headers.push(("owner_name".into(), name.as_str().into()));
+            }
+            for (member, prefix, map, globs) in [
+                ("labels", "label.", &p.labels, &self.labels),
+                (
+                    "annotations",
+                    "annotation.",
+                    &p.annotations,
+                    &self.annotations,
+                ),
+            ] {
+                let chosen: Vec<_> = map.iter().filter(|(k, _)| globs.matches(k)).collect();
+                if chosen.is_empty() {
+                    continue;
+                }
+                json.push_str(&format!(",\"{member}\":{{"));
+                for (i, (k, v)) in chosen.into_iter().enumerate() {
+                    if i > 0 {
+                        json.push(',');
+                    }
+                    json.push_str(&format!("{}:{}", json_str(k), json_str(v)));
+                    headers.push((format!("{prefix}{k}").into(), v.as_str().into()));
+                }
+                json.push('}');
+            }
         }
         FileMeta {
-            namespace: o.namespace,
-            pod: o.pod,
-            container: o.container,
+            namespace,
+            pod: pod_name,
+            container: o.container.clone(),
             format,
             key: key.into_bytes().into(),
             topics: [stdout, stderr],
             json_members: json.into_bytes().into(),
+            headers,
+            origin: o,
+            pod_info: pod,
         }
     }
 }
@@ -419,6 +517,9 @@ mod tests {
         let ctx = MetaContext {
             topic: TopicTemplate::parse("logs-{namespace}-{stream}").unwrap(),
             node: "node-1".into(),
+            pods: None,
+            labels: Default::default(),
+            annotations: Default::default(),
         };
         let m = ctx.render(
             Origin {
@@ -437,5 +538,80 @@ mod tests {
             std::str::from_utf8(&m.json_members).unwrap(),
             r#","namespace":"ns","pod":"p\"q","container":"c","node":"node-1""#
         );
+    }
+
+    #[test]
+    fn pod_metadata_from_the_api_adds_owner_image_and_selected_labels() {
+        use crate::kube::{ContainerInfo, PodInfo};
+        let cache = Arc::new(PodCache::default());
+        cache.apply(PodInfo {
+            uid: "uid".into(),
+            namespace: "ns".into(),
+            name: "web-1".into(),
+            labels: [("app", "web"), ("pod-template-hash", "abc")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            annotations: [("team", "a\"b"), ("secret-ish", "x")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            owner: Some(("ReplicaSet".into(), "web".into())),
+            containers: vec![ContainerInfo {
+                name: "c".into(),
+                image: "nginx:1".into(),
+                id: "abc123".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let ctx = MetaContext {
+            topic: TopicTemplate::parse("t").unwrap(),
+            node: "node-1".into(),
+            pods: Some(cache.clone()),
+            labels: Globs::parse("pod-labels", "app").unwrap(),
+            annotations: Globs::parse("pod-annotations", "team*").unwrap(),
+        };
+        let cri = Origin {
+            namespace: "ns".into(),
+            pod: "web-1".into(),
+            pod_uid: "uid".into(),
+            container: "c".into(),
+            ..Default::default()
+        };
+        let m = ctx.render(cri.clone(), Format::Cri);
+        let json: serde_json::Value = serde_json::from_str(&format!(
+            "{{\"x\":1{}}}",
+            std::str::from_utf8(&m.json_members).unwrap()
+        ))
+        .unwrap();
+        assert_eq!(json["owner"]["kind"], "ReplicaSet");
+        assert_eq!(json["owner"]["name"], "web");
+        assert_eq!(json["image"], "nginx:1");
+        assert_eq!(json["container_id"], "abc123");
+        assert_eq!(json["pod_uid"], "uid");
+        assert_eq!(json["labels"], serde_json::json!({"app": "web"}));
+        assert_eq!(json["annotations"], serde_json::json!({"team": "a\"b"}));
+        let h: Vec<(&str, &str)> = m.headers.iter().map(|(k, v)| (&**k, &**v)).collect();
+        assert!(h.contains(&("label.app", "web")));
+        assert!(h.contains(&("owner_kind", "ReplicaSet")));
+        assert!(!h.iter().any(|(k, _)| k.contains("pod-template-hash")));
+        // A Docker log is matched by its container id; its key stays the id.
+        let docker = Origin {
+            container: "c".into(),
+            container_id: "abc123".into(),
+            ..Default::default()
+        };
+        let d = ctx.render(docker, Format::DockerJson);
+        assert_eq!(d.namespace, "ns");
+        assert_eq!(&*d.key, b"abc123");
+        assert!(d.pod_info.is_some());
+        // An unknown pod: the path's metadata only.
+        let unknown = ctx.render(
+            Origin {
+                pod_uid: "other".into(),
+                ..cri
+            },
+            Format::Cri,
+        );
+        assert!(unknown.pod_info.is_none() && unknown.headers.is_empty());
     }
 }

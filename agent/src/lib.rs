@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod discover;
+pub mod kube;
 pub mod metrics;
 pub mod pipeline;
 pub mod sink;
@@ -118,11 +119,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // SAFETY: mi_collect has no preconditions.
     unsafe { libmimalloc_sys::mi_collect(true) };
     let _ = metrics.watcher.set(started.detail.clone());
-    if cfg.kube == KubeMode::Auto {
-        tracing::info!(
-            "pod metadata comes from log paths and Docker labels; the Kubernetes list-watch is not in this release"
-        );
-    }
+    // Pod metadata: the list-watch runs on the control-plane runtime.
+    let kube_client = match cfg.kube {
+        KubeMode::Off => None,
+        KubeMode::Auto => match runtime.block_on(kube::client()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Kubernetes API configuration (in-cluster or KUBECONFIG): pod metadata comes from log paths and Docker labels only");
+                None
+            }
+        },
+    };
+    let pods = kube_client
+        .as_ref()
+        .map(|_| Arc::new(kube::PodCache::default()));
     tracing::info!(
         watcher = %started.detail,
         pods_dir = %cfg.pods_dir.display(),
@@ -133,6 +143,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     let stall = cfg.sweep_interval * 3 + Duration::from_secs(30);
+    let (node_name, deleted_pod_grace) = (cfg.node_name.clone(), cfg.deleted_pod_grace);
     let pipeline = Pipeline::new(
         cfg,
         metrics.clone(),
@@ -144,6 +155,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         source,
         stopping.clone(),
     )?;
+    let pipeline = match &pods {
+        Some(p) => pipeline.with_pods(p.clone()),
+        None => pipeline,
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let data = std::thread::Builder::new()
         .name("bpftail-data".into())
@@ -155,6 +170,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     runtime.block_on(async {
         if let Some(listener) = listener {
             tokio::spawn(metrics::serve(listener, metrics.clone(), stall));
+        }
+        if let (Some(client), Some(pods)) = (kube_client, pods) {
+            let settings = kube::WatchSettings {
+                node: node_name,
+                grace: deleted_pod_grace,
+            };
+            let queue = queue.clone();
+            tokio::spawn(kube::watch(
+                client,
+                settings,
+                pods,
+                metrics.clone(),
+                move || queue.wake(),
+            ));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -110,6 +110,13 @@ pub struct Metrics {
     pub ebpf_misses: Gauge,
     /// Files the eBPF map had no room for (followed by polling instead).
     pub ebpf_unwatched_files: Gauge,
+    /// Pod watch (Kubernetes API).
+    pub kube_events: Counter,
+    pub kube_watch_errors: Counter,
+    pub kube_pods: Gauge,
+    pub kube_synced: Gauge,
+    /// Files opened while their pod was unknown (path metadata only).
+    pub files_without_pod: Counter,
     /// The change-detection backend in use (e.g. `ebpf (tp_btf)`), set once.
     pub watcher: std::sync::OnceLock<String>,
     /// Unix seconds of the data loop's last turn (liveness).
@@ -249,6 +256,21 @@ impl Metrics {
             "Hook runs the kernel skipped (another run in progress on that CPU); each makes the agent read every file.",
             self.ebpf_misses.get(),
         );
+        c(
+            "kube_events_total",
+            "Pod list-watch events received from the Kubernetes API.",
+            self.kube_events.get(),
+        );
+        c(
+            "kube_watch_errors_total",
+            "Pod list-watch errors (each retried with backoff).",
+            self.kube_watch_errors.get(),
+        );
+        c(
+            "files_without_pod_total",
+            "Log files opened while their pod was not known (records carry the metadata their path gives until it is).",
+            self.files_without_pod.get(),
+        );
         if let Some(w) = self.watcher.get() {
             let _ = writeln!(
                 out,
@@ -273,6 +295,16 @@ impl Metrics {
                 "# HELP bpftail_{name} {help}\n# TYPE bpftail_{name} gauge\nbpftail_{name} {v}"
             );
         };
+        g(
+            "kube_pods",
+            "Pods of this node in the metadata cache (deleted ones within their grace period included).",
+            self.kube_pods.get(),
+        );
+        g(
+            "kube_synced",
+            "1 once the pod list has been received from the Kubernetes API.",
+            self.kube_synced.get(),
+        );
         g(
             "files_watched",
             "Log files open and followed.",

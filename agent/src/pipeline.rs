@@ -34,6 +34,7 @@ use crossbeam_channel::Receiver;
 use crate::checkpoint::{AckTracker, Entry, FileKey, Fingerprint, Store};
 use crate::config::Config;
 use crate::discover::{self, Found, MetaContext, Scan};
+use crate::kube::PodCache;
 use crate::metrics::{Metrics, RateLimit};
 use crate::sink::{Ack, Outcome, Sink};
 use crate::tail::decode::Decoder;
@@ -47,6 +48,8 @@ const READ_QUOTA: u64 = 1 << 20;
 /// Full rediscovery, in case a directory event was lost.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// File ids travel in 24 bits of the delivery opaque.
+/// How long a new file waits for its pod's metadata from the API.
+const POD_WAIT: Duration = Duration::from_secs(2);
 const MAX_FILE_ID: u32 = (1 << 24) - 1;
 
 fn entry(f: &TailedFile) -> Entry {
@@ -155,6 +158,12 @@ pub struct Pipeline<S: Sink> {
     /// Rotated files too short to fingerprint, not followed yet: their
     /// size at the last scan.
     short_rotated: HashMap<FileKey, u64>,
+    /// New live files whose pod the API has not told us about yet, and
+    /// when they were first seen: not opened for up to [`POD_WAIT`], so
+    /// their first lines carry the pod's metadata too.
+    awaiting_pod: HashMap<PathBuf, Instant>,
+    /// [`PodCache::generation`] the files' metadata was last rendered at.
+    pods_seen: u64,
     /// The first scan is done: rotated files that appear now are rotations
     /// we did not see happen, and are read.
     started: bool,
@@ -194,6 +203,9 @@ impl<S: Sink> Pipeline<S> {
         let ctx = MetaContext {
             topic: cfg.topic.clone(),
             node: cfg.node_name.clone(),
+            pods: None,
+            labels: cfg.pod_labels.clone(),
+            annotations: cfg.pod_annotations.clone(),
         };
         let reader = Reader::new(READ_BUF, cfg.max_record_bytes + 256);
         Ok(Pipeline {
@@ -211,6 +223,8 @@ impl<S: Sink> Pipeline<S> {
             restored,
             finished: HashMap::new(),
             short_rotated: HashMap::new(),
+            awaiting_pod: HashMap::new(),
+            pods_seen: 0,
             started: false,
             reader,
             sink,
@@ -227,6 +241,12 @@ impl<S: Sink> Pipeline<S> {
         })
     }
 
+    /// Takes pod metadata from `pods` (the Kubernetes list-watch).
+    pub fn with_pods(mut self, pods: Arc<PodCache>) -> Self {
+        self.ctx.pods = Some(pods);
+        self
+    }
+
     /// Runs until `stopping` is set, then shuts down in order.
     pub fn run(mut self) {
         self.start();
@@ -236,6 +256,7 @@ impl<S: Sink> Pipeline<S> {
         let mut next_checkpoint = now + self.cfg.checkpoint_interval;
         while !self.stopping.load(Ordering::Relaxed) {
             self.metrics.beat();
+            self.refresh_pods();
             self.take_changes();
             self.apply_acks();
             self.read_dirty();
@@ -245,7 +266,7 @@ impl<S: Sink> Pipeline<S> {
                 self.sweep();
                 next_sweep = now + self.cfg.sweep_interval;
             }
-            if now >= next_rescan {
+            if now >= next_rescan || self.pod_wait_over(now) {
                 self.rescan();
                 next_rescan = now + RESCAN_INTERVAL;
             }
@@ -271,6 +292,9 @@ impl<S: Sink> Pipeline<S> {
             self.apply_acks();
             self.sink.eager_acks(!self.backlog.is_empty());
             let mut deadline = next_sweep.min(next_rescan);
+            if let Some(t) = self.awaiting_pod.values().min() {
+                deadline = deadline.min(*t + POD_WAIT);
+            }
             if self.last_saved != Some(self.checkpoint_state())
                 || self.metrics.inflight_bytes.get() > 0
             {
@@ -281,6 +305,40 @@ impl<S: Sink> Pipeline<S> {
             let _ = self.wake.recv_timeout(timeout);
         }
         self.shutdown();
+    }
+
+    /// When the pod cache changed: re-renders the metadata of the files
+    /// whose pod changed, and looks again at files waiting for their pod.
+    fn refresh_pods(&mut self) {
+        let Some(cache) = &self.ctx.pods else { return };
+        let generation = cache.generation();
+        if generation == self.pods_seen {
+            return;
+        }
+        self.pods_seen = generation;
+        for f in self.files.values_mut() {
+            let pod = self.ctx.pod_of(&f.meta.origin);
+            let same = match (&pod, &f.meta.pod_info) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            // A deleted pod's entry expires after its grace period: its
+            // files keep the metadata they had.
+            if !same && pod.is_some() {
+                f.meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
+            }
+        }
+        if !self.awaiting_pod.is_empty() {
+            self.rescan();
+        }
+    }
+
+    /// Whether a file waiting for its pod has waited long enough.
+    fn pod_wait_over(&self, now: Instant) -> bool {
+        self.awaiting_pod
+            .values()
+            .any(|&t| now.duration_since(t) >= POD_WAIT)
     }
 
     /// The first scan: opens what exists, at checkpointed offsets.
@@ -518,10 +576,13 @@ impl<S: Sink> Pipeline<S> {
     fn apply_scan(&mut self, mut scan: Scan) {
         let mut seen = HashSet::new();
         let mut present = HashSet::new();
+        let mut listed = HashSet::new();
         for pass in 0.. {
             seen.clear();
+            listed.clear();
             let mut new_live = false;
             for found in std::mem::take(&mut scan.files) {
+                listed.insert(found.path.clone());
                 let live = !found.rotated;
                 if let Some((id, new)) = self.track(found, &mut present) {
                     seen.insert(id);
@@ -542,6 +603,7 @@ impl<S: Sink> Pipeline<S> {
         self.finished.retain(|k, _| present.contains(k));
         self.short_rotated
             .retain(|k, _| present.contains(k) && !self.by_key.contains_key(k));
+        self.awaiting_pod.retain(|p, _| listed.contains(p));
         self.started = true;
         let vanished: Vec<u32> = self
             .files
@@ -601,6 +663,9 @@ impl<S: Sink> Pipeline<S> {
             // A rotation from before our time that no checkpoint asks for.
             // (One that appears while running is a live file renamed before
             // we saw it: it is read.)
+            return None;
+        }
+        if restored.is_none() && !found.rotated && self.waits_for_pod(&found) {
             return None;
         }
         let file = match File::options()
@@ -706,6 +771,26 @@ impl<S: Sink> Pipeline<S> {
         self.source.watch_file(key);
         self.dirty.push(id);
         Some((id, true))
+    }
+
+    /// A new live file of a pod the API has not reported yet (its watch
+    /// event may trail the file by a moment) waits up to [`POD_WAIT`], so
+    /// that its first lines carry the pod's metadata; it is read from its
+    /// start either way. Files with a checkpoint never wait.
+    fn waits_for_pod(&mut self, found: &Found) -> bool {
+        if self.ctx.pods.is_none() || self.ctx.pod_of(&found.origin).is_some() {
+            self.awaiting_pod.remove(&found.path);
+            return false;
+        }
+        let now = Instant::now();
+        let since = *self.awaiting_pod.entry(found.path.clone()).or_insert(now);
+        if now.duration_since(since) < POD_WAIT {
+            return true;
+        }
+        self.awaiting_pod.remove(&found.path);
+        self.metrics.files_without_pod.inc();
+        tracing::info!(path = %found.path.display(), "pod not known to the API yet; shipping with the metadata the path gives");
+        false
     }
 
     /// Whether a short rotated file may be a copytruncate copy still being
@@ -1012,6 +1097,9 @@ mod tests {
             poll_interval: Duration::from_millis(250),
             node_name: "n".into(),
             kube: KubeMode::Off,
+            pod_labels: Default::default(),
+            pod_annotations: Default::default(),
+            deleted_pod_grace: Duration::from_secs(1),
             metrics_addr: None,
             max_record_bytes: 4096,
             max_inflight_bytes: 1 << 20,

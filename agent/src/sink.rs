@@ -506,6 +506,12 @@ fn raw_headers(meta: &FileMeta, rec: &Record<'_>, node: &[u8]) -> OwnedHeaders {
             key: "node",
             value: Some(node),
         });
+    for (k, v) in &meta.headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(&**v),
+        });
+    }
     if rec.partial {
         h = h.insert(Header {
             key: "partial",

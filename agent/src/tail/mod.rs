@@ -398,6 +398,9 @@ mod tests {
         let ctx = MetaContext {
             topic: TopicTemplate::parse("t").unwrap(),
             node: "n".into(),
+            pods: None,
+            labels: Default::default(),
+            annotations: Default::default(),
         };
         TailedFile {
             id: 1,

@@ -1,0 +1,320 @@
+//! Pod metadata by list-watch: the real `bpftail` binary against a fake
+//! Kubernetes API server that speaks the real list/watch protocol (see
+//! `support/kubeapi.rs`), producing to a real Kafka-protocol broker.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::kubeapi::{FakeApi, PodSpec, pod};
+use support::*;
+
+const NODE: &str = "test-node";
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    pods: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Setup {
+    fn new(api: &FakeApi) -> Setup {
+        let tmp = tempfile::Builder::new()
+            .prefix("bpftail-kube-")
+            .disable_cleanup(std::env::var_os("BPFTAIL_KEEP_TMP").is_some())
+            .tempdir()
+            .unwrap();
+        eprintln!("test dir: {}", tmp.path().display());
+        let pods = tmp.path().join("pods");
+        std::fs::create_dir_all(&pods).unwrap();
+        Setup {
+            kubeconfig: api.kubeconfig(tmp.path()),
+            pods,
+            data: tmp.path().join("data"),
+            log: tmp.path().join("agent.log"),
+            _tmp: tmp,
+        }
+    }
+
+    fn agent(&self, broker: &Broker, extra: &[&str]) -> Agent {
+        let mut args = agent_args(
+            &self.pods,
+            &self.data,
+            &broker.addr(),
+            "logs",
+            &[
+                "--node-name",
+                NODE,
+                "--kube",
+                "auto",
+                "--format",
+                "json",
+                "--sweep-interval-ms",
+                "500",
+            ],
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let how = Launch {
+            env: vec![
+                ("KUBECONFIG".into(), self.kubeconfig.display().to_string()),
+                ("BPFTAIL_LOG".into(), "info".into()),
+            ],
+            ..Default::default()
+        };
+        Agent::launch(&args, &self.log, &how)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn web(uid: &str, name: &str, labels: Value) -> Value {
+    pod(&PodSpec {
+        namespace: "shop",
+        name,
+        uid,
+        node: NODE,
+        labels,
+        annotations: json!({"team": "payments", "kubectl.kubernetes.io/restartedAt": "2026-11-25T09:00:00Z"}),
+        containers: vec![("app", "nginx:1.27", &format!("c0ffee-{uid}"), vec![])],
+        owner: Some(("ReplicaSet", "web-7d4b9c")),
+    })
+}
+
+fn write_lines(path: &Path, writer: usize, seqs: std::ops::Range<u64>) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let mut buf = Vec::new();
+    for seq in seqs {
+        cri_line(&mut buf, writer, seq, 100);
+        std::io::Write::write_all(&mut f, &buf).unwrap();
+    }
+}
+
+/// The JSON records of `writer`, by sequence number.
+fn records_of(records: &[Received], writer: usize) -> Vec<(u64, Value)> {
+    let mut out: Vec<(u64, Value)> = records
+        .iter()
+        .filter_map(|r| {
+            let v: Value = serde_json::from_slice(&r.value).ok()?;
+            let (w, seq) = parse_seq(v["message"].as_str()?.as_bytes())?;
+            (w == writer).then_some((seq, v))
+        })
+        .collect();
+    out.sort_by_key(|(s, _)| *s);
+    out.dedup_by_key(|(s, _)| *s);
+    out
+}
+
+fn wait_records(c: &Collector, writer: usize, n: usize) -> Vec<(u64, Value)> {
+    let all = c.wait_for(Duration::from_secs(60), |r| {
+        records_of(r, writer).len() >= n
+    });
+    let got = records_of(&all, writer);
+    assert_eq!(got.len(), n, "writer {writer}: records arrived");
+    got
+}
+
+fn wait_metric(agent: &Agent, name: &str, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.metric(name) < at_least {
+        assert!(Instant::now() < deadline, "{name} stayed below {at_least}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn records_carry_pod_metadata_through_creation_deletion_and_an_api_outage() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 2);
+    let api = FakeApi::start();
+    api.put(web(
+        "uid-a",
+        "web-a",
+        json!({"app": "web", "tier": "front"}),
+    ));
+    // Another node's pod: the field selector keeps it out.
+    api.put(pod(&PodSpec {
+        namespace: "shop",
+        name: "elsewhere",
+        uid: "uid-x",
+        node: "other-node",
+        labels: json!({"app": "other"}),
+        annotations: json!({}),
+        containers: vec![("app", "busybox", "dead", vec![])],
+        owner: None,
+    }));
+    let s = Setup::new(&api);
+    let a_log = container_dir(&s.pods, "shop", "web-a", "uid-a", "app").join("0.log");
+    write_lines(&a_log, 0, 0..10);
+    let agent = s.agent(&broker, &["--pod-annotations", "team"]);
+    let collector = Collector::start(&broker.addr(), "logs");
+
+    // A pod known at start: labels, owner, image, container id.
+    let got = wait_records(&collector, 0, 10);
+    for (_, r) in &got {
+        assert_eq!(r["namespace"], "shop");
+        assert_eq!(r["pod"], "web-a");
+        assert_eq!(r["labels"], json!({"app": "web", "tier": "front"}));
+        assert_eq!(r["annotations"], json!({"team": "payments"}));
+        assert_eq!(
+            r["owner"],
+            json!({"kind": "ReplicaSet", "name": "web-7d4b9c"})
+        );
+        assert_eq!(r["image"], "nginx:1.27");
+        assert_eq!(r["container_id"], "c0ffee-uid-a");
+        assert_eq!(r["pod_uid"], "uid-a");
+        assert_eq!(r["node"], NODE);
+    }
+    assert_eq!(
+        agent.metric("bpftail_kube_pods"),
+        1,
+        "only this node's pods"
+    );
+    assert_eq!(agent.metric("bpftail_kube_synced"), 1);
+
+    // A pod created after start, whose log file appears before the API
+    // reports it: its first lines are enriched all the same.
+    let b_log = container_dir(&s.pods, "shop", "web-b", "uid-b", "app").join("0.log");
+    write_lines(&b_log, 1, 0..5);
+    std::thread::sleep(Duration::from_millis(500));
+    api.put(web("uid-b", "web-b", json!({"app": "web", "tier": "back"})));
+    let got = wait_records(&collector, 1, 5);
+    for (_, r) in &got {
+        assert_eq!(r["labels"]["tier"], "back", "{r}");
+        assert_eq!(r["owner"]["kind"], "ReplicaSet");
+    }
+
+    // Deleted: its last lines (written after the deletion) are still enriched.
+    let events = agent.metric("bpftail_kube_events_total");
+    api.delete("uid-b");
+    wait_metric(&agent, "bpftail_kube_events_total", events + 1);
+    write_lines(&b_log, 1, 5..10);
+    let got = wait_records(&collector, 1, 10);
+    for (_, r) in &got[5..] {
+        assert_eq!(r["labels"]["tier"], "back", "{r}");
+    }
+
+    // The API goes away: shipping goes on, with the metadata cached.
+    api.outage();
+    std::thread::sleep(Duration::from_secs(1));
+    write_lines(&a_log, 0, 10..20);
+    let got = wait_records(&collector, 0, 20);
+    assert_eq!(got[19].1["labels"]["app"], "web");
+    wait_metric(&agent, "bpftail_kube_watch_errors_total", 1);
+    assert!(agent.healthz());
+
+    // It comes back; a change made meanwhile reaches the records.
+    api.put(web("uid-a", "web-a", json!({"app": "web", "tier": "edge"})));
+    api.restore();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next = 20;
+    loop {
+        write_lines(&a_log, 0, next..next + 1);
+        next += 1;
+        let got = wait_records(&collector, 0, next as usize);
+        if got.last().unwrap().1["labels"]["tier"] == "edge" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the label change never arrived; agent log:\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    for r in api.requests() {
+        assert!(
+            r.contains("fieldSelector=spec.nodeName%3Dtest-node")
+                || r.contains("fieldSelector=spec.nodeName=test-node"),
+            "request without the node's field selector: {r}"
+        );
+    }
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_410_gone_relists_and_a_dropped_watch_resumes() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let api = FakeApi::start();
+    api.put(web("uid-a", "web-a", json!({"app": "web", "v": "1"})));
+    let s = Setup::new(&api);
+    let a_log = container_dir(&s.pods, "shop", "web-a", "uid-a", "app").join("0.log");
+    write_lines(&a_log, 0, 0..5);
+    let agent = s.agent(&broker, &[]);
+    let collector = Collector::start(&broker.addr(), "logs");
+    let got = wait_records(&collector, 0, 5);
+    assert_eq!(got[0].1["labels"]["v"], "1");
+    let lists = |api: &FakeApi| {
+        api.requests()
+            .iter()
+            .filter(|r| !r.contains("watch=true"))
+            .count()
+    };
+    assert_eq!(lists(&api), 1);
+
+    // A dropped watch: the agent watches again from where it was.
+    api.drop_watches();
+    api.put(web("uid-a", "web-a", json!({"app": "web", "v": "2"})));
+    let mut next = 5;
+    let until = |label: &str, next: &mut u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            write_lines(&a_log, 0, *next..*next + 1);
+            *next += 1;
+            let got = wait_records(&collector, 0, *next as usize);
+            if got.last().unwrap().1["labels"]["v"] == label {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "label v={label} never arrived; agent log:\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    until("2", &mut next);
+    assert_eq!(lists(&api), 1, "a dropped watch resumes without a relist");
+
+    // History compacted while the watch was down: 410 Gone, then a relist
+    // that holds the change made meanwhile.
+    api.compact();
+    api.drop_watches();
+    api.put(web("uid-a", "web-a", json!({"app": "web", "v": "3"})));
+    until("3", &mut next);
+    assert!(lists(&api) >= 2, "410 Gone made the agent list again");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn without_an_api_server_the_agent_ships_with_path_metadata() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let api = FakeApi::start();
+    api.outage();
+    let s = Setup::new(&api);
+    let a_log = container_dir(&s.pods, "shop", "web-a", "uid-a", "app").join("0.log");
+    write_lines(&a_log, 0, 0..5);
+    let agent = s.agent(&broker, &[]);
+    let collector = Collector::start(&broker.addr(), "logs");
+    let got = wait_records(&collector, 0, 5);
+    for (_, r) in &got {
+        assert_eq!(r["namespace"], "shop");
+        assert_eq!(r["pod"], "web-a");
+        assert!(r.get("labels").is_none());
+    }
+    assert_eq!(agent.metric("bpftail_kube_synced"), 0);
+    assert!(agent.metric("bpftail_files_without_pod_total") >= 1);
+    assert!(agent.stop().success());
+}
