@@ -51,12 +51,13 @@ impl Setup {
                 NODE,
                 "--kube",
                 "auto",
-                "--format",
-                "json",
                 "--sweep-interval-ms",
                 "500",
             ],
         );
+        if !extra.contains(&"--format") {
+            args.extend(["--format".to_string(), "json".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let how = Launch {
             env: vec![
@@ -316,5 +317,248 @@ fn without_an_api_server_the_agent_ships_with_path_metadata() {
     }
     assert_eq!(agent.metric("bpftail_kube_synced"), 0);
     assert!(agent.metric("bpftail_files_without_pod_total") >= 1);
+    assert!(agent.stop().success());
+}
+
+fn declared_pod(name: &str, env: Vec<(&str, &str)>, annotations: Value) -> Value {
+    let uid = format!("uid-{name}");
+    pod(&PodSpec {
+        namespace: "shop",
+        name,
+        uid: &uid,
+        node: NODE,
+        labels: json!({"app": name}),
+        annotations,
+        containers: vec![("app", "img:1", &format!("id-{name}"), env)],
+        owner: None,
+    })
+}
+
+/// All JSON records of a topic.
+fn json_of(records: &[Received]) -> Vec<Value> {
+    records
+        .iter()
+        .filter_map(|r| serde_json::from_slice(&r.value).ok())
+        .collect()
+}
+
+#[test]
+fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
+    let broker = Broker::start();
+    for t in ["app", "audit-t", "j", "logs"] {
+        broker.create_topic(t, 1);
+    }
+    let api = FakeApi::start();
+    let tags = "team=pay, env=prod";
+    api.put(declared_pod(
+        "a",
+        vec![
+            ("aliyun_logs_app", "stdout"),
+            ("aliyun_logs_app_tags", tags),
+        ],
+        json!({}),
+    ));
+    api.put(declared_pod(
+        "c",
+        vec![
+            ("corp_logs_audit", "stdout"),
+            ("corp_logs_audit_target", "audit-t"),
+        ],
+        json!({}),
+    ));
+    api.put(declared_pod(
+        "j",
+        vec![
+            ("aliyun_logs_j", "stdout"),
+            ("aliyun_logs_j_format", "json"),
+        ],
+        json!({}),
+    ));
+    api.put(declared_pod("n", vec![], json!({})));
+    api.put(declared_pod(
+        "x",
+        vec![("aliyun_logs_x", "stdout")],
+        json!({"bpftail.io/exclude": "true"}),
+    ));
+    api.put(declared_pod(
+        "bad",
+        vec![
+            ("aliyun_logs_bad", "stdout"),
+            ("aliyun_logs_bad_target", "evil"),
+        ],
+        json!({}),
+    ));
+    let s = Setup::new(&api);
+    let file = |name: &str| {
+        container_dir(&s.pods, "shop", name, &format!("uid-{name}"), "app").join("0.log")
+    };
+    write_lines(&file("a"), 0, 0..10);
+    write_lines(&file("c"), 1, 0..10);
+    write_lines(&file("n"), 2, 0..10);
+    write_lines(&file("x"), 4, 0..10);
+    write_lines(&file("bad"), 5, 0..10);
+    {
+        // JSON lines, and one that is not.
+        let mut f = std::fs::File::create(file("j")).unwrap();
+        for seq in 0..5 {
+            let msg = format!("{{\"level\":\"info\",\"msg\":\"w3 seq={seq:08} \"}}");
+            std::io::Write::write_all(
+                &mut f,
+                format!("2026-11-25T16:00:00.000000000Z stdout F {msg}\n").as_bytes(),
+            )
+            .unwrap();
+        }
+        std::io::Write::write_all(&mut f, b"2026-11-25T16:00:00.1Z stdout F not json\n").unwrap();
+    }
+    let agent = s.agent(
+        &broker,
+        &[
+            "--format",
+            "logpilot",
+            "--declaration-prefixes",
+            "aliyun,corp",
+            "--topic-allow",
+            "app,audit-*,j,logs",
+        ],
+    );
+    let app = Collector::start(&broker.addr(), "app");
+    let audit = Collector::start(&broker.addr(), "audit-t");
+    let j = Collector::start(&broker.addr(), "j");
+    let logs = Collector::start(&broker.addr(), "logs");
+
+    // aliyun_logs_app=stdout: topic app, log-pilot's fields, exactly.
+    let got = app.wait_for(Duration::from_secs(60), |r| r.len() >= 10);
+    assert_eq!(got.len(), 10);
+    let first = &json_of(&got)[0];
+    let keys: std::collections::BTreeSet<&str> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "@timestamp",
+            "stream",
+            "k8s_pod",
+            "k8s_pod_namespace",
+            "k8s_container_name",
+            "k8s_node_name",
+            "docker_container",
+            "topic",
+            "index",
+            "team",
+            "env",
+            "message",
+        ]
+        .into_iter()
+        .collect(),
+        "{first}"
+    );
+    assert_eq!(first["k8s_pod"], "a");
+    assert_eq!(first["k8s_pod_namespace"], "shop");
+    assert_eq!(first["k8s_container_name"], "app");
+    assert_eq!(first["k8s_node_name"], NODE);
+    assert_eq!(first["docker_container"], "k8s_app_a_shop_uid-a_0");
+    assert_eq!(
+        (&first["topic"], &first["index"]),
+        (&json!("app"), &json!("app"))
+    );
+    assert_eq!(
+        (&first["team"], &first["env"]),
+        (&json!("pay"), &json!("prod"))
+    );
+    assert_eq!(first["stream"], "stdout");
+    assert_eq!(first["@timestamp"], "2026-11-25T16:00:00.000000000Z");
+    assert_eq!(
+        parse_seq(first["message"].as_str().unwrap().as_bytes()),
+        Some((0, 0))
+    );
+
+    // A custom prefix and _target.
+    let got = json_of(&audit.wait_for(Duration::from_secs(60), |r| r.len() >= 10));
+    assert_eq!(got.len(), 10);
+    assert_eq!(
+        (&got[0]["topic"], &got[0]["index"]),
+        (&json!("audit-t"), &json!("audit"))
+    );
+
+    // _format=json: the object's fields are the record's; a line that is
+    // not JSON is shipped as the message and counted.
+    let got = json_of(&j.wait_for(Duration::from_secs(60), |r| r.len() >= 6));
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[0]["level"], "info");
+    assert!(
+        got[0]["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("w3 seq=00000000")
+    );
+    assert!(got[0].get("message").is_none());
+    assert_eq!(got[5]["message"], "not json");
+    wait_metric(&agent, "bpftail_json_lines_invalid_total", 1);
+
+    // Undeclared (n) and refused (bad: topic outside the allow-list) ship to
+    // the default topic; the opted-out pod (x) ships nowhere.
+    let got = json_of(&logs.wait_for(Duration::from_secs(60), |r| r.len() >= 20));
+    let pods: std::collections::BTreeMap<String, usize> =
+        got.iter().fold(Default::default(), |mut m, r| {
+            *m.entry(r["k8s_pod"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+            m
+        });
+    assert_eq!(
+        pods,
+        [("bad".to_string(), 10), ("n".to_string(), 10)].into()
+    );
+    assert!(agent.metric("bpftail_declarations_refused_total") >= 1);
+    assert!(agent.metric("bpftail_files_skipped_total") >= 1);
+    let log = s.log();
+    assert!(log.contains("not in the operator's allow-list"), "{log}");
+    assert!(log.contains("bpftail.io/exclude"), "{log}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn ship_declared_ships_only_declared_containers() {
+    let broker = Broker::start();
+    for t in ["app", "logs"] {
+        broker.create_topic(t, 1);
+    }
+    let api = FakeApi::start();
+    api.put(declared_pod(
+        "a",
+        vec![("aliyun_logs_app", "stdout")],
+        json!({}),
+    ));
+    api.put(declared_pod("n", vec![], json!({})));
+    api.put(declared_pod(
+        "m",
+        vec![],
+        json!({"logs.bpftail.io/app.main": "stdout", "logs.bpftail.io/app.main.target": "logs"}),
+    ));
+    let s = Setup::new(&api);
+    for (i, name) in ["a", "n", "m"].into_iter().enumerate() {
+        let f = container_dir(&s.pods, "shop", name, &format!("uid-{name}"), "app").join("0.log");
+        write_lines(&f, i, 0..10);
+    }
+    let agent = s.agent(&broker, &["--ship", "declared"]);
+    let app = Collector::start(&broker.addr(), "app");
+    let logs = Collector::start(&broker.addr(), "logs");
+    assert_eq!(
+        app.wait_for(Duration::from_secs(60), |r| r.len() >= 10)
+            .len(),
+        10
+    );
+    // The annotation declared m into topic logs; n is not declared.
+    let got = json_of(&logs.wait_for(Duration::from_secs(60), |r| r.len() >= 10));
+    std::thread::sleep(Duration::from_secs(2));
+    let got_later = json_of(&logs.wait_for(Duration::from_secs(0), |_| true));
+    assert_eq!(got.len(), 10);
+    assert_eq!(got_later.len(), 10, "nothing else arrived");
+    assert!(got.iter().all(|r| r["pod"] == "m"));
+    assert_eq!(got[0]["tags"], Value::Null);
+    assert!(agent.metric("bpftail_files_skipped_total") >= 1);
     assert!(agent.stop().success());
 }

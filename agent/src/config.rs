@@ -93,6 +93,15 @@ pub struct RunArgs {
     /// Pod metadata from the Kubernetes API [default: auto].
     #[arg(long, env = "BPFTAIL_KUBE")]
     pub kube: Option<KubeMode>,
+    /// Which containers ship: all (minus opt-outs) or only declared ones (log-pilot's behaviour) [default: all].
+    #[arg(long, env = "BPFTAIL_SHIP")]
+    pub ship: Option<ShipMode>,
+    /// Prefixes of log-pilot declarations (<prefix>_logs_<name> env, <prefix>.logs.<name> labels), comma-separated [default: aliyun].
+    #[arg(long, env = "BPFTAIL_DECLARATION_PREFIXES")]
+    pub declaration_prefixes: Option<String>,
+    /// Topics a declaration (tenant) may choose: comma-separated globs [default: *].
+    #[arg(long, env = "BPFTAIL_TOPIC_ALLOW")]
+    pub topic_allow: Option<String>,
     /// Pod labels records carry: comma-separated globs ("" for none) [default: *].
     #[arg(long, env = "BPFTAIL_POD_LABELS")]
     pub pod_labels: Option<String>,
@@ -135,6 +144,8 @@ pub enum OutputFormat {
     Raw,
     /// Value = one JSON object with the fields and the message.
     Json,
+    /// Value = one JSON object with log-pilot's field names (k8s_pod, k8s_pod_namespace, k8s_container_name, k8s_node_name, docker_container, topic, index, tags).
+    Logpilot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -208,6 +219,15 @@ pub enum KubeMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum ShipMode {
+    /// Every container's stdout/stderr, except opted-out ones.
+    All,
+    /// Only what declarations name.
+    Declared,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -233,6 +253,9 @@ struct FileConfig {
     poll_interval_ms: Option<u64>,
     node_name: Option<String>,
     kube: Option<KubeMode>,
+    ship: Option<ShipMode>,
+    declaration_prefixes: Option<String>,
+    topic_allow: Option<String>,
     pod_labels: Option<String>,
     pod_annotations: Option<String>,
     deleted_pod_grace_ms: Option<u64>,
@@ -266,6 +289,11 @@ pub struct Config {
     pub poll_interval: Duration,
     pub node_name: String,
     pub kube: KubeMode,
+    pub ship: ShipMode,
+    /// log-pilot declaration prefixes (`aliyun`).
+    pub declaration_prefixes: Vec<String>,
+    /// Topics declarations may choose.
+    pub topic_allow: Globs,
     /// Which pod labels and annotations records carry.
     pub pod_labels: Globs,
     pub pod_annotations: Globs,
@@ -459,6 +487,37 @@ impl Config {
             )?,
             node_name,
             kube: args.kube.or(file.kube).unwrap_or(KubeMode::Auto),
+            ship: args.ship.or(file.ship).unwrap_or(ShipMode::All),
+            declaration_prefixes: {
+                let raw = args
+                    .declaration_prefixes
+                    .or(file.declaration_prefixes)
+                    .unwrap_or_else(|| "aliyun".into());
+                let list: Vec<String> = raw
+                    .split(',')
+                    .map(|p| p.trim().to_owned())
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                if let Some(bad) = list
+                    .iter()
+                    .find(|p| !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+                {
+                    return Err(invalid(
+                        "declaration-prefixes",
+                        format!(
+                            "{bad:?}: a prefix is letters, digits and '_' (as in aliyun_logs_<name>)"
+                        ),
+                    ));
+                }
+                list
+            },
+            topic_allow: Globs::parse(
+                "topic-allow",
+                &args
+                    .topic_allow
+                    .or(file.topic_allow)
+                    .unwrap_or_else(|| "*".into()),
+            )?,
             pod_labels: Globs::parse(
                 "pod-labels",
                 &args

@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{Globs, TopicTemplate, TopicVars};
+use crate::config::{Globs, OutputFormat, ShipMode, TopicTemplate, TopicVars};
+use crate::declare::{self, Declaration, Declared, LineFormat, Refusal};
 use crate::kube::{PodCache, PodInfo};
 use crate::tail::decode::{Format, Stream};
 
@@ -44,6 +45,43 @@ pub struct FileMeta {
     pub origin: Origin,
     /// The pod metadata this was rendered with; `None`: the path's only.
     pub pod_info: Option<Arc<PodInfo>>,
+    /// The declaration routing this container's stdout (topic, tags,
+    /// format), if any.
+    pub route: Option<Declaration>,
+    /// The pod's annotations opt this container out.
+    pub excluded: bool,
+    /// Declarations of this container that were refused, and garbage tags.
+    pub refused: Vec<Refusal>,
+    pub bad_tags: usize,
+}
+
+impl FileMeta {
+    /// Lines are JSON objects whose fields go into the record (`_format=json`).
+    pub fn line_json(&self) -> bool {
+        self.route
+            .as_ref()
+            .is_some_and(|r| r.format == LineFormat::Json)
+    }
+}
+
+/// What the operator decided about declarations and output.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub output: OutputFormat,
+    pub ship: ShipMode,
+    pub prefixes: Vec<String>,
+    pub topic_allow: Globs,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            output: OutputFormat::Json,
+            ship: ShipMode::All,
+            prefixes: vec!["aliyun".into()],
+            topic_allow: Globs::parse("topic-allow", "*").expect("a valid glob"),
+        }
+    }
 }
 
 impl FileMeta {
@@ -62,6 +100,7 @@ pub struct MetaContext {
     /// Which pod labels and annotations records carry.
     pub labels: Globs,
     pub annotations: Globs,
+    pub policy: Policy,
 }
 
 /// The identity fields discovery finds for a file.
@@ -74,6 +113,8 @@ pub struct Origin {
     pub container_id: String,
     pub labels: BTreeMap<String, String>,
     pub env: Vec<String>,
+    /// The container's restart count (CRI: the file name `<n>.log`).
+    pub attempt: u32,
 }
 
 fn json_str(s: &str) -> String {
@@ -96,8 +137,60 @@ impl MetaContext {
         cache.pod_of_container(&o.container_id)
     }
 
+    /// The declarations that apply to a file's container: log-pilot env and
+    /// Docker labels (from `config.v2.json` for Docker logs, from the API for
+    /// CRI ones) and bpftail's annotations; topics outside the allow-list
+    /// are refused.
+    pub fn declared(&self, o: &Origin, pod: Option<&PodInfo>) -> Declared {
+        let prefixes = &self.policy.prefixes;
+        let mut parts = Vec::new();
+        if !o.env.is_empty() || !o.labels.is_empty() {
+            parts.push(declare::from_env(
+                prefixes,
+                o.env.iter().filter_map(|e| e.split_once('=')),
+            ));
+            parts.push(declare::from_labels(
+                prefixes,
+                o.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ));
+        } else if let Some(c) = pod.and_then(|p| p.container(&o.container)) {
+            parts.push(declare::from_env(
+                prefixes,
+                c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ));
+        }
+        if let Some(p) = pod {
+            parts.push(declare::from_annotations(
+                &o.container,
+                p.annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ));
+        }
+        let mut d = declare::merge(parts);
+        let allow = &self.policy.topic_allow;
+        let (kept, denied): (Vec<_>, Vec<_>) = std::mem::take(&mut d.declarations)
+            .into_iter()
+            .partition(|x| allow.matches(&x.topic));
+        d.declarations = kept;
+        d.refused.extend(denied.into_iter().map(|x| Refusal {
+            reason: format!(
+                "topic {:?} is not in the operator's allow-list (--topic-allow)",
+                x.topic
+            ),
+            name: x.name,
+        }));
+        d
+    }
+
     pub fn render(&self, o: Origin, format: Format) -> FileMeta {
         let pod = self.pod_of(&o);
+        let declared = self.declared(&o, pod.as_deref());
+        let route = declared.stdout().cloned();
+        let excluded = pod.as_ref().is_some_and(|p| {
+            declare::excluded(
+                &o.container,
+                p.annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+        });
         let namespace = match &pod {
             Some(p) if o.namespace.is_empty() => p.namespace.clone(),
             _ => o.namespace.clone(),
@@ -111,11 +204,22 @@ impl MetaContext {
             pod: &pod_name,
             container: &o.container,
         };
-        let stdout: Arc<str> = self.topic.render(&vars, "stdout").into();
-        let stderr: Arc<str> = if self.topic.uses_stream() {
-            self.topic.render(&vars, "stderr").into()
-        } else {
-            stdout.clone()
+        let (stdout, stderr): (Arc<str>, Arc<str>) = match &route {
+            // A declared stdout (log-pilot's `stdout`: the console, both
+            // streams) goes to the declaration's topic.
+            Some(r) => {
+                let t: Arc<str> = r.topic.as_str().into();
+                (t.clone(), t)
+            }
+            None => {
+                let out: Arc<str> = self.topic.render(&vars, "stdout").into();
+                let err = if self.topic.uses_stream() {
+                    self.topic.render(&vars, "stderr").into()
+                } else {
+                    out.clone()
+                };
+                (out, err)
+            }
         };
         let key = if o.pod_uid.is_empty() {
             o.container_id.clone()
@@ -123,15 +227,83 @@ impl MetaContext {
             format!("{}/{}", o.pod_uid, o.container)
         };
         let mut json = String::new();
-        for (k, v) in [
-            ("namespace", &namespace),
-            ("pod", &pod_name),
-            ("container", &o.container),
-            ("node", &self.node),
-        ] {
-            json.push_str(&format!(",\"{k}\":{}", json_str(v)));
-        }
         let mut headers: Vec<(Box<str>, Box<str>)> = Vec::new();
+        let logpilot = self.policy.output == OutputFormat::Logpilot;
+        if logpilot {
+            // log-pilot's fields: its consumers keep working.
+            let docker_container = if o.container_id.is_empty() {
+                // As kubelet's dockershim named containers.
+                format!(
+                    "k8s_{}_{}_{}_{}_{}",
+                    o.container, pod_name, namespace, o.pod_uid, o.attempt
+                )
+            } else {
+                o.container.clone()
+            };
+            let index = route.as_ref().map_or(&*stdout, |r| r.name.as_str());
+            for (k, v) in [
+                ("k8s_pod", pod_name.as_str()),
+                ("k8s_pod_namespace", &namespace),
+                ("k8s_container_name", &o.container),
+                ("k8s_node_name", &self.node),
+                ("docker_container", &docker_container),
+                ("topic", &stdout),
+                ("index", index),
+            ] {
+                json.push_str(&format!(",\"{k}\":{}", json_str(v)));
+            }
+        } else {
+            for (k, v) in [
+                ("namespace", &namespace),
+                ("pod", &pod_name),
+                ("container", &o.container),
+                ("node", &self.node),
+            ] {
+                json.push_str(&format!(",\"{k}\":{}", json_str(v)));
+            }
+        }
+        let mut bad_tags = declared.bad_tags;
+        if let Some(r) = &route
+            && !r.tags.is_empty()
+        {
+            if logpilot {
+                // Tags are top-level fields, as log-pilot sends them; one
+                // named like a field above is dropped.
+                const RESERVED: [&str; 10] = [
+                    "@timestamp",
+                    "message",
+                    "stream",
+                    "k8s_pod",
+                    "k8s_pod_namespace",
+                    "k8s_container_name",
+                    "k8s_node_name",
+                    "docker_container",
+                    "topic",
+                    "index",
+                ];
+                for (k, v) in &r.tags {
+                    if RESERVED.contains(&k.as_str()) {
+                        bad_tags += 1;
+                        continue;
+                    }
+                    json.push_str(&format!(",{}:{}", json_str(k), json_str(v)));
+                }
+            } else {
+                json.push_str(",\"tags\":{");
+                for (i, (k, v)) in r.tags.iter().enumerate() {
+                    if i > 0 {
+                        json.push(',');
+                    }
+                    json.push_str(&format!("{}:{}", json_str(k), json_str(v)));
+                }
+                json.push('}');
+            }
+            for (k, v) in &r.tags {
+                headers.push((format!("tag.{k}").into(), v.as_str().into()));
+            }
+        }
+        // Pod metadata (log-pilot's records have none: not in logpilot).
+        let mut pod_json = String::new();
         if let Some(p) = &pod {
             let c = p.container(&o.container);
             let image = c.map_or("", |c| c.image.as_str());
@@ -145,12 +317,12 @@ impl MetaContext {
                 ("image", image),
             ] {
                 if !v.is_empty() {
-                    json.push_str(&format!(",\"{k}\":{}", json_str(v)));
+                    pod_json.push_str(&format!(",\"{k}\":{}", json_str(v)));
                     headers.push((k.into(), v.into()));
                 }
             }
             if let Some((kind, name)) = &p.owner {
-                json.push_str(&format!(
+                pod_json.push_str(&format!(
                     ",\"owner\":{{\"kind\":{},\"name\":{}}}",
                     json_str(kind),
                     json_str(name)
@@ -171,16 +343,19 @@ impl MetaContext {
                 if chosen.is_empty() {
                     continue;
                 }
-                json.push_str(&format!(",\"{member}\":{{"));
+                pod_json.push_str(&format!(",\"{member}\":{{"));
                 for (i, (k, v)) in chosen.into_iter().enumerate() {
                     if i > 0 {
-                        json.push(',');
+                        pod_json.push(',');
                     }
-                    json.push_str(&format!("{}:{}", json_str(k), json_str(v)));
+                    pod_json.push_str(&format!("{}:{}", json_str(k), json_str(v)));
                     headers.push((format!("{prefix}{k}").into(), v.as_str().into()));
                 }
-                json.push('}');
+                pod_json.push('}');
             }
+        }
+        if !logpilot {
+            json.push_str(&pod_json);
         }
         FileMeta {
             namespace,
@@ -193,6 +368,10 @@ impl MetaContext {
             headers,
             origin: o,
             pod_info: pod,
+            route,
+            excluded,
+            refused: declared.refused,
+            bad_tags,
         }
     }
 }
@@ -289,6 +468,11 @@ pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
                 let Some(rotated) = parse_cri_file(&fname) else {
                     continue;
                 };
+                let attempt = fname
+                    .split('.')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
                 scan.files.push(Found {
                     path,
                     origin: Origin {
@@ -296,6 +480,7 @@ pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
                         pod: pod.to_owned(),
                         pod_uid: uid.to_owned(),
                         container: container.clone(),
+                        attempt,
                         ..Default::default()
                     },
                     format: Format::Cri,
@@ -520,6 +705,7 @@ mod tests {
             pods: None,
             labels: Default::default(),
             annotations: Default::default(),
+            policy: Default::default(),
         };
         let m = ctx.render(
             Origin {
@@ -569,6 +755,7 @@ mod tests {
             pods: Some(cache.clone()),
             labels: Globs::parse("pod-labels", "app").unwrap(),
             annotations: Globs::parse("pod-annotations", "team*").unwrap(),
+            policy: Default::default(),
         };
         let cri = Origin {
             namespace: "ns".into(),

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod declare;
 pub mod discover;
 pub mod kube;
 pub mod metrics;

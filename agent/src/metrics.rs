@@ -115,6 +115,14 @@ pub struct Metrics {
     pub kube_watch_errors: Counter,
     pub kube_pods: Gauge,
     pub kube_synced: Gauge,
+    /// `_format=json` lines that were not one JSON object (shipped as the message).
+    pub json_lines_invalid: Counter,
+    /// Declarations refused (bad name, value, format, topic; topic not
+    /// allowed), counted per file opened; garbage tags dropped.
+    pub declarations_refused: Counter,
+    pub tags_dropped: Counter,
+    /// Files not shipped: opted out, or not declared in `--ship declared`.
+    pub files_skipped: Counter,
     /// Files opened while their pod was unknown (path metadata only).
     pub files_without_pod: Counter,
     /// The change-detection backend in use (e.g. `ebpf (tp_btf)`), set once.
@@ -265,6 +273,26 @@ impl Metrics {
             "kube_watch_errors_total",
             "Pod list-watch errors (each retried with backoff).",
             self.kube_watch_errors.get(),
+        );
+        c(
+            "json_lines_invalid_total",
+            "Lines declared JSON (_format=json) that were not one JSON object; shipped as the message.",
+            self.json_lines_invalid.get(),
+        );
+        c(
+            "declarations_refused_total",
+            "Log declarations refused (bad name, value, format or topic; topic outside --topic-allow), per file opened.",
+            self.declarations_refused.get(),
+        );
+        c(
+            "declaration_tags_dropped_total",
+            "Garbage entries in declaration tags, dropped.",
+            self.tags_dropped.get(),
+        );
+        c(
+            "files_skipped_total",
+            "Log files not shipped: opted out (bpftail.io/exclude) or undeclared with --ship declared.",
+            self.files_skipped.get(),
         );
         c(
             "files_without_pod_total",

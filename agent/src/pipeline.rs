@@ -33,6 +33,8 @@ use crossbeam_channel::Receiver;
 
 use crate::checkpoint::{AckTracker, Entry, FileKey, Fingerprint, Store};
 use crate::config::Config;
+use crate::config::ShipMode;
+use crate::discover::FileMeta;
 use crate::discover::{self, Found, MetaContext, Scan};
 use crate::kube::PodCache;
 use crate::metrics::{Metrics, RateLimit};
@@ -162,6 +164,11 @@ pub struct Pipeline<S: Sink> {
     /// when they were first seen: not opened for up to [`POD_WAIT`], so
     /// their first lines carry the pod's metadata too.
     awaiting_pod: HashMap<PathBuf, Instant>,
+    /// Files that wait for their pod without a time limit (`--ship
+    /// declared`: whether they ship depends on it).
+    pod_pending: HashSet<PathBuf>,
+    /// Paths whose refused declarations or skip were logged.
+    noted: HashSet<PathBuf>,
     /// [`PodCache::generation`] the files' metadata was last rendered at.
     pods_seen: u64,
     /// The first scan is done: rotated files that appear now are rotations
@@ -206,6 +213,12 @@ impl<S: Sink> Pipeline<S> {
             pods: None,
             labels: cfg.pod_labels.clone(),
             annotations: cfg.pod_annotations.clone(),
+            policy: crate::discover::Policy {
+                output: cfg.format,
+                ship: cfg.ship,
+                prefixes: cfg.declaration_prefixes.clone(),
+                topic_allow: cfg.topic_allow.clone(),
+            },
         };
         let reader = Reader::new(READ_BUF, cfg.max_record_bytes + 256);
         Ok(Pipeline {
@@ -224,6 +237,8 @@ impl<S: Sink> Pipeline<S> {
             finished: HashMap::new(),
             short_rotated: HashMap::new(),
             awaiting_pod: HashMap::new(),
+            pod_pending: HashSet::new(),
+            noted: HashSet::new(),
             pods_seen: 0,
             started: false,
             reader,
@@ -329,7 +344,7 @@ impl<S: Sink> Pipeline<S> {
                 f.meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
             }
         }
-        if !self.awaiting_pod.is_empty() {
+        if !self.awaiting_pod.is_empty() || !self.pod_pending.is_empty() {
             self.rescan();
         }
     }
@@ -604,6 +619,8 @@ impl<S: Sink> Pipeline<S> {
         self.short_rotated
             .retain(|k, _| present.contains(k) && !self.by_key.contains_key(k));
         self.awaiting_pod.retain(|p, _| listed.contains(p));
+        self.pod_pending.retain(|p| listed.contains(p));
+        self.noted.retain(|p| listed.contains(p));
         self.started = true;
         let vanished: Vec<u32> = self
             .files
@@ -626,7 +643,7 @@ impl<S: Sink> Pipeline<S> {
 
     /// Follows a discovered file; returns its id if it is being read, and
     /// whether it was opened just now.
-    fn track(&mut self, found: Found, present: &mut HashSet<FileKey>) -> Option<(u32, bool)> {
+    fn track(&mut self, mut found: Found, present: &mut HashSet<FileKey>) -> Option<(u32, bool)> {
         let md = std::fs::metadata(&found.path).ok()?;
         if !md.is_file() {
             // A FIFO or device where a log should be: opening it could block.
@@ -668,6 +685,12 @@ impl<S: Sink> Pipeline<S> {
         if restored.is_none() && !found.rotated && self.waits_for_pod(&found) {
             return None;
         }
+        let meta = self
+            .ctx
+            .render(std::mem::take(&mut found.origin), found.format);
+        if !self.ships(&found.path, &meta) {
+            return None;
+        }
         let file = match File::options()
             .read(true)
             .custom_flags(libc::O_CLOEXEC | libc::O_NOATIME | libc::O_NONBLOCK)
@@ -692,7 +715,7 @@ impl<S: Sink> Pipeline<S> {
             return None;
         }
         let restored = restored.or_else(|| self.restored.remove(&key));
-        let meta = Arc::new(self.ctx.render(found.origin, found.format));
+        let meta = Arc::new(meta);
         let mut late_rotation = false;
         let offset = match restored {
             Some(e)
@@ -780,7 +803,16 @@ impl<S: Sink> Pipeline<S> {
     fn waits_for_pod(&mut self, found: &Found) -> bool {
         if self.ctx.pods.is_none() || self.ctx.pod_of(&found.origin).is_some() {
             self.awaiting_pod.remove(&found.path);
+            self.pod_pending.remove(&found.path);
             return false;
+        }
+        // Only shipped if declared, and a CRI log's declarations come from
+        // the API: it waits for its pod however long that takes (it is read
+        // from its start then; nothing is lost meanwhile).
+        if self.ctx.policy.ship == ShipMode::Declared && found.origin.env.is_empty() {
+            self.awaiting_pod.remove(&found.path);
+            self.pod_pending.insert(found.path.clone());
+            return true;
         }
         let now = Instant::now();
         let since = *self.awaiting_pod.entry(found.path.clone()).or_insert(now);
@@ -791,6 +823,39 @@ impl<S: Sink> Pipeline<S> {
         self.metrics.files_without_pod.inc();
         tracing::info!(path = %found.path.display(), "pod not known to the API yet; shipping with the metadata the path gives");
         false
+    }
+
+    /// Whether a file is shipped (not opted out; declared if only declared
+    /// containers ship). Refused declarations and skipped files are logged
+    /// and counted once per path.
+    fn ships(&mut self, path: &std::path::Path, meta: &FileMeta) -> bool {
+        let skip = if meta.excluded {
+            Some("opted out by the pod's bpftail.io/exclude annotation")
+        } else if self.ctx.policy.ship == ShipMode::Declared && meta.route.is_none() {
+            Some("no stdout declaration (--ship declared)")
+        } else {
+            None
+        };
+        if self.noted.insert(path.to_owned()) {
+            let p = path.display().to_string();
+            for r in &meta.refused {
+                self.metrics.declarations_refused.inc();
+                tracing::warn!(path = p, declaration = %r.name, reason = %r.reason, "log declaration refused");
+            }
+            if meta.bad_tags > 0 {
+                self.metrics.tags_dropped.add(meta.bad_tags as u64);
+                tracing::warn!(
+                    path = p,
+                    dropped = meta.bad_tags,
+                    "garbage tags in a log declaration dropped (use k=v,k2=v2)"
+                );
+            }
+            if let Some(why) = skip {
+                self.metrics.files_skipped.inc();
+                tracing::info!(path = p, why, "not shipping this log");
+            }
+        }
+        skip.is_none()
     }
 
     /// Whether a short rotated file may be a copytruncate copy still being
@@ -1097,6 +1162,9 @@ mod tests {
             poll_interval: Duration::from_millis(250),
             node_name: "n".into(),
             kube: KubeMode::Off,
+            ship: crate::config::ShipMode::All,
+            declaration_prefixes: vec!["aliyun".into()],
+            topic_allow: crate::config::Globs::parse("t", "*").unwrap(),
             pod_labels: Default::default(),
             pod_annotations: Default::default(),
             deleted_pod_grace: Duration::from_secs(1),

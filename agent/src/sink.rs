@@ -363,7 +363,11 @@ impl KafkaSink {
     fn build_json(&mut self, meta: &FileMeta, rec: &Record<'_>) {
         let v = &mut self.value;
         v.clear();
-        v.extend_from_slice(b"{\"time\":\"");
+        v.extend_from_slice(if self.format == OutputFormat::Logpilot {
+            b"{\"@timestamp\":\""
+        } else {
+            b"{\"time\":\""
+        });
         if escape_json(v, rec.time) {
             self.metrics.invalid_utf8.inc();
         }
@@ -371,11 +375,26 @@ impl KafkaSink {
         v.extend_from_slice(rec.stream.as_str().as_bytes());
         v.push(b'"');
         v.extend_from_slice(&meta.json_members);
-        v.extend_from_slice(b",\"message\":\"");
-        if escape_json(v, rec.msg) {
-            self.metrics.invalid_utf8.inc();
+        // `_format=json`: an object's fields go into the record in place of
+        // the message; anything else is shipped as the message, counted.
+        match meta.line_json().then(|| json_object_members(rec.msg)) {
+            Some(Some(members)) => {
+                if !members.is_empty() {
+                    v.push(b',');
+                    v.extend_from_slice(members);
+                }
+            }
+            other => {
+                if other.is_some() {
+                    self.metrics.json_lines_invalid.inc();
+                }
+                v.extend_from_slice(b",\"message\":\"");
+                if escape_json(v, rec.msg) {
+                    self.metrics.invalid_utf8.inc();
+                }
+                v.push(b'"');
+            }
         }
-        v.push(b'"');
         if rec.partial {
             v.extend_from_slice(b",\"partial\":true");
         }
@@ -424,16 +443,16 @@ impl RecordSink for KafkaSink {
     }
 
     fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64) {
-        if self.format == OutputFormat::Json {
+        if self.format != OutputFormat::Raw {
             self.build_json(meta, rec);
         }
         let value: &[u8] = match self.format {
-            OutputFormat::Json => &self.value,
+            OutputFormat::Json | OutputFormat::Logpilot => &self.value,
             OutputFormat::Raw => rec.msg,
         };
         let c = cost(value.len(), meta.key.len());
         let headers = match self.format {
-            OutputFormat::Json => None,
+            OutputFormat::Json | OutputFormat::Logpilot => None,
             OutputFormat::Raw => Some(raw_headers(meta, rec, &self.node)),
         };
         let mut record = BaseRecord::with_opaque_to(meta.topic(rec.stream), opaque(file, seq))
@@ -478,6 +497,32 @@ impl RecordSink for KafkaSink {
             }
         }
     }
+}
+
+/// The members of a line that is one valid JSON object (the text between
+/// its braces, trimmed); `None` if it is anything else.
+fn json_object_members(line: &[u8]) -> Option<&[u8]> {
+    let start = line.iter().position(|b| !b.is_ascii_whitespace())?;
+    let end = line.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if line[start] != b'{' || line[end] != b'}' {
+        return None;
+    }
+    // Spliced into the record as is: it must be valid UTF-8 too (skipping
+    // parsers do not check string contents).
+    std::str::from_utf8(line).ok()?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(line).ok()?;
+    let inner = &line[start + 1..end];
+    let a = inner.iter().position(|b| !b.is_ascii_whitespace());
+    Some(match a {
+        Some(a) => {
+            let b = inner
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())
+                .unwrap_or(a);
+            &inner[a..=b]
+        }
+        None => &[],
+    })
 }
 
 fn raw_headers(meta: &FileMeta, rec: &Record<'_>, node: &[u8]) -> OwnedHeaders {
@@ -605,6 +650,32 @@ fn escape_str(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_lines_yield_their_members_and_anything_else_none() {
+        assert_eq!(
+            json_object_members(br#" {"a":1, "b":"x"} "#),
+            Some(&br#""a":1, "b":"x""#[..])
+        );
+        assert_eq!(json_object_members(b"{}"), Some(&b""[..]));
+        for bad in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"{\"a\":1",
+            b"{\"a\":1}}",
+            b"{\"a\":1} trailing {}",
+            b"\"str\"",
+            b"",
+            b"{\"a\":\"\xff\"}",
+        ] {
+            assert_eq!(
+                json_object_members(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     #[test]
     fn json_escaping_is_valid_json_even_for_binary_junk() {

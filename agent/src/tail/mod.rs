@@ -401,6 +401,7 @@ mod tests {
             pods: None,
             labels: Default::default(),
             annotations: Default::default(),
+            policy: Default::default(),
         };
         TailedFile {
             id: 1,
