@@ -100,6 +100,22 @@ fn write_lines(path: &Path, writer: usize, seqs: std::ops::Range<u64>) {
     }
 }
 
+/// Plain text lines, as an application writes its own log file.
+fn write_plain(path: &Path, writer: usize, seqs: std::ops::Range<u64>) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    for seq in seqs {
+        std::io::Write::write_all(
+            &mut f,
+            format!("w{writer} seq={seq:08} GET /index.html 200\n").as_bytes(),
+        )
+        .unwrap();
+    }
+}
+
 /// The JSON records of `writer`, by sequence number.
 fn records_of(records: &[Received], writer: usize) -> Vec<(u64, Value)> {
     let mut out: Vec<(u64, Value)> = records
@@ -560,5 +576,124 @@ fn ship_declared_ships_only_declared_containers() {
     assert!(got.iter().all(|r| r["pod"] == "m"));
     assert_eq!(got[0]["tags"], Value::Null);
     assert!(agent.metric("bpftail_files_skipped_total") >= 1);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
+    let broker = Broker::start();
+    for t in ["access", "logs", "evil-topic"] {
+        broker.create_topic(t, 1);
+    }
+    let api = FakeApi::start();
+    let s = Setup::new(&api);
+    let root = s.pods.parent().unwrap().to_owned();
+    let kubelet = root.join("kubelet");
+    let hostlogs = root.join("hostlogs");
+    let secret = root.join("secret");
+    std::fs::create_dir_all(&hostlogs).unwrap();
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("key.log"), "TOP-SECRET\n").unwrap();
+    std::fs::write(hostlogs.join("h.log"), "TOP-SECRET hostPath not allowed\n").unwrap();
+    let vol = kubelet.join("uid-v/volumes/kubernetes.io~empty-dir/logs");
+    std::fs::create_dir_all(&vol).unwrap();
+    // Escapes planted by the tenant: a symlinked file and a symlinked
+    // directory pointing outside, and a /proc magic link.
+    std::os::unix::fs::symlink(secret.join("key.log"), vol.join("stolen.log")).unwrap();
+    std::os::unix::fs::symlink(&secret, vol.join("sub")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/root/etc/hostname", vol.join("proc.log")).unwrap();
+
+    let mut p = declared_pod(
+        "v",
+        vec![
+            ("aliyun_logs_access", "/var/log/nginx/*.log"),
+            ("aliyun_logs_deep", "/var/log/nginx/sub/*.log"),
+            ("aliyun_logs_up", "/var/log/nginx/../../../etc/*"),
+            ("aliyun_logs_abs", "/etc/passwd"),
+            ("aliyun_logs_proc", "/proc/self/root/etc/hostname"),
+            ("aliyun_logs_cfg", "/etc/cfg/*.conf"),
+            ("aliyun_logs_host", "/host/*.log"),
+            ("aliyun_logs_evil", "/var/log/nginx/*.log"),
+            ("aliyun_logs_evil_target", "evil-topic"),
+        ],
+        json!({}),
+    );
+    p["spec"]["volumes"] = json!([
+        {"name": "logs", "emptyDir": {}},
+        {"name": "cfg", "configMap": {"name": "cfg"}},
+        {"name": "host", "hostPath": {"path": hostlogs.display().to_string(), "type": "Directory"}},
+    ]);
+    p["spec"]["containers"][0]["volumeMounts"] = json!([
+        {"name": "logs", "mountPath": "/var/log/nginx"},
+        {"name": "cfg", "mountPath": "/etc/cfg", "readOnly": true},
+        {"name": "host", "mountPath": "/host"},
+    ]);
+    api.put(p);
+    write_plain(&vol.join("access.log"), 0, 0..10);
+    let kubelet_arg = kubelet.display().to_string();
+    let agent = s.agent(
+        &broker,
+        &[
+            "--kubelet-pods-dir",
+            &kubelet_arg,
+            "--topic-allow",
+            "access,logs,deep,up,abs,proc,cfg,host",
+            "--watcher",
+            "inotify",
+        ],
+    );
+    let access = Collector::start(&broker.addr(), "access");
+    let logs = Collector::start(&broker.addr(), "logs");
+    let evil = Collector::start(&broker.addr(), "evil-topic");
+    wait_records(&access, 0, 10);
+
+    // A new file, and a rename rotation (access.log.1 leaves the glob; its
+    // unread rest is still read, before the new access.log).
+    write_plain(&vol.join("error.log"), 1, 0..10);
+    write_plain(&vol.join("access.log"), 0, 10..20);
+    std::fs::rename(vol.join("access.log"), vol.join("access.log.1")).unwrap();
+    write_plain(&vol.join("access.log"), 0, 20..30);
+    let got = wait_records(&access, 0, 30);
+    let r = &got[0].1;
+    assert_eq!(r["pod"], "v");
+    assert_eq!(r["container"], "app");
+    assert_eq!(r["labels"]["app"], "v");
+    wait_records(&access, 1, 10);
+    let all = access.wait_for(Duration::from_secs(1), |_| false);
+    let order: Vec<u64> = all
+        .iter()
+        .filter_map(|r| {
+            let v: Value = serde_json::from_slice(&r.value).ok()?;
+            parse_seq(v["message"].as_str()?.as_bytes()).filter(|(w, _)| *w == 0)
+        })
+        .map(|(_, s)| s)
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {order:?}");
+
+    // Refused, each with its reason; nothing outside the volume was read.
+    wait_metric(&agent, "bpftail_declarations_refused_total", 6);
+    let log = s.log();
+    for (name, why) in [
+        ("up", "'..'"),
+        ("abs", "not under any volume"),
+        ("proc", "not under any volume"),
+        ("cfg", "configMap"),
+        ("host", "--allow-hostpath"),
+        ("evil", "allow-list"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("refused")
+                && l.contains(&format!("declaration={name}"))
+                && l.contains(why)),
+            "{name}: no refusal mentioning {why:?}:\n{log}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for c in [&access, &logs, &evil] {
+        for r in c.wait_for(Duration::from_secs(0), |_| true) {
+            let v = String::from_utf8_lossy(&r.value);
+            assert!(!v.contains("TOP-SECRET"), "read outside the volume: {v}");
+        }
+    }
     assert!(agent.stop().success());
 }

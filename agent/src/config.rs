@@ -102,6 +102,12 @@ pub struct RunArgs {
     /// Topics a declaration (tenant) may choose: comma-separated globs [default: *].
     #[arg(long, env = "BPFTAIL_TOPIC_ALLOW")]
     pub topic_allow: Option<String>,
+    /// The kubelet's pods directory, where emptyDir volumes live [default: /var/lib/kubelet/pods].
+    #[arg(long, env = "BPFTAIL_KUBELET_PODS_DIR")]
+    pub kubelet_pods_dir: Option<PathBuf>,
+    /// hostPath volumes whose files declarations may name: comma-separated globs over the host path [default: none].
+    #[arg(long, env = "BPFTAIL_ALLOW_HOSTPATH")]
+    pub allow_hostpath: Option<String>,
     /// Pod labels records carry: comma-separated globs ("" for none) [default: *].
     #[arg(long, env = "BPFTAIL_POD_LABELS")]
     pub pod_labels: Option<String>,
@@ -256,6 +262,8 @@ struct FileConfig {
     ship: Option<ShipMode>,
     declaration_prefixes: Option<String>,
     topic_allow: Option<String>,
+    kubelet_pods_dir: Option<PathBuf>,
+    allow_hostpath: Option<String>,
     pod_labels: Option<String>,
     pod_annotations: Option<String>,
     deleted_pod_grace_ms: Option<u64>,
@@ -294,6 +302,9 @@ pub struct Config {
     pub declaration_prefixes: Vec<String>,
     /// Topics declarations may choose.
     pub topic_allow: Globs,
+    pub kubelet_pods_dir: PathBuf,
+    /// hostPath volumes declarations may read.
+    pub allow_hostpath: Globs,
     /// Which pod labels and annotations records carry.
     pub pod_labels: Globs,
     pub pod_annotations: Globs,
@@ -517,6 +528,17 @@ impl Config {
                     .topic_allow
                     .or(file.topic_allow)
                     .unwrap_or_else(|| "*".into()),
+            )?,
+            kubelet_pods_dir: args
+                .kubelet_pods_dir
+                .or(file.kubelet_pods_dir)
+                .unwrap_or_else(|| "/var/lib/kubelet/pods".into()),
+            allow_hostpath: Globs::parse(
+                "allow-hostpath",
+                &args
+                    .allow_hostpath
+                    .or(file.allow_hostpath)
+                    .unwrap_or_default(),
             )?,
             pod_labels: Globs::parse(
                 "pod-labels",

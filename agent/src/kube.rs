@@ -245,6 +245,17 @@ impl PodCache {
         inner.by_uid.get(uid).map(|e| e.pod.clone())
     }
 
+    /// The pods not deleted.
+    pub fn live_pods(&self) -> Vec<Arc<PodInfo>> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .by_uid
+            .values()
+            .filter(|e| e.deleted.is_none())
+            .map(|e| e.pod.clone())
+            .collect()
+    }
+
     /// Changes with every update; cheap to poll.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)

@@ -34,12 +34,14 @@ use crossbeam_channel::Receiver;
 use crate::checkpoint::{AckTracker, Entry, FileKey, Fingerprint, Store};
 use crate::config::Config;
 use crate::config::ShipMode;
-use crate::discover::FileMeta;
+use crate::declare;
 use crate::discover::{self, Found, MetaContext, Scan};
+use crate::discover::{FileMeta, Origin, volumes};
 use crate::kube::PodCache;
 use crate::metrics::{Metrics, RateLimit};
 use crate::sink::{Ack, Outcome, Sink};
 use crate::tail::decode::Decoder;
+use crate::tail::decode::Format;
 use crate::tail::{FileStatus, ReadEnd, Reader, TailedFile};
 use crate::watch::{ChangeQueue, ChangeSource, Pending};
 
@@ -52,6 +54,8 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// File ids travel in 24 bits of the delivery opaque.
 /// How long a new file waits for its pod's metadata from the API.
 const POD_WAIT: Duration = Duration::from_secs(2);
+/// Least time between rescans caused by pod changes.
+const POD_RESCAN_GAP: Duration = Duration::from_secs(1);
 const MAX_FILE_ID: u32 = (1 << 24) - 1;
 
 fn entry(f: &TailedFile) -> Entry {
@@ -169,8 +173,14 @@ pub struct Pipeline<S: Sink> {
     pod_pending: HashSet<PathBuf>,
     /// Paths whose refused declarations or skip were logged.
     noted: HashSet<PathBuf>,
+    /// In-container declarations (`uid/container/name`) whose refusal was
+    /// logged.
+    declared_noted: HashSet<String>,
     /// [`PodCache::generation`] the files' metadata was last rendered at.
     pods_seen: u64,
+    /// The pods changed since the last rescan, and when that was.
+    pod_rescan: bool,
+    last_pod_rescan: Instant,
     /// The first scan is done: rotated files that appear now are rotations
     /// we did not see happen, and are read.
     started: bool,
@@ -239,7 +249,10 @@ impl<S: Sink> Pipeline<S> {
             awaiting_pod: HashMap::new(),
             pod_pending: HashSet::new(),
             noted: HashSet::new(),
+            declared_noted: HashSet::new(),
             pods_seen: 0,
+            pod_rescan: false,
+            last_pod_rescan: Instant::now(),
             started: false,
             reader,
             sink,
@@ -281,7 +294,13 @@ impl<S: Sink> Pipeline<S> {
                 self.sweep();
                 next_sweep = now + self.cfg.sweep_interval;
             }
-            if now >= next_rescan || self.pod_wait_over(now) {
+            // Pod changes rescan at most once a second.
+            let pod_rescan = self.pod_rescan && now >= self.last_pod_rescan + POD_RESCAN_GAP;
+            if now >= next_rescan || pod_rescan || self.pod_wait_over(now) {
+                if pod_rescan {
+                    self.pod_rescan = false;
+                    self.last_pod_rescan = now;
+                }
                 self.rescan();
                 next_rescan = now + RESCAN_INTERVAL;
             }
@@ -310,6 +329,9 @@ impl<S: Sink> Pipeline<S> {
             if let Some(t) = self.awaiting_pod.values().min() {
                 deadline = deadline.min(*t + POD_WAIT);
             }
+            if self.pod_rescan {
+                deadline = deadline.min(self.last_pod_rescan + POD_RESCAN_GAP);
+            }
             if self.last_saved != Some(self.checkpoint_state())
                 || self.metrics.inflight_bytes.get() > 0
             {
@@ -331,6 +353,8 @@ impl<S: Sink> Pipeline<S> {
             return;
         }
         self.pods_seen = generation;
+        // New or changed pods may declare in-container files.
+        self.pod_rescan = true;
         for f in self.files.values_mut() {
             let pod = self.ctx.pod_of(&f.meta.origin);
             let same = match (&pod, &f.meta.pod_info) {
@@ -343,9 +367,6 @@ impl<S: Sink> Pipeline<S> {
             if !same && pod.is_some() {
                 f.meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
             }
-        }
-        if !self.awaiting_pod.is_empty() || !self.pod_pending.is_empty() {
-            self.rescan();
         }
     }
 
@@ -550,6 +571,7 @@ impl<S: Sink> Pipeline<S> {
             scan = Scan::default();
             discover::scan_docker_dir(&self.cfg.docker_dir, &mut scan);
             discover::scan_pods_dir(&self.cfg.pods_dir, &mut scan);
+            self.scan_declared(&mut scan);
             let mut added = false;
             for dir in &scan.dirs {
                 // Idempotent; renews a watch the kernel dropped (a
@@ -585,6 +607,96 @@ impl<S: Sink> Pipeline<S> {
             tracing::warn!(path = %path.display(), error = %e, "cannot list directory");
         }
         scan
+    }
+
+    /// In-container files that pods declare, found below their volumes
+    /// (confined: see `discover::volumes`). A declaration that cannot be
+    /// resolved is logged and counted once.
+    fn scan_declared(&mut self, scan: &mut Scan) {
+        let Some(cache) = self.ctx.pods.clone() else {
+            return;
+        };
+        let pods = cache.live_pods();
+        let mut live = HashSet::new();
+        for pod in &pods {
+            for c in &pod.containers {
+                let annotations = || {
+                    pod.annotations
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                };
+                if declare::excluded(&c.name, annotations()) {
+                    continue;
+                }
+                let origin = Origin {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    pod_uid: pod.uid.clone(),
+                    container: c.name.clone(),
+                    ..Default::default()
+                };
+                live.insert(format!("{}/{}/", pod.uid, c.name));
+                let declared = self.ctx.declared(&origin, Some(pod));
+                for r in &declared.refused {
+                    if self
+                        .declared_noted
+                        .insert(format!("{}/{}/{}", pod.uid, c.name, r.name))
+                    {
+                        self.metrics.declarations_refused.inc();
+                        tracing::warn!(namespace = %pod.namespace, pod = %pod.name, container = %c.name, declaration = %r.name, reason = %r.reason, "log declaration refused");
+                    }
+                }
+                for d in &declared.declarations {
+                    let declare::Source::Path(glob) = &d.source else {
+                        continue;
+                    };
+                    let id = format!("{}/{}/{}", pod.uid, c.name, d.name);
+                    let resolved = volumes::resolve(
+                        glob,
+                        pod,
+                        c,
+                        &self.cfg.kubelet_pods_dir,
+                        &self.cfg.allow_hostpath,
+                    );
+                    let listing = match resolved {
+                        Ok(r) => volumes::list_matches(&r),
+                        Err(reason) => {
+                            if self.declared_noted.insert(id) {
+                                self.metrics.declarations_refused.inc();
+                                tracing::warn!(namespace = %pod.namespace, pod = %pod.name, container = %c.name, declaration = %d.name, path = %glob, reason, "in-container log declaration refused");
+                            }
+                            continue;
+                        }
+                    };
+                    let listing = match listing {
+                        Ok(l) => l,
+                        Err(e) => {
+                            // e.g. the volume's directory is not made yet.
+                            tracing::debug!(declaration = %d.name, error = %e, "cannot list a declared volume");
+                            continue;
+                        }
+                    };
+                    if listing.truncated && self.declared_noted.insert(format!("{id}/truncated")) {
+                        tracing::warn!(namespace = %pod.namespace, pod = %pod.name, declaration = %d.name, max_files = volumes::MAX_MATCHES, max_entries = volumes::MAX_ENTRIES, "declared path matches too many files; following the first ones");
+                    }
+                    scan.dirs.extend(listing.dirs);
+                    for f in listing.files {
+                        scan.files.push(Found {
+                            path: f.base.join(&f.rel),
+                            origin: Origin {
+                                declaration: Some(d.name.clone()),
+                                ..origin.clone()
+                            },
+                            format: Format::Raw,
+                            rotated: false,
+                            confined: Some(f),
+                        });
+                    }
+                }
+            }
+        }
+        self.declared_noted
+            .retain(|k| live.iter().any(|l| k.starts_with(l.as_str())));
     }
 
     /// Follows what a listing found and retires what it no longer holds.
@@ -644,7 +756,22 @@ impl<S: Sink> Pipeline<S> {
     /// Follows a discovered file; returns its id if it is being read, and
     /// whether it was opened just now.
     fn track(&mut self, mut found: Found, present: &mut HashSet<FileKey>) -> Option<(u32, bool)> {
-        let md = std::fs::metadata(&found.path).ok()?;
+        // An in-container file is opened beneath its volume only, and
+        // identified by what was opened (its path may lead elsewhere).
+        let mut preopened = match &found.confined {
+            Some(c) => match c.open() {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::debug!(path = %found.path.display(), error = %e, "in-container file not opened");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let md = match &preopened {
+            Some(f) => f.metadata().ok()?,
+            None => std::fs::metadata(&found.path).ok()?,
+        };
         if !md.is_file() {
             // A FIFO or device where a log should be: opening it could block.
             return None;
@@ -691,12 +818,15 @@ impl<S: Sink> Pipeline<S> {
         if !self.ships(&found.path, &meta) {
             return None;
         }
-        let file = match File::options()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOATIME | libc::O_NONBLOCK)
-            .open(&found.path)
-            .or_else(|_| File::open(&found.path))
-        {
+        let opened = match preopened.take() {
+            Some(f) => Ok(f),
+            None => File::options()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOATIME | libc::O_NONBLOCK)
+                .open(&found.path)
+                .or_else(|_| File::open(&found.path)),
+        };
+        let file = match opened {
             Ok(f) => f,
             Err(e) => {
                 self.metrics.open_errors.inc();
@@ -838,7 +968,14 @@ impl<S: Sink> Pipeline<S> {
         };
         if self.noted.insert(path.to_owned()) {
             let p = path.display().to_string();
-            for r in &meta.refused {
+            // Declarations of pods known to the API are reported by
+            // scan_declared, once per declaration.
+            let refused = if meta.pod_info.is_none() {
+                &meta.refused[..]
+            } else {
+                &[]
+            };
+            for r in refused {
                 self.metrics.declarations_refused.inc();
                 tracing::warn!(path = p, declaration = %r.name, reason = %r.reason, "log declaration refused");
             }
@@ -1165,6 +1302,8 @@ mod tests {
             ship: crate::config::ShipMode::All,
             declaration_prefixes: vec!["aliyun".into()],
             topic_allow: crate::config::Globs::parse("t", "*").unwrap(),
+            kubelet_pods_dir: "/nonexistent".into(),
+            allow_hostpath: Default::default(),
             pod_labels: Default::default(),
             pod_annotations: Default::default(),
             deleted_pod_grace: Duration::from_secs(1),

@@ -12,6 +12,8 @@
 //! node has no Docker dir); unreadable entries are skipped and reported in
 //! [`Scan::errors`], never fatal. Discovery only lists; it opens no log file.
 
+pub mod volumes;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,6 +117,8 @@ pub struct Origin {
     pub env: Vec<String>,
     /// The container's restart count (CRI: the file name `<n>.log`).
     pub attempt: u32,
+    /// For an in-container file: the declaration that named it.
+    pub declaration: Option<String>,
 }
 
 fn json_str(s: &str) -> String {
@@ -184,7 +188,14 @@ impl MetaContext {
     pub fn render(&self, o: Origin, format: Format) -> FileMeta {
         let pod = self.pod_of(&o);
         let declared = self.declared(&o, pod.as_deref());
-        let route = declared.stdout().cloned();
+        let route = match &o.declaration {
+            Some(name) => declared
+                .declarations
+                .iter()
+                .find(|d| &d.name == name)
+                .cloned(),
+            None => declared.stdout().cloned(),
+        };
         let excluded = pod.as_ref().is_some_and(|p| {
             declare::excluded(
                 &o.container,
@@ -221,10 +232,11 @@ impl MetaContext {
                 (out, err)
             }
         };
-        let key = if o.pod_uid.is_empty() {
-            o.container_id.clone()
-        } else {
-            format!("{}/{}", o.pod_uid, o.container)
+        let key = match &o.declaration {
+            // In-container files: one stream per declaration.
+            Some(name) => format!("{}/{}/{name}", o.pod_uid, o.container),
+            None if o.pod_uid.is_empty() => o.container_id.clone(),
+            None => format!("{}/{}", o.pod_uid, o.container),
         };
         let mut json = String::new();
         let mut headers: Vec<(Box<str>, Box<str>)> = Vec::new();
@@ -385,6 +397,8 @@ pub struct Found {
     /// A rotated copy (`0.log.<ts>`, `-json.log.1`): followed only if it is
     /// a file already being read or one the checkpoint knows.
     pub rotated: bool,
+    /// An in-container file: opened only beneath its volume's directory.
+    pub confined: Option<volumes::Confined>,
 }
 
 /// The result of one scan.
@@ -485,6 +499,7 @@ pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
                     },
                     format: Format::Cri,
                     rotated,
+                    confined: None,
                 });
             }
         }
@@ -533,6 +548,7 @@ pub fn scan_docker_dir(root: &Path, scan: &mut Scan) {
                 origin: origin.clone(),
                 format: Format::DockerJson,
                 rotated,
+                confined: None,
             });
         }
     }

@@ -1,0 +1,511 @@
+//! In-container log files: a declared path inside a container
+//! (`aliyun_logs_access=/var/log/nginx/*.log`) resolved through the
+//! container's volume mounts to that volume's directory on this node, and
+//! listed and opened without ever leaving it.
+//!
+//! - emptyDir: `<kubelet-pods-dir>/<pod uid>/volumes/kubernetes.io~empty-dir/<volume>`;
+//!   hostPath: its host path, only if it matches `--allow-hostpath`; any
+//!   other volume type, or a path under no mount, is refused with the reason
+//!   (as log-pilot does).
+//! - Confinement: the tenant controls everything below the volume's
+//!   directory (the mount's `subPath`, directories, symlinks, file names).
+//!   Every directory listed and every file opened there is reached with
+//!   `openat2(volume_dir_fd, relative_path, RESOLVE_BENEATH |
+//!   RESOLVE_NO_MAGICLINKS)`: `..`, absolute symlinks, symlinks that climb
+//!   out and `/proc/…` magic links all fail with `EXDEV`/`ELOOP`, so no byte
+//!   outside the volume is read. Only regular files are followed.
+//! - Bounded: a declaration matches at most [`MAX_MATCHES`] files and lists
+//!   at most [`MAX_ENTRIES`] directory entries per scan.
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::config::{Globs, glob_match};
+use crate::kube::{ContainerInfo, PodInfo, VolumeSource};
+
+pub const MAX_MATCHES: usize = 1000;
+pub const MAX_ENTRIES: usize = 20_000;
+
+/// Where a declared path's files are on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The volume's directory on the host (trusted: built by us).
+    pub base: PathBuf,
+    /// Below `base`: the mount's subPath, then the pattern, one component
+    /// each (tenant-controlled; resolved beneath `base` only).
+    pub pattern: Vec<String>,
+}
+
+/// A file found below a volume directory, opened confined to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confined {
+    pub base: PathBuf,
+    pub rel: PathBuf,
+}
+
+impl Confined {
+    /// Opens the file for reading, beneath `base` only; a regular file or
+    /// an error.
+    pub fn open(&self) -> std::io::Result<File> {
+        let base = open_dir(&self.base)?;
+        let fd = openat2(
+            &base,
+            &self.rel,
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOATIME | libc::O_NONBLOCK,
+        )
+        .or_else(|_| {
+            openat2(
+                &base,
+                &self.rel,
+                libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        })?;
+        let file = File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok(file)
+    }
+}
+
+fn cstr(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::other("NUL in path"))
+}
+
+/// The trusted volume directory itself (its last component must not be a
+/// symlink).
+fn open_dir(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = cstr(path)?;
+    // SAFETY: a valid C string; the returned fd is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `openat2(dir, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
+pub fn openat2(dir: &OwnedFd, rel: &Path, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    let c = cstr(if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    })?;
+    // SAFETY: open_how is plain data; all-zero is its valid "no options".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid fd, C string and open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Names of the entries of an open directory (not `.`/`..`), at most `max`.
+fn list(dir: OwnedFd, max: usize) -> std::io::Result<Vec<Vec<u8>>> {
+    // SAFETY: fdopendir takes ownership of the fd on success.
+    let d = unsafe { libc::fdopendir(dir.as_raw_fd()) };
+    if d.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::mem::forget(dir); // closedir closes it
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: d is a valid DIR*; entries are read before the next call.
+        let e = unsafe { libc::readdir64(d) };
+        if e.is_null() || out.len() >= max {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated.
+        let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            out.push(name.to_vec());
+        }
+    }
+    // SAFETY: d came from fdopendir and is closed once.
+    unsafe { libc::closedir(d) };
+    Ok(out)
+}
+
+fn plain_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
+}
+
+/// Resolves a declared in-container path glob through `container`'s mounts.
+pub fn resolve(
+    declared: &str,
+    pod: &PodInfo,
+    container: &ContainerInfo,
+    kubelet_pods_dir: &Path,
+    allow_hostpath: &Globs,
+) -> Result<Resolved, String> {
+    let path = Path::new(declared);
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(s) => parts.push(
+                s.to_str()
+                    .ok_or_else(|| format!("{declared:?} is not valid UTF-8"))?,
+            ),
+            _ => return Err(format!("{declared:?}: '.' and '..' are not allowed")),
+        }
+    }
+    if !path.is_absolute() || parts.is_empty() {
+        return Err(format!("{declared:?} is not an absolute file path"));
+    }
+    // The mount whose path is the longest whole-component prefix.
+    let mount = container
+        .mounts
+        .iter()
+        .filter_map(|m| {
+            let mp: Vec<&str> = Path::new(&m.path)
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(s) => s.to_str(),
+                    _ => None,
+                })
+                .collect();
+            (mp.len() < parts.len() && parts[..mp.len()] == mp[..]).then_some((mp.len(), m))
+        })
+        .max_by_key(|(n, _)| *n);
+    let Some((depth, mount)) = mount else {
+        return Err(format!(
+            "{declared:?} is not under any volume mount of container {:?}: only files in volumes can be read",
+            container.name
+        ));
+    };
+    let base = match pod.volumes.get(&mount.volume) {
+        Some(VolumeSource::EmptyDir) => {
+            if !plain_name(&pod.uid) || !plain_name(&mount.volume) {
+                return Err(format!("volume {:?}: unusable name", mount.volume));
+            }
+            kubelet_pods_dir
+                .join(&pod.uid)
+                .join("volumes/kubernetes.io~empty-dir")
+                .join(&mount.volume)
+        }
+        Some(VolumeSource::HostPath(p)) => {
+            if !Path::new(p).is_absolute() || p.split('/').any(|c| c == "..") {
+                return Err(format!(
+                    "hostPath volume {:?}: path {p:?} is not absolute and clean",
+                    mount.volume
+                ));
+            }
+            if !allow_hostpath.matches(p) {
+                return Err(format!(
+                    "hostPath volume {:?} ({p}) is not allowed by --allow-hostpath",
+                    mount.volume
+                ));
+            }
+            PathBuf::from(p)
+        }
+        Some(VolumeSource::Other(kind)) => {
+            return Err(format!(
+                "volume {:?} is a {kind} volume; only emptyDir (and allowed hostPath) volumes are read",
+                mount.volume
+            ));
+        }
+        None => {
+            return Err(format!(
+                "volume {:?} is not in the pod's volumes",
+                mount.volume
+            ));
+        }
+    };
+    let mut pattern: Vec<String> = Vec::new();
+    for c in Path::new(&mount.sub_path).components() {
+        match c {
+            Component::Normal(s) => pattern.push(s.to_string_lossy().into_owned()),
+            Component::CurDir => {}
+            _ => {
+                return Err(format!(
+                    "subPath {:?} is not a clean relative path",
+                    mount.sub_path
+                ));
+            }
+        }
+    }
+    // The subPath is literal, the rest a glob; a literal '*' in a subPath
+    // would be taken as a wildcard, so refuse it.
+    if pattern.iter().any(|p| p.contains(['*', '?'])) {
+        return Err(format!(
+            "subPath {:?} holds glob characters",
+            mount.sub_path
+        ));
+    }
+    pattern.extend(parts[depth..].iter().map(|s| s.to_string()));
+    Ok(Resolved { base, pattern })
+}
+
+/// What listing a resolved declaration found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub files: Vec<Confined>,
+    /// Directories that hold matches, verified to be what their path names
+    /// (no symlink on the way): safe to watch by path.
+    pub dirs: Vec<PathBuf>,
+    /// The file or entry limit was hit.
+    pub truncated: bool,
+}
+
+/// The files below `r.base` matching `r.pattern` (`*`, `?` within one
+/// component), every step confined beneath `r.base`.
+pub fn list_matches(r: &Resolved) -> std::io::Result<Listing> {
+    let base = open_dir(&r.base)?;
+    let mut out = Listing::default();
+    let mut entries = 0usize;
+    // Directories (relative to base) to expand with the next component.
+    let mut level: Vec<PathBuf> = vec![PathBuf::new()];
+    for (i, comp) in r.pattern.iter().enumerate() {
+        let last = i + 1 == r.pattern.len();
+        let wild = comp.contains(['*', '?']);
+        let mut next = Vec::new();
+        for dir in &level {
+            let names: Vec<Vec<u8>> = if wild {
+                let Ok(fd) = openat2(
+                    &base,
+                    dir,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                ) else {
+                    continue;
+                };
+                let names = list(fd, MAX_ENTRIES.saturating_sub(entries) + 1)?;
+                entries += names.len();
+                if entries > MAX_ENTRIES {
+                    out.truncated = true;
+                }
+                names
+                    .into_iter()
+                    .filter(|n| glob_match(comp.as_bytes(), n))
+                    .collect()
+            } else {
+                vec![comp.as_bytes().to_vec()]
+            };
+            for name in names {
+                let rel = dir.join(std::ffi::OsStr::from_bytes(&name));
+                if last {
+                    let Ok(fd) = openat2(&base, &rel, libc::O_PATH | libc::O_CLOEXEC) else {
+                        continue;
+                    };
+                    if File::from(fd).metadata().is_ok_and(|m| m.is_file()) {
+                        if out.files.len() >= MAX_MATCHES {
+                            out.truncated = true;
+                            break;
+                        }
+                        out.files.push(Confined {
+                            base: r.base.clone(),
+                            rel,
+                        });
+                    }
+                } else if openat2(
+                    &base,
+                    &rel,
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+                .is_ok()
+                {
+                    next.push(rel);
+                }
+            }
+        }
+        if last {
+            // The directories holding matches, if their path leads to the
+            // same directory the confined walk reached.
+            for dir in &level {
+                let host = r.base.join(dir);
+                let Ok(fd) = openat2(
+                    &base,
+                    dir,
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                ) else {
+                    continue;
+                };
+                let (Ok(a), Ok(b)) = (File::from(fd).metadata(), std::fs::metadata(&host)) else {
+                    continue;
+                };
+                if a.dev() == b.dev() && a.ino() == b.ino() {
+                    out.dirs.push(host);
+                }
+            }
+        }
+        level = next;
+        if level.is_empty() && !last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::Mount;
+    use std::collections::BTreeMap;
+
+    fn pod(volumes: &[(&str, VolumeSource)]) -> (PodInfo, ContainerInfo) {
+        let c = ContainerInfo {
+            name: "app".into(),
+            mounts: vec![
+                Mount {
+                    volume: "logs".into(),
+                    path: "/var/log/nginx".into(),
+                    sub_path: String::new(),
+                },
+                Mount {
+                    volume: "nested".into(),
+                    path: "/var/log/nginx/deep".into(),
+                    sub_path: "sub".into(),
+                },
+                Mount {
+                    volume: "cfg".into(),
+                    path: "/etc/nginx".into(),
+                    sub_path: String::new(),
+                },
+                Mount {
+                    volume: "host".into(),
+                    path: "/host".into(),
+                    sub_path: String::new(),
+                },
+            ],
+            ..Default::default()
+        };
+        let p = PodInfo {
+            uid: "uid-1".into(),
+            volumes: volumes
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            containers: vec![c.clone()],
+            ..Default::default()
+        };
+        (p, c)
+    }
+
+    #[test]
+    fn declared_paths_resolve_through_the_longest_mount() {
+        let (p, c) = pod(&[
+            ("logs", VolumeSource::EmptyDir),
+            ("nested", VolumeSource::EmptyDir),
+            ("cfg", VolumeSource::Other("configMap")),
+            ("host", VolumeSource::HostPath("/var/log/app".into())),
+        ]);
+        let k = Path::new("/var/lib/kubelet/pods");
+        let none = Globs::default();
+        let r = resolve("/var/log/nginx/*.log", &p, &c, k, &none).unwrap();
+        assert_eq!(
+            r.base,
+            Path::new("/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~empty-dir/logs")
+        );
+        assert_eq!(r.pattern, vec!["*.log"]);
+        let r = resolve("/var/log/nginx/deep/x/a.log", &p, &c, k, &none).unwrap();
+        assert!(r.base.ends_with("nested"));
+        assert_eq!(r.pattern, vec!["sub", "x", "a.log"]);
+        for (bad, why) in [
+            ("/var/log/other/*.log", "not under any volume"),
+            ("/etc/nginx/*.conf", "configMap"),
+            ("/var/log/nginx/../../etc/shadow", "'..'"),
+            ("/proc/self/root/etc/shadow", "not under any volume"),
+            ("/var/log/nginx", "not under any volume"),
+            ("relative/x.log", "absolute"),
+            ("/host/*.log", "--allow-hostpath"),
+        ] {
+            let e = resolve(bad, &p, &c, k, &none).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let allow = Globs::parse("allow-hostpath", "/var/log/*").unwrap();
+        let r = resolve("/host/*.log", &p, &c, k, &allow).unwrap();
+        assert_eq!(r.base, Path::new("/var/log/app"));
+    }
+
+    #[test]
+    fn listing_and_opening_never_leave_the_volume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = tmp.path().join("vol");
+        let outside = tmp.path().join("secret");
+        std::fs::create_dir_all(vol.join("app")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("key.log"), "TOP SECRET\n").unwrap();
+        std::fs::write(vol.join("app/a.log"), "a\n").unwrap();
+        std::fs::write(vol.join("app/b.txt"), "b\n").unwrap();
+        // Escapes: a symlinked file, a symlinked directory, absolute and
+        // relative, and a /proc magic link.
+        std::os::unix::fs::symlink(outside.join("key.log"), vol.join("app/abs.log")).unwrap();
+        std::os::unix::fs::symlink("../../secret/key.log", vol.join("app/rel.log")).unwrap();
+        std::os::unix::fs::symlink(&outside, vol.join("linkdir")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/root/etc/hostname", vol.join("app/proc.log"))
+            .unwrap();
+        // A symlink that stays inside is fine.
+        std::os::unix::fs::symlink("a.log", vol.join("app/inside.log")).unwrap();
+        let r = Resolved {
+            base: vol.clone(),
+            pattern: vec!["app".into(), "*.log".into()],
+        };
+        let l = list_matches(&r).unwrap();
+        let mut names: Vec<_> = l
+            .files
+            .iter()
+            .map(|f| f.rel.display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["app/a.log", "app/inside.log"]);
+        assert_eq!(l.dirs, vec![vol.join("app")]);
+        let r = Resolved {
+            base: vol.clone(),
+            pattern: vec!["linkdir".into(), "*.log".into()],
+        };
+        assert!(list_matches(&r).unwrap().files.is_empty());
+        let r = Resolved {
+            base: vol.clone(),
+            pattern: vec!["*".into(), "*.log".into()],
+        };
+        let l = list_matches(&r).unwrap();
+        assert!(l.files.iter().all(|f| f.rel.starts_with("app")));
+        // Opening checks again (the tree may change between list and open).
+        for rel in [
+            "app/abs.log",
+            "app/rel.log",
+            "linkdir/key.log",
+            "app/proc.log",
+            "../secret/key.log",
+        ] {
+            let c = Confined {
+                base: vol.clone(),
+                rel: rel.into(),
+            };
+            assert!(c.open().is_err(), "{rel} opened");
+        }
+        let c = Confined {
+            base: vol.clone(),
+            rel: "app/a.log".into(),
+        };
+        assert_eq!(std::io::read_to_string(c.open().unwrap()).unwrap(), "a\n");
+        // A volume directory that is itself a symlink is refused too.
+        let c = Confined {
+            base: vol.join("linkdir"),
+            rel: "key.log".into(),
+        };
+        assert!(c.open().is_err());
+    }
+}
