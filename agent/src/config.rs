@@ -785,6 +785,32 @@ mod tests {
     }
 
     #[test]
+    fn the_deployed_config_map_is_a_valid_configuration() {
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bpftail.yaml"),
+        )
+        .unwrap();
+        let toml: String = manifest
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("bpftail.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        assert!(toml.contains("brokers"), "{toml}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bpftail.toml");
+        std::fs::write(&path, &toml).unwrap();
+        let c = Config::resolve(RunArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert_eq!(c.kubelet_pods_dir, Path::new("/var/lib/kubelet/pods"));
+        assert_eq!(c.ship, ShipMode::All);
+    }
+
+    #[test]
     fn globs_match_whole_strings() {
         let g = Globs::parse("pod-labels", "app, team-*,a?c").unwrap();
         for yes in ["app", "team-", "team-x.y/z", "abc"] {
