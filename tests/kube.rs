@@ -697,3 +697,73 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     }
     assert!(agent.stop().success());
 }
+
+#[test]
+fn log_pilot_declarations_on_a_docker_node_work_without_the_api() {
+    let broker = Broker::start();
+    for t in ["app", "web-t"] {
+        broker.create_topic(t, 1);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let docker = tmp.path().join("docker");
+    let containers = [
+        (
+            "aaaa1111",
+            r#"{"Name":"/k8s_app_api-0_shop_u-1_0","Config":{"Env":["aliyun_logs_app=stdout","aliyun_logs_app_tags=team=pay"],"Labels":{
+                "io.kubernetes.pod.namespace":"shop","io.kubernetes.pod.name":"api-0",
+                "io.kubernetes.pod.uid":"u-1","io.kubernetes.container.name":"app"}}}"#,
+        ),
+        (
+            "bbbb2222",
+            r#"{"Name":"/plain-web","Config":{"Env":[],"Labels":{"aliyun.logs.web":"stdout","aliyun.logs.web.target":"web-t"}}}"#,
+        ),
+    ];
+    for (i, (id, config)) in containers.iter().enumerate() {
+        let dir = docker.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.v2.json"), config).unwrap();
+        let mut f = std::fs::File::create(dir.join(format!("{id}-json.log"))).unwrap();
+        for seq in 0..5u64 {
+            let line = json!({"log": format!("w{i} seq={seq:08} x\n"), "stream": "stdout", "time": "2026-11-25T16:00:00.000000001Z"});
+            std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()).unwrap();
+        }
+    }
+    let mut args = agent_args(
+        &tmp.path().join("pods"),
+        &tmp.path().join("data"),
+        &broker.addr(),
+        "logs",
+        &[
+            "--node-name",
+            NODE,
+            "--kube",
+            "off",
+            "--format",
+            "logpilot",
+            "--ship",
+            "declared",
+        ],
+    );
+    let i = args.iter().position(|a| a == "/nonexistent").unwrap();
+    args[i] = docker.display().to_string();
+    let agent = Agent::start(&args, &tmp.path().join("agent.log"));
+    let app = Collector::start(&broker.addr(), "app");
+    let web = Collector::start(&broker.addr(), "web-t");
+    let a = json_of(&app.wait_for(Duration::from_secs(60), |r| r.len() >= 5));
+    assert_eq!(a.len(), 5);
+    assert_eq!(a[0]["docker_container"], "k8s_app_api-0_shop_u-1_0");
+    assert_eq!(a[0]["k8s_pod"], "api-0");
+    assert_eq!(a[0]["k8s_container_name"], "app");
+    assert_eq!(
+        (&a[0]["topic"], &a[0]["index"], &a[0]["team"]),
+        (&json!("app"), &json!("app"), &json!("pay"))
+    );
+    let w = json_of(&web.wait_for(Duration::from_secs(60), |r| r.len() >= 5));
+    assert_eq!(w.len(), 5);
+    assert_eq!(w[0]["docker_container"], "plain-web");
+    assert_eq!(
+        (&w[0]["topic"], &w[0]["index"]),
+        (&json!("web-t"), &json!("web"))
+    );
+    assert!(agent.stop().success());
+}

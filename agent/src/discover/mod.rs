@@ -119,6 +119,8 @@ pub struct Origin {
     pub attempt: u32,
     /// For an in-container file: the declaration that named it.
     pub declaration: Option<String>,
+    /// Docker's container name (`config.v2.json` `Name`, without `/`).
+    pub docker_name: String,
 }
 
 fn json_str(s: &str) -> String {
@@ -243,7 +245,9 @@ impl MetaContext {
         let logpilot = self.policy.output == OutputFormat::Logpilot;
         if logpilot {
             // log-pilot's fields: its consumers keep working.
-            let docker_container = if o.container_id.is_empty() {
+            let docker_container = if !o.docker_name.is_empty() {
+                o.docker_name.clone()
+            } else if o.container_id.is_empty() {
                 // As kubelet's dockershim named containers.
                 format!(
                     "k8s_{}_{}_{}_{}_{}",
@@ -570,6 +574,7 @@ pub fn docker_origin(id: &str, config: &Path) -> Origin {
     };
     if let Some(name) = v["Name"].as_str() {
         o.container = name.trim_start_matches('/').to_owned();
+        o.docker_name = o.container.clone();
     }
     if let Some(labels) = v["Config"]["Labels"].as_object() {
         o.labels = labels
