@@ -696,6 +696,38 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
         }
     }
     assert!(agent.stop().success());
+
+    // A restart resumes from the checkpoint (the pod list comes after the
+    // first scan): nothing is sent twice.
+    write_plain(&vol.join("access.log"), 0, 30..40);
+    let agent = s.agent(
+        &broker,
+        &[
+            "--kubelet-pods-dir",
+            &kubelet_arg,
+            "--topic-allow",
+            "access,logs,deep,up,abs,proc,cfg,host",
+            "--watcher",
+            "inotify",
+        ],
+    );
+    wait_records(&access, 0, 40);
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = access
+        .wait_for(Duration::from_secs(0), |_| true)
+        .iter()
+        .filter(|r| {
+            serde_json::from_slice::<Value>(&r.value)
+                .ok()
+                .and_then(|v| parse_seq(v["message"].as_str()?.as_bytes()))
+                .is_some_and(|(w, _)| w == 0)
+        })
+        .count();
+    assert_eq!(
+        sent, 40,
+        "records of access.log sent (duplicates after the restart?)"
+    );
+    assert!(agent.stop().success());
 }
 
 #[test]

@@ -380,8 +380,6 @@ impl<S: Sink> Pipeline<S> {
     /// The first scan: opens what exists, at checkpointed offsets.
     fn start(&mut self) {
         self.rescan();
-        // Checkpointed files that are gone are forgotten now.
-        self.restored = HashMap::new();
     }
 
     fn take_changes(&mut self) {
@@ -734,6 +732,12 @@ impl<S: Sink> Pipeline<S> {
         self.pod_pending.retain(|p| listed.contains(p));
         self.noted.retain(|p| listed.contains(p));
         self.started = true;
+        // Checkpointed files that are gone are forgotten once a scan could
+        // have found them all: in-container files are only found once the
+        // pod list has arrived.
+        if !self.restored.is_empty() && self.ctx.pods.as_ref().is_none_or(|c| c.synced()) {
+            self.restored = HashMap::new();
+        }
         let vanished: Vec<u32> = self
             .files
             .iter()
