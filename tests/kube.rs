@@ -197,6 +197,11 @@ fn records_carry_pod_metadata_through_creation_deletion_and_an_api_outage() {
         "only this node's pods"
     );
     assert_eq!(agent.metric("bpftail_kube_synced"), 1);
+    eprintln!(
+        "agent with the pod watch: RSS {} KiB, peak {} KiB",
+        agent.rss_kib(),
+        agent.peak_rss_kib()
+    );
 
     // A pod created after start, whose log file appears before the API
     // reports it: its first lines are enriched all the same.

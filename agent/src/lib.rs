@@ -134,6 +134,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let pods = kube_client
         .as_ref()
         .map(|_| Arc::new(kube::PodCache::default()));
+    if pods.is_none() && cfg.ship == config::ShipMode::Declared {
+        tracing::warn!("--ship declared without the Kubernetes API: CRI logs' declarations come from the API, so only Docker logs (declared in their env or labels) are shipped");
+    }
     tracing::info!(
         watcher = %started.detail,
         pods_dir = %cfg.pods_dir.display(),
