@@ -54,7 +54,7 @@ pub struct ContainerInfo {
     pub mounts: Vec<Mount>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Mount {
     pub volume: String,
     pub path: String,
@@ -62,7 +62,7 @@ pub struct Mount {
 }
 
 /// The kinds of volume whose files bpftail may follow.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum VolumeSource {
     EmptyDir,
     HostPath(String),

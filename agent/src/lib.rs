@@ -135,7 +135,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .as_ref()
         .map(|_| Arc::new(kube::PodCache::default()));
     if pods.is_none() && cfg.ship == config::ShipMode::Declared {
-        tracing::warn!("--ship declared without the Kubernetes API: CRI logs' declarations come from the API, so only Docker logs (declared in their env or labels) are shipped");
+        tracing::warn!(
+            "--ship declared without the Kubernetes API: CRI logs' declarations come from the API, so only Docker logs (declared in their env or labels) are shipped"
+        );
     }
     tracing::info!(
         watcher = %started.detail,

@@ -181,6 +181,8 @@ pub struct Pipeline<S: Sink> {
     /// The pods changed since the last rescan, and when that was.
     pod_rescan: bool,
     last_pod_rescan: Instant,
+    /// [`Pipeline::declared_paths_signature`] at the last pod rescan.
+    declared_signature: u64,
     /// The first scan is done: rotated files that appear now are rotations
     /// we did not see happen, and are read.
     started: bool,
@@ -252,6 +254,7 @@ impl<S: Sink> Pipeline<S> {
             declared_noted: HashSet::new(),
             pods_seen: 0,
             pod_rescan: false,
+            declared_signature: 0,
             last_pod_rescan: Instant::now(),
             started: false,
             reader,
@@ -353,8 +356,16 @@ impl<S: Sink> Pipeline<S> {
             return;
         }
         self.pods_seen = generation;
-        // New or changed pods may declare in-container files.
-        self.pod_rescan = true;
+        // A rescan when files wait for their pod, or when the in-container
+        // files pods declare changed (not for every pod status update).
+        let signature = self.declared_paths_signature();
+        if signature != self.declared_signature
+            || !self.awaiting_pod.is_empty()
+            || !self.pod_pending.is_empty()
+        {
+            self.declared_signature = signature;
+            self.pod_rescan = true;
+        }
         for f in self.files.values_mut() {
             let pod = self.ctx.pod_of(&f.meta.origin);
             let same = match (&pod, &f.meta.pod_info) {
@@ -368,6 +379,32 @@ impl<S: Sink> Pipeline<S> {
                 f.meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
             }
         }
+    }
+
+    /// A hash of every in-container path declared by the live pods.
+    fn declared_paths_signature(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let Some(cache) = &self.ctx.pods else {
+            return 0;
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut pods = cache.live_pods();
+        pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+        for pod in &pods {
+            for c in &pod.containers {
+                let origin = Origin {
+                    pod_uid: pod.uid.clone(),
+                    container: c.name.clone(),
+                    ..Default::default()
+                };
+                for d in self.ctx.declared(&origin, Some(pod)).declarations {
+                    if let declare::Source::Path(p) = &d.source {
+                        (&pod.uid, &c.name, &d.name, p, &c.mounts, &pod.volumes).hash(&mut h);
+                    }
+                }
+            }
+        }
+        h.finish()
     }
 
     /// Whether a file waiting for its pod has waited long enough.
