@@ -96,7 +96,7 @@ pub struct RunArgs {
     /// Which containers ship: all (minus opt-outs) or only declared ones (log-pilot's behaviour) [default: all].
     #[arg(long, env = "BPFTAIL_SHIP")]
     pub ship: Option<ShipMode>,
-    /// Prefixes of log-pilot declarations (<prefix>_logs_<name> env, <prefix>.logs.<name> labels), comma-separated [default: aliyun].
+    /// Prefixes of log-pilot declarations (`<prefix>_logs_<name>` env, `<prefix>.logs.<name>` labels), comma-separated [default: aliyun].
     #[arg(long, env = "BPFTAIL_DECLARATION_PREFIXES")]
     pub declaration_prefixes: Option<String>,
     /// Topics a declaration (tenant) may choose: comma-separated globs [default: *].

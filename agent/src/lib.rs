@@ -1,7 +1,9 @@
 //! bpftail: container log files to Kafka, at-least-once.
 //!
 //! The data flow, one module per stage:
-//! [`discover`] finds log files → [`watch`] reports which changed →
+//! [`discover`] finds log files (with [`kube`]'s pod metadata and the
+//! routing [`declare`]d in pods; in-container files through
+//! [`discover::volumes`]) → [`watch`] reports which changed →
 //! [`tail`] reads and decodes them → [`sink`] produces to Kafka →
 //! delivery reports advance [`checkpoint`]s. [`pipeline`] is the loop that
 //! joins them; [`config`] and [`metrics`] serve all of them.
