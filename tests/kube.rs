@@ -804,3 +804,39 @@ fn log_pilot_declarations_on_a_docker_node_work_without_the_api() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn an_opt_out_added_while_a_file_is_followed_stops_its_shipping_until_removed() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let api = FakeApi::start();
+    api.put(declared_pod("a", vec![], json!({})));
+    let s = Setup::new(&api);
+    let f = container_dir(&s.pods, "shop", "a", "uid-a", "app").join("0.log");
+    write_lines(&f, 0, 0..5);
+    let agent = s.agent(&broker, &[]);
+    let logs = Collector::start(&broker.addr(), "logs");
+    wait_records(&logs, 0, 5);
+
+    let events = agent.metric("bpftail_kube_events_total");
+    api.put(declared_pod(
+        "a",
+        vec![],
+        json!({"bpftail.io/exclude": "true"}),
+    ));
+    wait_metric(&agent, "bpftail_kube_events_total", events + 1);
+    std::thread::sleep(Duration::from_millis(300));
+    write_lines(&f, 0, 5..10);
+    wait_metric(&agent, "bpftail_records_suppressed_total", 5);
+
+    let events = agent.metric("bpftail_kube_events_total");
+    api.put(declared_pod("a", vec![], json!({})));
+    wait_metric(&agent, "bpftail_kube_events_total", events + 1);
+    std::thread::sleep(Duration::from_millis(300));
+    write_lines(&f, 0, 10..15);
+    let all = logs.wait_for(Duration::from_secs(60), |r| records_of(r, 0).len() >= 10);
+    let seqs: Vec<u64> = records_of(&all, 0).iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (0..5).chain(10..15).collect::<Vec<u64>>());
+    assert!(s.log().contains("stopped shipping this log"));
+    assert!(agent.stop().success());
+}

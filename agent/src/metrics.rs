@@ -121,6 +121,9 @@ pub struct Metrics {
     /// allowed), counted per file opened; garbage tags dropped.
     pub declarations_refused: Counter,
     pub tags_dropped: Counter,
+    /// Records of followed files that became opted out or undeclared:
+    /// read and discarded.
+    pub records_suppressed: Counter,
     /// Files not shipped: opted out, or not declared in `--ship declared`.
     pub files_skipped: Counter,
     /// Files opened while their pod was unknown (path metadata only).
@@ -288,6 +291,11 @@ impl Metrics {
             "declaration_tags_dropped_total",
             "Garbage entries in declaration tags, dropped.",
             self.tags_dropped.get(),
+        );
+        c(
+            "records_suppressed_total",
+            "Records read and discarded: their file's container was opted out (or undeclared) while it was followed.",
+            self.records_suppressed.get(),
         );
         c(
             "files_skipped_total",

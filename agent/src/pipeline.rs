@@ -40,8 +40,9 @@ use crate::discover::{FileMeta, Origin, volumes};
 use crate::kube::PodCache;
 use crate::metrics::{Metrics, RateLimit};
 use crate::sink::{Ack, Outcome, Sink};
+use crate::tail::RecordSink;
 use crate::tail::decode::Decoder;
-use crate::tail::decode::Format;
+use crate::tail::decode::{Format, Record};
 use crate::tail::{FileStatus, ReadEnd, Reader, TailedFile};
 use crate::watch::{ChangeQueue, ChangeSource, Pending};
 
@@ -64,6 +65,32 @@ fn entry(f: &TailedFile) -> Entry {
         fingerprint: f.fingerprint,
         offset: f.acks.committed(),
         path: f.path.clone(),
+    }
+}
+
+/// The sink of a file that is not to be shipped: its records are counted
+/// and settled at once, never produced.
+#[derive(Default)]
+struct Discard {
+    seqs: Vec<u64>,
+}
+
+impl RecordSink for Discard {
+    fn has_budget(&self) -> bool {
+        true
+    }
+    fn send(&mut self, _: &FileMeta, _: &Record<'_>, _: u32, seq: u64) {
+        self.seqs.push(seq);
+    }
+}
+
+impl Discard {
+    /// Marks the discarded records done, so the checkpoint moves past them.
+    fn settle(self, f: &mut TailedFile, metrics: &Metrics) {
+        metrics.records_suppressed.add(self.seqs.len() as u64);
+        for seq in self.seqs {
+            f.acks.acked(seq);
+        }
     }
 }
 
@@ -376,7 +403,20 @@ impl<S: Sink> Pipeline<S> {
             // A deleted pod's entry expires after its grace period: its
             // files keep the metadata they had.
             if !same && pod.is_some() {
-                f.meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
+                let meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
+                if meta.suppressed != f.meta.suppressed {
+                    let why = if meta.excluded {
+                        "opted out by bpftail.io/exclude"
+                    } else {
+                        "no longer declared (--ship declared)"
+                    };
+                    if meta.suppressed {
+                        tracing::info!(path = %f.path.display(), why, "stopped shipping this log; its lines are read and discarded");
+                    } else {
+                        tracing::info!(path = %f.path.display(), "shipping this log again");
+                    }
+                }
+                f.meta = meta;
             }
         }
     }
@@ -548,7 +588,14 @@ impl<S: Sink> Pipeline<S> {
         let Some(f) = self.files.get_mut(&id) else {
             return ReadEnd::Eof;
         };
-        let end = self.reader.read(f, &mut self.sink, &self.metrics, quota);
+        let end = if f.meta.suppressed {
+            let mut discard = Discard::default();
+            let end = self.reader.read(f, &mut discard, &self.metrics, quota);
+            discard.settle(f, &self.metrics);
+            end
+        } else {
+            self.reader.read(f, &mut self.sink, &self.metrics, quota)
+        };
         if let ReadEnd::Error(e) = &end {
             self.metrics.read_errors.inc();
             let path = f.path.display().to_string();
@@ -1145,8 +1192,14 @@ impl<S: Sink> Pipeline<S> {
             if quiet && !f.skipping && (size > f.read_offset || f.decoder.has_pending()) {
                 // The file ended inside a record and nothing came for a
                 // while: the writer is gone or stuck; deliver what there is.
-                self.reader
-                    .flush_tail(f, size, &mut self.sink, &self.metrics);
+                if f.meta.suppressed {
+                    let mut discard = Discard::default();
+                    self.reader.flush_tail(f, size, &mut discard, &self.metrics);
+                    discard.settle(f, &self.metrics);
+                } else {
+                    self.reader
+                        .flush_tail(f, size, &mut self.sink, &self.metrics);
+                }
             }
             if quiet
                 && f.status != FileStatus::Live

@@ -52,6 +52,10 @@ pub struct FileMeta {
     pub route: Option<Declaration>,
     /// The pod's annotations opt this container out.
     pub excluded: bool,
+    /// Not to be shipped: opted out, or undeclared under `--ship
+    /// declared` (a file that became so while followed is read on, its
+    /// records discarded, so its offset keeps up).
+    pub suppressed: bool,
     /// Declarations of this container that were refused, and garbage tags.
     pub refused: Vec<Refusal>,
     pub bad_tags: usize,
@@ -384,6 +388,7 @@ impl MetaContext {
             headers,
             origin: o,
             pod_info: pod,
+            suppressed: excluded || (self.policy.ship == ShipMode::Declared && route.is_none()),
             route,
             excluded,
             refused: declared.refused,
