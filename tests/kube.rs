@@ -582,6 +582,34 @@ fn ship_declared_ships_only_declared_containers() {
     assert_eq!(got[0]["tags"], Value::Null);
     assert!(agent.metric("bpftail_files_skipped_total") >= 1);
     assert!(agent.stop().success());
+
+    // Restarted while the API is down: whether a CRI log ships is unknown
+    // until its pod is, so nothing is read (nor discarded) meanwhile; then
+    // it resumes from its checkpoint.
+    api.outage();
+    let a_log = s.pods.join("shop_a_uid-a/app/0.log");
+    write_lines(&a_log, 0, 10..15);
+    let agent = s.agent(&broker, &["--ship", "declared"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(app.wait_for(Duration::from_secs(0), |_| true).len(), 10);
+    assert_eq!(agent.metric("bpftail_records_suppressed_total"), 0);
+    api.restore();
+    let all = app.wait_for(Duration::from_secs(60), |r| r.len() >= 15);
+    std::thread::sleep(Duration::from_secs(1));
+    let all = if all.len() == 15 {
+        app.wait_for(Duration::from_secs(0), |_| true)
+    } else {
+        all
+    };
+    let seqs: Vec<u64> = all
+        .iter()
+        .filter_map(|r| {
+            let v: Value = serde_json::from_slice(&r.value).ok()?;
+            Some(parse_seq(v["message"].as_str()?.as_bytes())?.1)
+        })
+        .collect();
+    assert_eq!(seqs, (0..15).collect::<Vec<u64>>());
+    assert!(agent.stop().success());
 }
 
 #[test]

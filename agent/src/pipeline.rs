@@ -52,11 +52,11 @@ const READ_BUF: usize = 256 * 1024;
 const READ_QUOTA: u64 = 1 << 20;
 /// Full rediscovery, in case a directory event was lost.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
-/// File ids travel in 24 bits of the delivery opaque.
 /// How long a new file waits for its pod's metadata from the API.
 const POD_WAIT: Duration = Duration::from_secs(2);
 /// Least time between rescans caused by pod changes.
 const POD_RESCAN_GAP: Duration = Duration::from_secs(1);
+/// File ids travel in 24 bits of the delivery opaque.
 const MAX_FILE_ID: u32 = (1 << 24) - 1;
 
 fn entry(f: &TailedFile) -> Entry {
@@ -783,6 +783,8 @@ impl<S: Sink> Pipeline<S> {
 
     /// Follows what a listing found and retires what it no longer holds.
     fn apply_scan(&mut self, mut scan: Scan) {
+        // Whether the pod list had arrived before this scan looked at files.
+        let synced = self.ctx.pods.as_ref().is_none_or(|c| c.synced());
         let mut seen = HashSet::new();
         let mut present = HashSet::new();
         let mut listed = HashSet::new();
@@ -812,14 +814,18 @@ impl<S: Sink> Pipeline<S> {
         self.finished.retain(|k, _| present.contains(k));
         self.short_rotated
             .retain(|k, _| present.contains(k) && !self.by_key.contains_key(k));
-        self.awaiting_pod.retain(|p, _| listed.contains(p));
+        // (An entry whose file was never looked at again — it cannot be
+        // stat'ed any more — must not keep the loop rescanning.)
+        let now = Instant::now();
+        self.awaiting_pod
+            .retain(|p, t| listed.contains(p) && now.duration_since(*t) < POD_WAIT * 2);
         self.pod_pending.retain(|p| listed.contains(p));
         self.noted.retain(|p| listed.contains(p));
         self.started = true;
         // Checkpointed files that are gone are forgotten once a scan could
         // have found them all: in-container files are only found once the
         // pod list has arrived.
-        if !self.restored.is_empty() && self.ctx.pods.as_ref().is_none_or(|c| c.synced()) {
+        if !self.restored.is_empty() && synced {
             self.restored = HashMap::new();
         }
         let vanished: Vec<u32> = self
@@ -900,10 +906,24 @@ impl<S: Sink> Pipeline<S> {
         if restored.is_none() && !found.rotated && self.waits_for_pod(&found) {
             return None;
         }
+        if let Some(e) = &restored
+            && self.ctx.policy.ship == ShipMode::Declared
+            && self.ctx.pods.is_some()
+            && found.origin.env.is_empty()
+            && self.ctx.pod_of(&found.origin).is_none()
+        {
+            // Checkpointed, and whether it ships depends on a pod the API
+            // has not reported yet: it keeps its checkpoint and waits.
+            self.restored.insert(key, e.clone());
+            self.pod_pending.insert(found.path.clone());
+            return None;
+        }
         let meta = self
             .ctx
             .render(std::mem::take(&mut found.origin), found.format);
-        if !self.ships(&found.path, &meta) {
+        // A checkpointed file is followed even if it is not to be shipped
+        // now (its lines are read and discarded), so it keeps its place.
+        if !self.ships(&found.path, &meta) && restored.is_none() {
             return None;
         }
         let opened = match preopened.take() {
