@@ -752,6 +752,12 @@ impl<S: Sink> Pipeline<S> {
                     };
                     let listing = match listing {
                         Ok(l) => l,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                            if self.declared_noted.insert(format!("{id}/openat2")) {
+                                tracing::warn!(declaration = %d.name, "openat2 is missing (kernel older than 5.6): in-container files cannot be read safely and are not read");
+                            }
+                            continue;
+                        }
                         Err(e) => {
                             // e.g. the volume's directory is not made yet.
                             tracing::debug!(declaration = %d.name, error = %e, "cannot list a declared volume");
