@@ -359,7 +359,11 @@ pub async fn watch(
     let stream = watcher(api, config).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut listing: Vec<PodInfo> = Vec::new();
-    let mut expiry = tokio::time::interval(Duration::from_secs(30).min(settings.grace));
+    let mut expiry = tokio::time::interval(
+        Duration::from_secs(30)
+            .min(settings.grace)
+            .max(Duration::from_secs(1)),
+    );
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error_log: Option<Instant> = None;
     let mut suppressed = 0u64;
