@@ -620,8 +620,12 @@ impl<S: Sink> Pipeline<S> {
         if f.status == status {
             return;
         }
-        if f.status == FileStatus::Live && status == FileStatus::Rotated {
+        // A live file renamed to a rotated name is a rotation; so is one
+        // that a racing listing missed (marked gone) and a later one found
+        // renamed. Counted once per file.
+        if status == FileStatus::Rotated && !f.found_rotated && !f.rotation_counted {
             self.metrics.rotations.inc();
+            f.rotation_counted = true;
         }
         tracing::debug!(path = %f.path.display(), from = ?f.status, to = ?status, "file status");
         f.status = status;
@@ -811,7 +815,7 @@ impl<S: Sink> Pipeline<S> {
             // file rotated just before it was created would then be missing
             // from the listing, and read after its successor. A listing
             // made now holds every rename that preceded the new file.
-            if !new_live || pass == 2 {
+            if !new_live || pass == 4 {
                 break;
             }
             scan = self.list();
@@ -1017,6 +1021,7 @@ impl<S: Sink> Pipeline<S> {
                 fingerprint,
                 status,
                 found_rotated: found.rotated,
+                rotation_counted: late_rotation,
                 before_truncation: Vec::new(),
                 size_seen: md.len(),
                 ctime_seen: (0, 0),

@@ -60,6 +60,8 @@ pub struct TailedFile {
     /// First seen under a rotated name (a copy, a rotation we missed, or a
     /// rotated file restored from the checkpoint), never as a live file.
     pub found_rotated: bool,
+    /// Its rotation was counted in `file_rotations_total`.
+    pub rotation_counted: bool,
     /// Fingerprint and read offset before each of the last truncations
     /// (at most [`TailedFile::TRUNCATIONS_KEPT`]): a copy made by
     /// copytruncate is recognised by it and read from that offset.
@@ -416,6 +418,7 @@ mod tests {
             fingerprint: Fingerprint::of(b""),
             status: FileStatus::Live,
             found_rotated: false,
+            rotation_counted: false,
             before_truncation: Vec::new(),
             size_seen: 0,
             ctime_seen: (0, 0),
