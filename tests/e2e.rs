@@ -24,15 +24,7 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
-        // BPFTAIL_KEEP_TMP=1 keeps the files and the agent's log for a look.
-        let tmp = tempfile::Builder::new()
-            .prefix("bpftail-e2e-")
-            .disable_cleanup(std::env::var_os("BPFTAIL_KEEP_TMP").is_some())
-            .tempdir()
-            .unwrap();
-        eprintln!("test dir: {}", tmp.path().display());
-        let pods = tmp.path().join("pods");
-        std::fs::create_dir_all(&pods).unwrap();
+        let (tmp, pods) = test_dir("bpftail-e2e-");
         Node {
             pods,
             data: tmp.path().join("data"),

@@ -23,14 +23,7 @@ struct Setup {
 
 impl Setup {
     fn new(api: &FakeApi) -> Setup {
-        let tmp = tempfile::Builder::new()
-            .prefix("bpftail-kube-")
-            .disable_cleanup(std::env::var_os("BPFTAIL_KEEP_TMP").is_some())
-            .tempdir()
-            .unwrap();
-        eprintln!("test dir: {}", tmp.path().display());
-        let pods = tmp.path().join("pods");
-        std::fs::create_dir_all(&pods).unwrap();
+        let (tmp, pods) = test_dir("bpftail-kube-");
         Setup {
             kubeconfig: api.kubeconfig(tmp.path()),
             pods,
@@ -664,17 +657,15 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     api.put(p);
     write_plain(&vol.join("access.log"), 0, 0..10);
     let kubelet_arg = kubelet.display().to_string();
-    let agent = s.agent(
-        &broker,
-        &[
-            "--kubelet-pods-dir",
-            &kubelet_arg,
-            "--topic-allow",
-            "access,logs,deep,up,abs,proc,cfg,host",
-            "--watcher",
-            "inotify",
-        ],
-    );
+    let args = [
+        "--kubelet-pods-dir",
+        &kubelet_arg,
+        "--topic-allow",
+        "access,logs,deep,up,abs,proc,cfg,host",
+        "--watcher",
+        "inotify",
+    ];
+    let agent = s.agent(&broker, &args);
     let access = Collector::start(&broker.addr(), "access");
     let logs = Collector::start(&broker.addr(), "logs");
     let evil = Collector::start(&broker.addr(), "evil-topic");
@@ -733,17 +724,7 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     // A restart resumes from the checkpoint (the pod list comes after the
     // first scan): nothing is sent twice.
     write_plain(&vol.join("access.log"), 0, 30..40);
-    let agent = s.agent(
-        &broker,
-        &[
-            "--kubelet-pods-dir",
-            &kubelet_arg,
-            "--topic-allow",
-            "access,logs,deep,up,abs,proc,cfg,host",
-            "--watcher",
-            "inotify",
-        ],
-    );
+    let agent = s.agent(&broker, &args);
     wait_records(&access, 0, 40);
     std::thread::sleep(Duration::from_secs(1));
     let sent = access

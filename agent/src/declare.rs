@@ -211,23 +211,7 @@ fn build(raw: BTreeMap<String, Raw>) -> Declared {
         });
     }
     // One destination per source: a second stdout declaration is refused.
-    let mut seen_stdout = false;
-    let mut kept = Vec::new();
-    for d in out.declarations {
-        if d.source == Source::Stdout {
-            if seen_stdout {
-                out.refused.push(Refusal {
-                    name: d.name,
-                    reason: "a second stdout declaration for the same container".into(),
-                });
-                continue;
-            }
-            seen_stdout = true;
-        }
-        kept.push(d);
-    }
-    out.declarations = kept;
-    out
+    merge([out])
 }
 
 /// log-pilot declarations in env (`NAME=value` pairs): `<prefix>_logs_…`.
@@ -235,12 +219,7 @@ pub fn from_env<'a>(
     prefixes: &[String],
     env: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> Declared {
-    build(collect(env, |k| {
-        prefixes.iter().find_map(|p| {
-            let rest = k.strip_prefix(p.as_str())?.strip_prefix("_logs_")?;
-            (!rest.is_empty()).then(|| split_option(rest, '_'))
-        })
-    }))
+    from_prefixed(prefixes, env, '_')
 }
 
 /// log-pilot declarations in Docker labels: `<prefix>.logs.…`.
@@ -248,10 +227,20 @@ pub fn from_labels<'a>(
     prefixes: &[String],
     labels: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> Declared {
-    build(collect(labels, |k| {
+    from_prefixed(prefixes, labels, '.')
+}
+
+/// `<prefix><sep>logs<sep><name>[<sep>tags|target|format]` keys.
+fn from_prefixed<'a>(
+    prefixes: &[String],
+    items: impl Iterator<Item = (&'a str, &'a str)>,
+    sep: char,
+) -> Declared {
+    let infix = format!("{sep}logs{sep}");
+    build(collect(items, |k| {
         prefixes.iter().find_map(|p| {
-            let rest = k.strip_prefix(p.as_str())?.strip_prefix(".logs.")?;
-            (!rest.is_empty()).then(|| split_option(rest, '.'))
+            let rest = k.strip_prefix(p.as_str())?.strip_prefix(infix.as_str())?;
+            (!rest.is_empty()).then(|| split_option(rest, sep))
         })
     }))
 }

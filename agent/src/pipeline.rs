@@ -913,19 +913,11 @@ impl<S: Sink> Pipeline<S> {
             // we saw it: it is read.)
             return None;
         }
-        if restored.is_none() && !found.rotated && self.waits_for_pod(&found) {
-            return None;
-        }
-        if let Some(e) = &restored
-            && self.ctx.policy.ship == ShipMode::Declared
-            && self.ctx.pods.is_some()
-            && found.origin.env.is_empty()
-            && self.ctx.pod_of(&found.origin).is_none()
-        {
-            // Checkpointed, and whether it ships depends on a pod the API
-            // has not reported yet: it keeps its checkpoint and waits.
-            self.restored.insert(key, e.clone());
-            self.pod_pending.insert(found.path.clone());
+        if self.waits_for_pod(&found, restored.is_some()) {
+            // A checkpointed file keeps its checkpoint while it waits.
+            if let Some(e) = restored {
+                self.restored.insert(key, e);
+            }
             return None;
         }
         let meta = self
@@ -1045,11 +1037,13 @@ impl<S: Sink> Pipeline<S> {
         Some((id, true))
     }
 
-    /// A new live file of a pod the API has not reported yet (its watch
-    /// event may trail the file by a moment) waits up to [`POD_WAIT`], so
-    /// that its first lines carry the pod's metadata; it is read from its
-    /// start either way. Files with a checkpoint never wait.
-    fn waits_for_pod(&mut self, found: &Found) -> bool {
+    /// Whether a file of a pod the API has not reported yet waits for it:
+    /// under `--ship declared` a CRI log waits however long it takes (its
+    /// pod says whether it ships at all); otherwise a new live file (its
+    /// watch event may trail the file by a moment) waits up to
+    /// [`POD_WAIT`], so that its first lines carry the pod's metadata, and
+    /// checkpointed or rotated files do not wait.
+    fn waits_for_pod(&mut self, found: &Found, checkpointed: bool) -> bool {
         if self.ctx.pods.is_none() || self.ctx.pod_of(&found.origin).is_some() {
             self.awaiting_pod.remove(&found.path);
             self.pod_pending.remove(&found.path);
@@ -1057,11 +1051,14 @@ impl<S: Sink> Pipeline<S> {
         }
         // Only shipped if declared, and a CRI log's declarations come from
         // the API: it waits for its pod however long that takes (it is read
-        // from its start then; nothing is lost meanwhile).
+        // from its start, or its checkpoint, then; nothing is lost meanwhile).
         if self.ctx.policy.ship == ShipMode::Declared && found.origin.env.is_empty() {
             self.awaiting_pod.remove(&found.path);
             self.pod_pending.insert(found.path.clone());
             return true;
+        }
+        if checkpointed || found.rotated {
+            return false;
         }
         let now = Instant::now();
         let since = *self.awaiting_pod.entry(found.path.clone()).or_insert(now);
@@ -1513,6 +1510,18 @@ mod tests {
             }
             self.file.write_all(&buf).unwrap();
         }
+        /// kubelet's rotation: rename to `0.log.<n>`, reopen `0.log`.
+        fn rotate(&mut self) {
+            self.rotations += 1;
+            std::fs::rename(
+                self.dir.join("0.log"),
+                self.dir
+                    .join(format!("0.log.20261125-{:06}", self.rotations)),
+            )
+            .unwrap();
+            self.reopen();
+        }
+
         fn reopen(&mut self) {
             self.file = std::fs::OpenOptions::new()
                 .create(true)
@@ -1568,13 +1577,7 @@ mod tests {
                     0..=4 => k.write(c, 1 + next(&rng) % 300),
                     5 => {
                         // kubelet rotation, seen or not seen by a drain first.
-                        k.rotations += 1;
-                        std::fs::rename(
-                            k.dir.join("0.log"),
-                            k.dir.join(format!("0.log.20261125-{:06}", k.rotations)),
-                        )
-                        .unwrap();
-                        k.reopen();
+                        k.rotate();
                     }
                     6 => {
                         // copytruncate after catching up (it loses data otherwise).
@@ -1715,13 +1718,7 @@ mod tests {
             let stale = p.list();
             for _ in 0..2 {
                 k.write(0, 10);
-                k.rotations += 1;
-                std::fs::rename(
-                    k.dir.join("0.log"),
-                    k.dir.join(format!("0.log.20261125-{:06}", k.rotations)),
-                )
-                .unwrap();
-                k.reopen();
+                k.rotate();
             }
             k.write(0, 10);
             p.apply_scan(stale);

@@ -596,6 +596,20 @@ impl Drop for Collector {
     }
 }
 
+/// A test's own directory, with an empty `pods` dir in it; kept after the
+/// test when `BPFTAIL_KEEP_TMP=1` (to look at the files and the agent's log).
+pub fn test_dir(prefix: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .disable_cleanup(std::env::var_os("BPFTAIL_KEEP_TMP").is_some())
+        .tempdir()
+        .unwrap();
+    eprintln!("test dir: {}", tmp.path().display());
+    let pods = tmp.path().join("pods");
+    std::fs::create_dir_all(&pods).unwrap();
+    (tmp, pods)
+}
+
 /// The directory of one container's CRI logs, created.
 pub fn container_dir(pods: &Path, ns: &str, pod: &str, uid: &str, container: &str) -> PathBuf {
     let d = pods.join(format!("{ns}_{pod}_{uid}")).join(container);

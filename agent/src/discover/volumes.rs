@@ -263,8 +263,9 @@ pub fn resolve(
 #[derive(Debug, Default)]
 pub struct Listing {
     pub files: Vec<Confined>,
-    /// Directories that hold matches, verified to be what their path names
-    /// (no symlink on the way): safe to watch by path.
+    /// Directories the last component was matched in (where new matches
+    /// appear), verified to be what their path names (no symlink on the
+    /// way): safe to watch by path.
     pub dirs: Vec<PathBuf>,
     /// The file or entry limit was hit.
     pub truncated: bool,
