@@ -656,16 +656,22 @@ fn bad_configuration_fails_fast_with_a_message_naming_the_setting() {
     let (code, err) = run(&["--brokers", "127.0.0.1:1", "--topic", "a/b"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("topic"), "{err}");
-    // librdkafka's own validation, before anything starts.
+    // A Kafka setting the native client does not implement: refused with
+    // the way out; librdkafka validates its own before anything starts.
     let tmp = tempfile::tempdir().unwrap();
-    let (code, err) = run(&[
+    let bad = [
         "--brokers",
         "127.0.0.1:1",
         "--data-dir",
         tmp.path().to_str().unwrap(),
         "--kafka-option",
         "no.such.property=1",
-    ]);
+    ];
+    let (code, err) = run(&[&bad[..], &["--kafka-client", "native"]].concat());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no.such.property"), "{err}");
+    assert!(err.contains("--kafka-client rdkafka"), "{err}");
+    let (code, err) = run(&[&bad[..], &["--kafka-client", "rdkafka"]].concat());
     assert_eq!(code, Some(1));
     assert!(err.contains("no.such.property"), "{err}");
     // The environment is read, and flags win over it.

@@ -62,7 +62,10 @@ pub struct RunArgs {
     /// Kafka compression codec [default: none].
     #[arg(long, env = "BPFTAIL_COMPRESSION")]
     pub compression: Option<Compression>,
-    /// librdkafka setting KEY=VALUE (repeatable; env: comma-separated).
+    /// Kafka client: the native one, or librdkafka for what it alone does (GSSAPI, OAUTHBEARER, other librdkafka settings) [default: native].
+    #[arg(long, env = "BPFTAIL_KAFKA_CLIENT")]
+    pub kafka_client: Option<KafkaClient>,
+    /// Kafka client setting KEY=VALUE, librdkafka's names (repeatable; env: comma-separated).
     #[arg(
         long = "kafka-option",
         env = "BPFTAIL_KAFKA_OPTIONS",
@@ -152,6 +155,15 @@ pub enum OutputFormat {
     Json,
     /// Value = one JSON object with log-pilot's field names (k8s_pod, k8s_pod_namespace, k8s_container_name, k8s_node_name, docker_container, topic, index, tags).
     Logpilot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaClient {
+    /// bpftail's own produce-only client.
+    Native,
+    /// librdkafka.
+    Rdkafka,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -249,6 +261,7 @@ struct FileConfig {
     topic: Option<String>,
     format: Option<OutputFormat>,
     compression: Option<Compression>,
+    kafka_client: Option<KafkaClient>,
     #[serde(default)]
     kafka_options: BTreeMap<String, String>,
     data_dir: Option<PathBuf>,
@@ -286,8 +299,9 @@ pub struct Config {
     pub topic: TopicTemplate,
     pub format: OutputFormat,
     pub compression: Compression,
-    /// librdkafka settings from the operator; applied after bpftail's own
-    /// defaults, so they win.
+    pub kafka_client: KafkaClient,
+    /// Kafka settings from the operator (librdkafka's names); applied after
+    /// bpftail's own defaults, so they win.
     pub kafka_options: BTreeMap<String, String>,
     pub data_dir: PathBuf,
     pub watcher: WatcherKind,
@@ -394,6 +408,11 @@ impl Config {
             }
         }
 
+        let kafka_client = args
+            .kafka_client
+            .or(file.kafka_client)
+            .unwrap_or(KafkaClient::Native);
+
         let watcher = args.watcher.or(file.watcher).unwrap_or(WatcherKind::Auto);
         let ebpf_tick_ms = args.ebpf_tick_ms.or(file.ebpf_tick_ms).unwrap_or(10);
         if !(1..=1000).contains(&ebpf_tick_ms) {
@@ -462,7 +481,7 @@ impl Config {
                 .unwrap_or_else(hostname),
         };
 
-        Ok(Config {
+        let cfg = Config {
             pods_dir: args
                 .pods_dir
                 .or(file.pods_dir)
@@ -478,6 +497,7 @@ impl Config {
                 .compression
                 .or(file.compression)
                 .unwrap_or(Compression::None),
+            kafka_client,
             kafka_options,
             data_dir: args
                 .data_dir
@@ -591,7 +611,20 @@ impl Config {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Text),
-        })
+        };
+        // The native client refuses settings it does not implement: say so
+        // now, before anything starts.
+        if cfg.kafka_client == KafkaClient::Native {
+            crate::kafka::options::Options::from_config(
+                &cfg.brokers,
+                String::new(),
+                cfg.compression,
+                cfg.max_inflight_bytes,
+                &cfg.kafka_options,
+            )
+            .map_err(|e| invalid("kafka-option", e.to_string()))?;
+        }
+        Ok(cfg)
     }
 }
 

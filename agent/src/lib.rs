@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod declare;
 pub mod discover;
+pub mod kafka;
 pub mod kube;
 pub mod metrics;
 pub mod pipeline;
@@ -29,7 +30,6 @@ use crate::checkpoint::{CheckpointError, Store};
 use crate::config::{Config, KubeMode};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::sink::KafkaSink;
 use crate::watch::{ChangeQueue, WatchOptions};
 
 /// The change-detection settings of `cfg`.
@@ -60,6 +60,57 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
     }
 }
 
+/// The Kafka client chosen by `--kafka-client`.
+enum Client {
+    Native(kafka::NativeSink),
+    Rdkafka(sink::rdkafka::RdkafkaSink),
+}
+
+/// Everything the data loop starts with, but its sink.
+struct DataParts {
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    store: Store,
+    restored: std::collections::HashMap<checkpoint::FileKey, checkpoint::Entry>,
+    queue: ChangeQueue,
+    wake: crossbeam_channel::Receiver<()>,
+    source: Box<dyn watch::ChangeSource>,
+    stopping: Arc<AtomicBool>,
+    pods: Option<Arc<kube::PodCache>>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl DataParts {
+    /// Starts the data loop on its own thread, with `sink`.
+    fn spawn<S: sink::Sink + Send + 'static>(
+        self,
+        sink: S,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let pipeline = Pipeline::new(
+            self.cfg,
+            self.metrics,
+            self.store,
+            self.restored,
+            sink,
+            self.queue,
+            self.wake,
+            self.source,
+            self.stopping,
+        )?;
+        let pipeline = match self.pods {
+            Some(p) => pipeline.with_pods(p),
+            None => pipeline,
+        };
+        let done = self.done;
+        Ok(std::thread::Builder::new()
+            .name("bpftail-data".into())
+            .spawn(move || {
+                pipeline.run();
+                let _ = done.send(());
+            })?)
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT, then shuts down in order.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
@@ -78,12 +129,21 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let stopping = Arc::new(AtomicBool::new(false));
     // The data loop sleeps on this channel; changes and delivery reports wake it.
     let (wake_tx, wake) = crossbeam_channel::bounded(1);
-    let sink = KafkaSink::new(
-        &cfg,
-        metrics.clone(),
-        stopping.clone(),
-        (wake_tx.clone(), wake.clone()),
-    )?;
+    let wakes = (wake_tx.clone(), wake.clone());
+    let sink = match cfg.kafka_client {
+        config::KafkaClient::Native => Client::Native(kafka::NativeSink::new(
+            &cfg,
+            metrics.clone(),
+            stopping.clone(),
+            wakes,
+        )?),
+        config::KafkaClient::Rdkafka => Client::Rdkafka(sink::rdkafka::RdkafkaSink::new(
+            &cfg,
+            metrics.clone(),
+            stopping.clone(),
+            wakes,
+        )?),
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -152,28 +212,23 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let stall = cfg.sweep_interval * 3 + Duration::from_secs(30);
     let (node_name, deleted_pod_grace) = (cfg.node_name.clone(), cfg.deleted_pod_grace);
-    let pipeline = Pipeline::new(
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let parts = DataParts {
         cfg,
-        metrics.clone(),
+        metrics: metrics.clone(),
         store,
         restored,
-        sink,
-        queue.clone(),
+        queue: queue.clone(),
         wake,
         source,
-        stopping.clone(),
-    )?;
-    let pipeline = match &pods {
-        Some(p) => pipeline.with_pods(p.clone()),
-        None => pipeline,
+        stopping: stopping.clone(),
+        pods: pods.clone(),
+        done: done_tx,
     };
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let data = std::thread::Builder::new()
-        .name("bpftail-data".into())
-        .spawn(move || {
-            pipeline.run();
-            let _ = done_tx.send(());
-        })?;
+    let data = match sink {
+        Client::Native(s) => parts.spawn(s)?,
+        Client::Rdkafka(s) => parts.spawn(s)?,
+    };
 
     runtime.block_on(async {
         if let Some(listener) = listener {

@@ -128,6 +128,14 @@ pub struct Metrics {
     pub files_skipped: Counter,
     /// Files opened while their pod was unknown (path metadata only).
     pub files_without_pod: Counter,
+    /// Native Kafka client: produce requests sent, batches acknowledged,
+    /// requests that got no response (connect, I/O, timeout, garbage),
+    /// partition errors in produce responses, metadata requests.
+    pub kafka_requests: Counter,
+    pub kafka_batches: Counter,
+    pub kafka_request_errors: Counter,
+    pub kafka_partition_errors: Counter,
+    pub kafka_metadata_requests: Counter,
     /// The change-detection backend in use (e.g. `ebpf (tp_btf)`), set once.
     pub watcher: std::sync::OnceLock<String>,
     /// Unix seconds of the data loop's last turn (liveness).
@@ -306,6 +314,31 @@ impl Metrics {
             "files_without_pod_total",
             "Log files opened while their pod was not known (records carry the metadata their path gives until it is).",
             self.files_without_pod.get(),
+        );
+        c(
+            "kafka_requests_total",
+            "Produce requests sent by the native Kafka client.",
+            self.kafka_requests.get(),
+        );
+        c(
+            "kafka_batches_total",
+            "Record batches acknowledged by Kafka (native client).",
+            self.kafka_batches.get(),
+        );
+        c(
+            "kafka_request_errors_total",
+            "Kafka requests that got no valid response (connection refused or lost, timeout, invalid frame); retried.",
+            self.kafka_request_errors.get(),
+        );
+        c(
+            "kafka_partition_errors_total",
+            "Partition errors in produce responses (retried, or the batch refused for good).",
+            self.kafka_partition_errors.get(),
+        );
+        c(
+            "kafka_metadata_requests_total",
+            "Metadata requests sent by the native Kafka client.",
+            self.kafka_metadata_requests.get(),
         );
         if let Some(w) = self.watcher.get() {
             let _ = writeln!(

@@ -318,6 +318,7 @@ impl<S: Sink> Pipeline<S> {
             self.take_changes();
             self.apply_acks();
             self.read_dirty();
+            self.sink.turn();
 
             let now = Instant::now();
             if now >= next_sweep {
@@ -361,6 +362,9 @@ impl<S: Sink> Pipeline<S> {
             }
             if self.pod_rescan {
                 deadline = deadline.min(self.last_pod_rescan + POD_RESCAN_GAP);
+            }
+            if let Some(t) = self.sink.deadline() {
+                deadline = deadline.min(t);
             }
             if self.last_saved != Some(self.checkpoint_state())
                 || self.metrics.inflight_bytes.get() > 0
@@ -517,9 +521,13 @@ impl<S: Sink> Pipeline<S> {
         };
         let seq = ack.seq_near(f.acks.base());
         match ack.outcome {
-            Outcome::Delivered | Outcome::Dropped => f.acks.acked(seq),
+            Outcome::Delivered | Outcome::Dropped => {
+                for s in seq..seq + u64::from(ack.count) {
+                    f.acks.acked(s);
+                }
+            }
             Outcome::Retry => {
-                if f.acks.is_current(seq) {
+                if (seq..seq + u64::from(ack.count)).any(|s| f.acks.is_current(s)) {
                     // Read again from the acknowledged prefix; what was sent
                     // after it may arrive twice (at-least-once).
                     let at = f.acks.committed();
@@ -1296,6 +1304,8 @@ impl<S: Sink> Pipeline<S> {
     /// the sink.
     fn shutdown(mut self) -> S {
         tracing::info!("shutting down: flushing the producer");
+        // `stopping` is set: the sink hands on every open batch.
+        self.sink.turn();
         let flushed = self.sink.flush(self.cfg.shutdown_timeout);
         self.apply_acks();
         if !flushed {
@@ -1412,6 +1422,7 @@ mod tests {
             topic: TopicTemplate::parse("t").unwrap(),
             format: OutputFormat::Raw,
             compression: Compression::None,
+            kafka_client: crate::config::KafkaClient::Native,
             kafka_options: Default::default(),
             data_dir: data.to_owned(),
             watcher: WatcherKind::Poll,

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -195,17 +195,27 @@ impl Broker {
     /// Cuts every client off (open connections reset, new ones closed at
     /// once) until [`Broker::restore`].
     pub fn outage(&self) {
-        self.proxy
-            .as_ref()
-            .expect("started behind a proxy")
-            .set_down(true);
+        self.fault(Fault::Refuse);
     }
 
     pub fn restore(&self) {
+        self.fault(Fault::None);
+    }
+
+    /// Sets what the relay does to the traffic from now on.
+    pub fn fault(&self, fault: Fault) {
         self.proxy
             .as_ref()
             .expect("started behind a proxy")
-            .set_down(false);
+            .set(fault);
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the broker process: its
+    /// connections stay open and nothing answers.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 }
 
@@ -216,10 +226,26 @@ impl Drop for Broker {
     }
 }
 
+/// What the relay in front of the broker does to the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// Passes everything through.
+    None = 0,
+    /// Resets open connections and closes new ones at once (broker down).
+    Refuse = 1,
+    /// Accepts and reads, never answers (a hung broker).
+    Blackhole = 2,
+    /// Answers every request with a frame of garbage.
+    Garbage = 3,
+    /// Sends half of the next response, then closes the connection.
+    Truncate = 4,
+}
+
 /// A TCP relay in front of the broker.
 struct Proxy {
     port: u16,
-    down: Arc<AtomicBool>,
+    mode: Arc<AtomicU8>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -227,13 +253,13 @@ impl Proxy {
     fn start(upstream: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
+        let mode = Arc::new(AtomicU8::new(Fault::None as u8));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (d, c) = (down.clone(), conns.clone());
+        let (m, c) = (mode.clone(), conns.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
-                if d.load(Ordering::SeqCst) {
+                if m.load(Ordering::SeqCst) == Fault::Refuse as u8 {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
@@ -247,16 +273,21 @@ impl Proxy {
                     c.push(client.try_clone().unwrap());
                     c.push(server.try_clone().unwrap());
                 }
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    m.clone(),
+                    true,
+                );
+                pipe(server, client, m.clone(), false);
             }
         });
-        Proxy { port, down, conns }
+        Proxy { port, mode, conns }
     }
 
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-        if down {
+    fn set(&self, fault: Fault) {
+        self.mode.store(fault as u8, Ordering::SeqCst);
+        if fault == Fault::Refuse {
             for s in self.conns.lock().unwrap().drain(..) {
                 let _ = s.shutdown(Shutdown::Both);
             }
@@ -264,17 +295,31 @@ impl Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Relays `from` to `to` (`upstream`: client to broker) under `mode`.
+fn pipe(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>, upstream: bool) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match from.read(&mut buf) {
+            let n = match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
+                Ok(n) => n,
+            };
+            let m = mode.load(Ordering::SeqCst);
+            let ok = match (m, upstream) {
+                (2, true) => true, // swallowed
+                (3, true) => {
+                    // A frame of 12 bytes that is no response to anything.
+                    from.write_all(b"\x00\x00\x00\x0c\x7f\xff\xff\xffgarbage!")
+                        .is_ok()
                 }
+                (4, false) => {
+                    let _ = to.write_all(&buf[..n.div_ceil(2)]);
+                    false
+                }
+                _ => to.write_all(&buf[..n]).is_ok(),
+            };
+            if !ok {
+                break;
             }
         }
         let _ = to.shutdown(Shutdown::Both);
@@ -488,6 +533,8 @@ pub struct Received {
     pub value: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub partition: i32,
+    /// Kafka timestamp (Unix ms), if any.
+    pub timestamp: Option<i64>,
 }
 
 impl Received {
@@ -557,6 +604,7 @@ impl Collector {
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
                     partition: m.partition(),
+                    timestamp: m.timestamp().to_millis(),
                 });
             }
         });

@@ -6,8 +6,9 @@
 //!   schemas (kubernetes-validate), clippy with warnings denied.
 //! - `demo`: the main job on this machine: a broker, containers logging
 //!   into a pods dir, bpftail shipping them; shows progress.
-//! - `bench [pipeline|watchers]`: the end-to-end benchmark, or the
-//!   change-detection one (print figures, assert nothing).
+//! - `bench [pipeline|watchers|producer]`: the end-to-end benchmark, the
+//!   change-detection one, or the Kafka producer floor (print figures,
+//!   assert nothing).
 //! - `build-ebpf`: installs the eBPF toolchain if missing (the `rust-src`
 //!   component; `bpf-linker` built against rustc's own LLVM) and builds the
 //!   object that `bpftail` embeds. Every command that builds the agent runs
@@ -320,10 +321,10 @@ fn demo(rest: &[String]) -> Result<()> {
         .current_dir(root()))
 }
 
-/// `bench [pipeline|watchers] [args]`: one benchmark (default pipeline).
+/// `bench [pipeline|watchers|producer] [args]`: one benchmark (default pipeline).
 fn bench(rest: &[String]) -> Result<()> {
     let (which, args) = match rest.split_first() {
-        Some((w, a)) if w == "pipeline" || w == "watchers" => (w.as_str(), a),
+        Some((w, a)) if w == "pipeline" || w == "watchers" || w == "producer" => (w.as_str(), a),
         _ => ("pipeline", rest),
     };
     let args: Vec<&String> = args.iter().filter(|a| *a != "--").collect();

@@ -1,0 +1,237 @@
+//! The native client's settings, read from the librdkafka-style keys
+//! operators already write (`--kafka-option KEY=VALUE`). A key this client
+//! does not implement is a startup error naming it and the way out
+//! (`--kafka-client rdkafka`), never silently ignored.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::config::Compression;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acks {
+    /// `acks=all` (-1): every in-sync replica has the batch.
+    All,
+    /// `acks=1`: the leader has it.
+    Leader,
+}
+
+impl Acks {
+    pub fn wire(&self) -> i16 {
+        match self {
+            Acks::All => -1,
+            Acks::Leader => 1,
+        }
+    }
+}
+
+/// Everything the native client is configured with.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bootstrap `host:port` list.
+    pub bootstrap: Vec<String>,
+    pub client_id: String,
+    pub compression: Compression,
+    pub acks: Acks,
+    /// Largest batch (uncompressed bytes) before it is sealed.
+    pub batch_size: usize,
+    /// How long an open batch may wait for more records once its partition
+    /// could take it (0: send as soon as the partition is free).
+    pub linger: Duration,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    pub reconnect_backoff: Duration,
+    pub reconnect_backoff_max: Duration,
+    pub metadata_max_age: Duration,
+    /// How long a topic may be missing from the cluster before its records
+    /// are refused (counted and passed over).
+    pub topic_missing_after: Duration,
+    /// Largest produce request sent (several partitions' batches).
+    pub max_request_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OptionError {
+    #[error(
+        "kafka-option {key}: not supported by the native Kafka client; remove it, or run with --kafka-client rdkafka (librdkafka takes every librdkafka setting)"
+    )]
+    Unsupported { key: String },
+    #[error("kafka-option {key}={value}: {why}")]
+    Invalid {
+        key: String,
+        value: String,
+        why: String,
+    },
+}
+
+impl Options {
+    /// Reads `kafka_options` over the defaults. `max_inflight` (the
+    /// in-flight budget) caps the batch size at a quarter of it, so that
+    /// several partitions can fill batches within the budget.
+    pub fn from_config(
+        brokers: &str,
+        client_id: String,
+        compression: Compression,
+        max_inflight: u64,
+        kafka_options: &BTreeMap<String, String>,
+    ) -> Result<Options, OptionError> {
+        let mut o = Options {
+            bootstrap: brokers
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            client_id,
+            compression,
+            acks: Acks::All,
+            batch_size: 1_000_000,
+            linger: Duration::ZERO,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            reconnect_backoff: Duration::from_millis(100),
+            reconnect_backoff_max: Duration::from_secs(2),
+            metadata_max_age: Duration::from_secs(300),
+            topic_missing_after: Duration::from_secs(30),
+            max_request_bytes: 16 << 20,
+        };
+        for (key, value) in kafka_options {
+            let invalid = |why: &str| OptionError::Invalid {
+                key: key.clone(),
+                value: value.clone(),
+                why: why.to_owned(),
+            };
+            let ms = || -> Result<Duration, OptionError> {
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .map(Duration::from_millis)
+                    .map_err(|_| invalid("not a number of milliseconds"))
+            };
+            let bytes = || -> Result<usize, OptionError> {
+                match value.trim().parse::<usize>() {
+                    Ok(n) if n >= 1024 => Ok(n),
+                    _ => Err(invalid("not a number of bytes of at least 1024")),
+                }
+            };
+            match key.as_str() {
+                "acks" | "request.required.acks" => {
+                    o.acks = match value.trim() {
+                        "all" | "-1" => Acks::All,
+                        "1" => Acks::Leader,
+                        "0" => {
+                            return Err(invalid(
+                                "acks=0 gives no acknowledgement, and checkpoints only advance on one; use all or 1",
+                            ));
+                        }
+                        _ => return Err(invalid("expected all, -1 or 1")),
+                    }
+                }
+                "linger.ms" | "queue.buffering.max.ms" => o.linger = ms()?,
+                "batch.size" => o.batch_size = bytes()?,
+                "request.timeout.ms" => o.request_timeout = ms()?.max(Duration::from_millis(100)),
+                "socket.connection.setup.timeout.ms" => {
+                    o.connect_timeout = ms()?.max(Duration::from_millis(100))
+                }
+                "retry.backoff.ms" => o.retry_backoff = ms()?.max(Duration::from_millis(1)),
+                "retry.backoff.max.ms" => o.retry_backoff_max = ms()?,
+                "reconnect.backoff.ms" => o.reconnect_backoff = ms()?.max(Duration::from_millis(1)),
+                "reconnect.backoff.max.ms" => o.reconnect_backoff_max = ms()?,
+                "metadata.max.age.ms" | "topic.metadata.refresh.interval.ms" => {
+                    o.metadata_max_age = ms()?.max(Duration::from_secs(1))
+                }
+                "topic.metadata.propagation.max.ms" => o.topic_missing_after = ms()?,
+                // The batch size bounds what one batch holds; the broker's
+                // own limit still applies (too large is split, then refused).
+                "message.max.bytes" => {
+                    let n = bytes()?;
+                    o.batch_size = o.batch_size.min(n);
+                }
+                "client.id" => o.client_id = value.clone(),
+                // Order is kept by one request in flight per partition, with
+                // or without idempotence; duplicates after a retry are
+                // possible either way (at-least-once).
+                "enable.idempotence" => match value.trim() {
+                    "true" | "false" => {}
+                    _ => return Err(invalid("expected true or false")),
+                },
+                "security.protocol" => match value.trim().to_ascii_lowercase().as_str() {
+                    "plaintext" => {}
+                    _ => {
+                        return Err(OptionError::Unsupported {
+                            key: format!("{key}={value}"),
+                        });
+                    }
+                },
+                _ => {
+                    return Err(OptionError::Unsupported { key: key.clone() });
+                }
+            }
+        }
+        o.retry_backoff_max = o.retry_backoff_max.max(o.retry_backoff);
+        o.reconnect_backoff_max = o.reconnect_backoff_max.max(o.reconnect_backoff);
+        o.batch_size = o.batch_size.min((max_inflight / 4).max(16 * 1024) as usize);
+        Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(kv: &[(&str, &str)]) -> Result<Options, OptionError> {
+        let map = kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Options::from_config(
+            "a:9092, b:9093",
+            "bpftail-n".into(),
+            Compression::None,
+            4 << 20,
+            &map,
+        )
+    }
+
+    #[test]
+    fn librdkafka_keys_set_the_native_client() {
+        let o = opts(&[
+            ("acks", "1"),
+            ("linger.ms", "5"),
+            ("batch.size", "65536"),
+            ("request.timeout.ms", "2000"),
+            ("client.id", "x"),
+        ])
+        .unwrap();
+        assert_eq!(o.bootstrap, vec!["a:9092", "b:9093"]);
+        assert_eq!(o.acks, Acks::Leader);
+        assert_eq!(o.linger, Duration::from_millis(5));
+        assert_eq!(o.batch_size, 65536);
+        assert_eq!(o.request_timeout, Duration::from_secs(2));
+        assert_eq!(o.client_id, "x");
+        // The default batch is librdkafka's, capped by a quarter of the budget.
+        assert_eq!(opts(&[]).unwrap().batch_size, 1_000_000);
+        let small = Options::from_config(
+            "a:1",
+            String::new(),
+            Compression::None,
+            1 << 20,
+            &BTreeMap::new(),
+        );
+        assert_eq!(small.unwrap().batch_size, 1 << 18);
+        assert_eq!(opts(&[]).unwrap().acks, Acks::All);
+    }
+
+    #[test]
+    fn an_unsupported_key_names_itself_and_the_way_out() {
+        let e = opts(&[("sasl.kerberos.service.name", "kafka")]).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("sasl.kerberos.service.name"), "{text}");
+        assert!(text.contains("--kafka-client rdkafka"), "{text}");
+        assert!(opts(&[("acks", "0")]).is_err());
+        assert!(opts(&[("linger.ms", "soon")]).is_err());
+    }
+}

@@ -1,0 +1,444 @@
+//! The native Kafka client end to end: what it produces read back by
+//! librdkafka's consumer (keys, headers, timestamps, every codec), its
+//! partitions against librdkafka's `murmur2_random`, and the faults a real
+//! broker cannot be asked for: a leader change, injected produce errors
+//! and a broker going down (librdkafka's mock cluster), a hung broker and
+//! a relay that refuses, swallows, garbles or cuts the traffic.
+
+mod support;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use support::*;
+
+/// A test's directories and its writers' containers.
+struct Node {
+    _tmp: tempfile::TempDir,
+    pods: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl Node {
+    fn new() -> Node {
+        let (tmp, pods) = test_dir("bpftail-kafka-");
+        Node {
+            pods,
+            data: tmp.path().join("data"),
+            log: tmp.path().join("bpftail.log"),
+            _tmp: tmp,
+        }
+    }
+
+    fn args(&self, brokers: &str, topic: &str, extra: &[&str]) -> Vec<String> {
+        let mut a = agent_args(
+            &self.pods,
+            &self.data,
+            brokers,
+            topic,
+            &[
+                "--node-name",
+                "kafka-node",
+                "--kube",
+                "off",
+                "--kafka-client",
+                "native",
+            ],
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Writes lines `seqs` for each of `writers` containers under `pods`
+/// (appending), pausing `pause` every 100 lines; returns when all are
+/// written.
+fn write_lines(pods: &Path, writers: usize, seqs: Range<u64>, len: usize, pause: Duration) {
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let dir = container_dir(pods, "ns", &format!("pod-{w}"), &format!("uid-{w}"), "app");
+            let seqs = seqs.clone();
+            std::thread::spawn(move || {
+                let mut out = LineWriter::create(&dir.join("0.log"));
+                for seq in seqs {
+                    if seq % 100 == 0 && !pause.is_zero() {
+                        std::thread::sleep(pause);
+                    }
+                    out.line(w, seq, len);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// [`write_lines`] on a thread of its own.
+fn write_in_background(
+    pods: &Path,
+    writers: usize,
+    seqs: Range<u64>,
+    len: usize,
+    pause: Duration,
+) -> std::thread::JoinHandle<()> {
+    let pods = pods.to_owned();
+    std::thread::spawn(move || write_lines(&pods, writers, seqs, len, pause))
+}
+
+/// Every line of every writer arrived, in order per writer (resends after a
+/// retry allowed when `dups`).
+fn assert_all(node: &Node, records: &[Received], writers: usize, lines: u64, dups: bool) {
+    let t = tally(records, writers, lines);
+    assert_eq!(t.missing, 0, "missing: {t:?}\nagent log:\n{}", node.log());
+    assert_eq!(
+        t.jumps,
+        0,
+        "out of order: {t:?}\nagent log:\n{}",
+        node.log()
+    );
+    assert_eq!(t.foreign, 0, "{t:?}");
+    if !dups {
+        assert_eq!((t.duplicates, t.rewinds), (0, 0), "{t:?}");
+    }
+}
+
+#[test]
+fn every_codec_is_read_back_by_librdkafka_with_keys_headers_and_timestamps() {
+    let broker = Broker::start();
+    for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
+        let topic = format!("interop-{codec}");
+        broker.create_topic(&topic, 4);
+        let node = Node::new();
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let agent = Agent::start(
+            &node.args(
+                &broker.addr(),
+                &topic,
+                &["--format", "raw", "--compression", codec],
+            ),
+            &node.log,
+        );
+        let collector = Collector::start(&broker.addr(), &topic);
+        write_lines(&node.pods, 3, 0..2_000, 150, Duration::ZERO);
+        let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 3, 2_000) == 6_000);
+        assert_all(&node, &records, 3, 2_000, false);
+        let after = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        for r in &records {
+            let (w, _) = parse_seq(&r.value).unwrap();
+            assert_eq!(r.key, format!("uid-{w}/app").as_bytes(), "{codec}");
+            assert_eq!(r.header("stream"), Some("stdout"), "{codec}");
+            assert_eq!(r.header("namespace"), Some("ns"));
+            assert_eq!(r.header("pod"), Some(&*format!("pod-{w}")));
+            assert_eq!(r.header("container"), Some("app"));
+            assert_eq!(r.header("node"), Some("kafka-node"));
+            assert!(
+                r.header("time")
+                    .unwrap()
+                    .starts_with("2026-11-25T16:00:00.")
+            );
+            let ts = r.timestamp.expect("a timestamp");
+            assert!(ts >= before - 1000 && ts <= after, "{codec}: {ts}");
+        }
+        assert!(agent.metric("bpftail_kafka_batches_total") > 0);
+        assert!(agent.stop().success(), "{}", node.log());
+    }
+}
+
+/// Records the partition librdkafka chose per key.
+struct Partitions(Mutex<HashMap<Vec<u8>, i32>>);
+
+impl ClientContext for Partitions {}
+
+impl ProducerContext for Partitions {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let m = result.as_ref().expect("delivered");
+        self.0
+            .lock()
+            .unwrap()
+            .insert(m.key().unwrap().to_vec(), m.partition());
+    }
+}
+
+#[test]
+fn a_containers_partition_is_the_one_librdkafka_murmur2_random_picks() {
+    let broker = Broker::start();
+    broker.create_topic("native", 7);
+    broker.create_topic("librdkafka", 7);
+    let node = Node::new();
+    let writers = 24;
+    let agent = Agent::start(&node.args(&broker.addr(), "native", &[]), &node.log);
+    let collector = Collector::start(&broker.addr(), "native");
+    write_lines(&node.pods, writers, 0..10, 100, Duration::ZERO);
+    let records = collector.wait_for(Duration::from_secs(60), |r| {
+        unique_json(r, writers, 10) == writers * 10
+    });
+    assert!(agent.stop().success());
+    let ours: HashMap<Vec<u8>, i32> = records
+        .iter()
+        .map(|r| (r.key.clone(), r.partition))
+        .collect();
+    assert_eq!(ours.len(), writers);
+
+    let ctx = Partitions(Mutex::default());
+    let producer: BaseProducer<Partitions> = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("partitioner", "murmur2_random")
+        .create_with_context(ctx)
+        .unwrap();
+    for key in ours.keys() {
+        producer
+            .send(
+                BaseRecord::<_, _, ()>::to("librdkafka")
+                    .key(key)
+                    .payload("x"),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let theirs = producer.context().0.lock().unwrap().clone();
+    assert_eq!(ours, theirs);
+    let used: std::collections::HashSet<_> = ours.values().collect();
+    assert!(used.len() > 3, "24 keys spread over 7 partitions: {used:?}");
+}
+
+/// Unique records of `--format json` values (the message is a member).
+fn unique_json(records: &[Received], writers: usize, lines: u64) -> usize {
+    let as_raw: Vec<Received> = records.iter().map(message_of).collect();
+    unique(&as_raw, writers, lines)
+}
+
+fn message_of(r: &Received) -> Received {
+    let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+    let mut r = r.clone();
+    r.value = v["message"].as_str().unwrap().as_bytes().to_vec();
+    r
+}
+
+#[test]
+fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() {
+    let mock = MockCluster::new(3).unwrap();
+    mock.create_topic("mock", 4, 3).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let node = Node::new();
+    let agent = Agent::start(
+        &node.args(
+            &brokers,
+            "mock",
+            &[
+                "--format",
+                "raw",
+                "--kafka-option",
+                "request.timeout.ms=3000",
+                "--kafka-option",
+                "reconnect.backoff.max.ms=300",
+                "--kafka-option",
+                "retry.backoff.max.ms=300",
+            ],
+        ),
+        &node.log,
+    );
+    let collector = Collector::start(&brokers, "mock");
+    let (writers, lines) = (4, 5_000);
+    let write = write_in_background(
+        &node.pods,
+        writers,
+        0..lines,
+        100,
+        Duration::from_millis(20),
+    );
+    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 2_000);
+    // Every partition moves to another leader mid-stream.
+    for p in 0..4 {
+        mock.partition_leader("mock", p, Some(1 + (p + 1) % 3))
+            .unwrap();
+    }
+    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 6_000);
+    // A burst of produce errors, each retried (throttling, leadership,
+    // replicas, timeouts).
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_THROTTLING_QUOTA_EXCEEDED,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        ],
+    );
+    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 10_000);
+    // A leader goes down for two seconds.
+    mock.broker_down(2).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    mock.broker_up(2).unwrap();
+    write.join().unwrap();
+    let records = collector.wait_for(Duration::from_secs(120), |r| {
+        unique(r, writers, lines) == writers * lines as usize
+    });
+    assert_all(&node, &records, writers, lines, true);
+    let m = agent.metrics();
+    assert!(m["bpftail_kafka_partition_errors_total"] >= 6, "{m:?}");
+    assert!(m["bpftail_kafka_metadata_requests_total"] >= 2, "{m:?}");
+    assert_eq!(m["bpftail_delivery_failures_total{kind=\"dropped\"}"], 0);
+    assert!(agent.stop().success(), "{}", node.log());
+}
+
+#[test]
+fn a_broker_that_refuses_hangs_garbles_or_cuts_answers_costs_retries_not_records() {
+    let broker = Broker::start_behind_proxy();
+    broker.create_topic("faults", 4);
+    let node = Node::new();
+    let agent = Agent::start(
+        &node.args(
+            &broker.addr(),
+            "faults",
+            &[
+                "--format",
+                "raw",
+                "--kafka-option",
+                "request.timeout.ms=1500",
+                "--kafka-option",
+                "reconnect.backoff.max.ms=300",
+            ],
+        ),
+        &node.log,
+    );
+    let (writers, chunk) = (4, 500);
+    let mut lines = 0;
+    let mut errors = 0;
+    for fault in [
+        Fault::Blackhole,
+        Fault::Garbage,
+        Fault::Truncate,
+        Fault::Refuse,
+    ] {
+        broker.fault(fault);
+        // Lines written while the fault lasts, until the agent has seen it.
+        write_lines(
+            &node.pods,
+            writers,
+            lines..lines + chunk,
+            100,
+            Duration::ZERO,
+        );
+        lines += chunk;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.metric("bpftail_kafka_request_errors_total") == errors {
+            assert!(
+                Instant::now() < deadline,
+                "{fault:?} went unnoticed\n{}",
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        errors = agent.metric("bpftail_kafka_request_errors_total");
+        broker.fault(Fault::None);
+        assert!(agent.healthz(), "{fault:?}");
+    }
+    write_lines(
+        &node.pods,
+        writers,
+        lines..lines + chunk,
+        100,
+        Duration::ZERO,
+    );
+    lines += chunk;
+    let collector = Collector::start(&broker.addr(), "faults");
+    let records = collector.wait_for(Duration::from_secs(120), |r| {
+        unique(r, writers, lines) == writers * lines as usize
+    });
+    assert_all(&node, &records, writers, lines, true);
+    let log = node.log();
+    assert!(log.contains("Kafka request failed"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(agent.stop().success(), "{log}");
+}
+
+#[test]
+fn a_hung_broker_is_waited_out_and_nothing_is_lost() {
+    let broker = Broker::start();
+    broker.create_topic("hung", 2);
+    let node = Node::new();
+    let agent = Agent::start(
+        &node.args(
+            &broker.addr(),
+            "hung",
+            &[
+                "--format",
+                "raw",
+                "--kafka-option",
+                "request.timeout.ms=2000",
+            ],
+        ),
+        &node.log,
+    );
+    let (writers, lines) = (2, 2_000);
+    let collector = Collector::start(&broker.addr(), "hung");
+    write_lines(&node.pods, writers, 0..500, 100, Duration::ZERO);
+    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 1_000);
+    broker.freeze(true);
+    let cpu_before = agent.cpu_seconds();
+    let frozen_at = Instant::now();
+    let write = write_in_background(&node.pods, writers, 500..lines, 100, Duration::ZERO);
+    write.join().unwrap();
+    // Until a request has timed out at least once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.metric("bpftail_kafka_request_errors_total") == 0 {
+        assert!(Instant::now() < deadline, "{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hung_for = frozen_at.elapsed();
+    let cpu = agent.cpu_seconds() - cpu_before;
+    broker.freeze(false);
+    eprintln!(
+        "hung broker: {cpu:.3} CPU-s in {:.1} s ({:.2} % of a core)",
+        hung_for.as_secs_f64(),
+        100.0 * cpu / hung_for.as_secs_f64()
+    );
+    let records = collector.wait_for(Duration::from_secs(60), |r| {
+        unique(r, writers, lines) == writers * lines as usize
+    });
+    assert_all(&node, &records, writers, lines, true);
+    assert!(agent.stop().success(), "{}", node.log());
+}
+
+#[test]
+fn options_the_native_client_lacks_fail_at_startup_naming_the_way_out() {
+    let node = Node::new();
+    let out = std::process::Command::new(bpftail_bin())
+        .arg("run")
+        .args(node.args(
+            "127.0.0.1:1",
+            "t",
+            &["--kafka-option", "sasl.kerberos.service.name=kafka"],
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sasl.kerberos.service.name"), "{err}");
+    assert!(err.contains("--kafka-client rdkafka"), "{err}");
+}
