@@ -123,8 +123,8 @@ fn child(client: &str) {
             drive(client, sink, &cfg, &wake, records, size);
         }
         KafkaClient::Rdkafka => {
-            let sink =
-                bpftail::sink::rdkafka::RdkafkaSink::new(&cfg, metrics, stopping, (tx, rx)).unwrap();
+            let sink = bpftail::sink::rdkafka::RdkafkaSink::new(&cfg, metrics, stopping, (tx, rx))
+                .unwrap();
             drive(client, sink, &cfg, &wake, records, size);
         }
     }

@@ -62,7 +62,7 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
 
 /// The Kafka client chosen by `--kafka-client`.
 enum Client {
-    Native(kafka::NativeSink),
+    Native(Box<kafka::NativeSink>),
     Rdkafka(sink::rdkafka::RdkafkaSink),
 }
 
@@ -131,12 +131,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (wake_tx, wake) = crossbeam_channel::bounded(1);
     let wakes = (wake_tx.clone(), wake.clone());
     let sink = match cfg.kafka_client {
-        config::KafkaClient::Native => Client::Native(kafka::NativeSink::new(
+        config::KafkaClient::Native => Client::Native(Box::new(kafka::NativeSink::new(
             &cfg,
             metrics.clone(),
             stopping.clone(),
             wakes,
-        )?),
+        )?)),
         config::KafkaClient::Rdkafka => Client::Rdkafka(sink::rdkafka::RdkafkaSink::new(
             &cfg,
             metrics.clone(),
@@ -226,7 +226,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         done: done_tx,
     };
     let data = match sink {
-        Client::Native(s) => parts.spawn(s)?,
+        Client::Native(s) => parts.spawn(*s)?,
         Client::Rdkafka(s) => parts.spawn(s)?,
     };
 

@@ -43,6 +43,12 @@ pub struct FileMeta {
     /// container and node (pod uid, owner, image, selected labels and
     /// annotations).
     pub headers: Vec<(Box<str>, Box<str>)>,
+    /// For `--format raw` with the native client: the headers from
+    /// namespace on (namespace, pod, container, node, then `headers`),
+    /// already in Kafka's record-header encoding, and how many they are:
+    /// copied into each record whole.
+    pub kafka_headers: Box<[u8]>,
+    pub kafka_header_count: usize,
     /// What discovery found (re-rendering starts from it).
     pub origin: Origin,
     /// The pod metadata this was rendered with; `None`: the path's only.
@@ -377,7 +383,21 @@ impl MetaContext {
         if !logpilot {
             json.push_str(&pod_json);
         }
+        let mut kafka_headers = Vec::new();
+        for (k, v) in [
+            ("namespace", namespace.as_str()),
+            ("pod", pod_name.as_str()),
+            ("container", o.container.as_str()),
+            ("node", self.node.as_str()),
+        ]
+        .into_iter()
+        .chain(headers.iter().map(|(k, v)| (&**k, &**v)))
+        {
+            crate::kafka::batch::put_header(&mut kafka_headers, k.as_bytes(), v.as_bytes());
+        }
         FileMeta {
+            kafka_header_count: 4 + headers.len(),
+            kafka_headers: kafka_headers.into(),
             namespace,
             pod: pod_name,
             container: o.container.clone(),

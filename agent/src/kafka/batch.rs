@@ -130,10 +130,12 @@ impl BatchWriter {
     }
 
     pub fn header(&mut self, key: &[u8], value: &[u8]) {
-        put_varint(&mut self.buf, key.len() as i32);
-        self.buf.extend_from_slice(key);
-        put_varint(&mut self.buf, value.len() as i32);
-        self.buf.extend_from_slice(value);
+        put_header(&mut self.buf, key, value);
+    }
+
+    /// Headers already encoded with [`put_header`].
+    pub fn encoded_headers(&mut self, headers: &[u8]) {
+        self.buf.extend_from_slice(headers);
     }
 
     /// Ends the record begun at `start`; `(file, seq)` comes back in the
@@ -304,12 +306,26 @@ fn encode_varint(out: &mut [u8; 10], mut v: u64) -> usize {
     i + 1
 }
 
+#[inline]
 fn put_varlong(buf: &mut Vec<u8>, v: i64) {
-    let mut tmp = [0u8; 10];
-    let n = encode_varint(&mut tmp, zigzag(v));
-    buf.extend_from_slice(&tmp[..n]);
+    let mut u = zigzag(v);
+    while u >= 0x80 {
+        buf.push((u as u8) | 0x80);
+        u >>= 7;
+    }
+    buf.push(u as u8);
 }
 
+/// Appends one record header (key and value with their varint lengths).
+pub fn put_header(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    buf.reserve(key.len() + value.len() + 6);
+    put_varint(buf, key.len() as i32);
+    buf.extend_from_slice(key);
+    put_varint(buf, value.len() as i32);
+    buf.extend_from_slice(value);
+}
+
+#[inline]
 fn put_varint(buf: &mut Vec<u8>, v: i32) {
     put_varlong(buf, i64::from(v));
 }

@@ -26,15 +26,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use kafka_protocol::error::{ParseResponseErrorCode, ResponseError};
-use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, TopicName,
+    MetadataRequest, MetadataResponse, ProduceResponse, TopicName,
     metadata_request::MetadataRequestTopic,
 };
 use kafka_protocol::protocol::StrBytes;
 
 use super::batch;
-use super::conn::{ConnError, ConnHandle, ConnId, Reply, Request, Response};
+use super::conn::{ConnError, ConnHandle, ConnId, Produce, Reply, Request, Response, TopicBatches};
 use super::options::Options;
 use crate::metrics::{FailureKind, Metrics, RateLimit};
 use crate::sink::{AckQueue, AckRun, Outcome};
@@ -384,7 +383,7 @@ impl Engine {
     fn produce(&mut self, id: ConnId, mut parts: Vec<(Arc<str>, usize)>) {
         // Deterministic order, and a cap on the request's size.
         parts.sort();
-        let mut topic_data: Vec<TopicProduceData> = Vec::new();
+        let mut topics: Vec<TopicBatches> = Vec::new();
         let mut sent = Vec::with_capacity(parts.len());
         let mut bytes = 0;
         for (name, p) in parts {
@@ -395,23 +394,18 @@ impl Engine {
             }
             bytes += b.data.len();
             q.in_flight = true;
-            let data = PartitionProduceData::default()
-                .with_index(p as i32)
-                .with_records(Some(b.data.clone()));
-            match topic_data.last_mut() {
-                Some(t) if *t.name.0.as_str() == *name => t.partition_data.push(data),
-                _ => topic_data.push(
-                    TopicProduceData::default()
-                        .with_name(TopicName(StrBytes::from_string(name.to_string())))
-                        .with_partition_data(vec![data]),
-                ),
+            let data = (p as i32, b.data.clone());
+            match topics.last_mut() {
+                Some((t, parts)) if *t == name => parts.push(data),
+                _ => topics.push((name.clone(), vec![data])),
             }
             sent.push((name, p));
         }
-        let req = ProduceRequest::default()
-            .with_acks(self.opts.acks.wire())
-            .with_timeout_ms(self.opts.request_timeout.as_millis().min(i32::MAX as u128) as i32)
-            .with_topic_data(topic_data);
+        let req = Produce {
+            acks: self.opts.acks.wire(),
+            timeout_ms: self.opts.request_timeout.as_millis().min(i32::MAX as u128) as i32,
+            topics,
+        };
         let conn = self.conns.get_mut(&id).expect("caller checked");
         if conn.handle.send(Request::Produce(req)) {
             conn.busy = Some(Busy::Produce(sent));

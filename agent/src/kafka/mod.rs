@@ -29,6 +29,7 @@ pub mod conn;
 pub mod engine;
 pub mod options;
 pub mod partitioner;
+pub mod sasl;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +57,9 @@ pub enum NativeError {
     Thread(#[source] std::io::Error),
 }
 
+/// Entries of [`NativeSink::recent`].
+const TOPIC_CACHE: usize = 64;
+
 struct PartSlot {
     /// The batch being filled, and when its first record came.
     open: Option<(BatchWriter, Instant)>,
@@ -81,7 +85,6 @@ struct TopicSlot {
 pub struct NativeSink {
     opts: Arc<Options>,
     format: OutputFormat,
-    node: Box<[u8]>,
     metrics: Arc<Metrics>,
     acks: Arc<AckQueue>,
     wake: Receiver<()>,
@@ -93,9 +96,10 @@ pub struct NativeSink {
     seen_generation: u64,
     topics: Vec<TopicSlot>,
     index: HashMap<Arc<str>, usize>,
-    /// The topic of the last record (address and length of its name): most
-    /// consecutive records share one, and this skips the hash lookup.
-    last: Option<(usize, usize, usize)>,
+    /// Topic slots by the address of the topic's name (each file's metadata
+    /// holds its own `Arc`), direct-mapped: a hit, checked by comparing the
+    /// names, skips hashing the name for every record.
+    recent: [(usize, usize); TOPIC_CACHE],
     /// Partitions with an open batch: `(topic, partition)`.
     open: Vec<(usize, usize)>,
     /// Bytes parked for unknown topics (in the budget, but not in flight).
@@ -137,7 +141,6 @@ impl NativeSink {
         Ok(NativeSink {
             opts,
             format: cfg.format,
-            node: cfg.node_name.as_bytes().into(),
             metrics,
             acks,
             wake: wake.1,
@@ -149,7 +152,7 @@ impl NativeSink {
             seen_generation: 0,
             topics: Vec::new(),
             index: HashMap::new(),
-            last: None,
+            recent: [(0, 0); TOPIC_CACHE],
             open: Vec::new(),
             parked_bytes: 0,
             batch_time_ms: 0,
@@ -158,10 +161,10 @@ impl NativeSink {
     }
 
     fn topic_index(&mut self, topic: &Arc<str>) -> usize {
-        let id = (topic.as_ptr() as usize, topic.len());
-        if let Some((p, l, i)) = self.last
-            && (p, l) == id
-        {
+        let addr = topic.as_ptr() as usize;
+        let slot = (addr >> 4) % TOPIC_CACHE;
+        let (a, i) = self.recent[slot];
+        if a == addr && *self.topics[i].name == **topic {
             return i;
         }
         let i = match self.index.get(topic) {
@@ -183,7 +186,7 @@ impl NativeSink {
                 i
             }
         };
-        self.last = Some((id.0, id.1, i));
+        self.recent[slot] = (addr, i);
         i
     }
 
@@ -284,7 +287,7 @@ impl NativeSink {
     fn writer(&mut self, ti: usize, pi: usize) -> &mut BatchWriter {
         let part = &mut self.topics[ti].parts[pi];
         if part.open.is_none() {
-            let w = BatchWriter::new(self.opts.batch_size.min(64 * 1024));
+            let w = BatchWriter::new(self.opts.batch_size + 4096);
             self.metrics.inflight_bytes.add(w.len() as u64);
             part.open = Some((w, Instant::now()));
             self.open.push((ti, pi));
@@ -333,14 +336,9 @@ impl NativeSink {
     }
 
     /// Appends one record to `w`.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the record's parts, all borrowed"
-    )]
     fn encode(
         w: &mut BatchWriter,
         format: OutputFormat,
-        node: &[u8],
         metrics: &Metrics,
         ts: i64,
         meta: &FileMeta,
@@ -351,18 +349,15 @@ impl NativeSink {
         match format {
             OutputFormat::Raw => {
                 w.value(|b| b.extend_from_slice(rec.msg));
-                let count =
-                    6 + meta.headers.len() + usize::from(rec.partial) + usize::from(rec.truncated);
+                let count = 2
+                    + meta.kafka_header_count
+                    + usize::from(rec.partial)
+                    + usize::from(rec.truncated);
                 w.header_count(count);
                 w.header(b"time", rec.time);
                 w.header(b"stream", rec.stream.as_str().as_bytes());
-                w.header(b"namespace", meta.namespace.as_bytes());
-                w.header(b"pod", meta.pod.as_bytes());
-                w.header(b"container", meta.container.as_bytes());
-                w.header(b"node", node);
-                for (k, v) in &meta.headers {
-                    w.header(k.as_bytes(), v.as_bytes());
-                }
+                // namespace, pod, container, node and the pod's selection.
+                w.encoded_headers(&meta.kafka_headers);
                 if rec.partial {
                     w.header(b"partial", b"true");
                 }
@@ -405,16 +400,7 @@ impl RecordSink for NativeSink {
                     unreachable!("opened above")
                 };
                 let before = w.len();
-                Self::encode(
-                    w,
-                    self.format,
-                    &self.node,
-                    &self.metrics,
-                    ts,
-                    meta,
-                    rec,
-                    (file, seq),
-                );
+                Self::encode(w, self.format, &self.metrics, ts, meta, rec, (file, seq));
                 let (len, grew) = (w.len(), (w.len() - before) as u64);
                 self.metrics.inflight_bytes.add(grew);
                 if len >= self.opts.batch_size {
@@ -424,16 +410,7 @@ impl RecordSink for NativeSink {
             SlotStatus::Unknown => {
                 let w = t.parked.get_or_insert_with(|| BatchWriter::new(4096));
                 let before = if w.is_empty() { 0 } else { w.len() };
-                Self::encode(
-                    w,
-                    self.format,
-                    &self.node,
-                    &self.metrics,
-                    ts,
-                    meta,
-                    rec,
-                    (file, seq),
-                );
+                Self::encode(w, self.format, &self.metrics, ts, meta, rec, (file, seq));
                 let grew = (w.len() - before) as u64;
                 self.parked_bytes += grew;
                 self.metrics.inflight_bytes.add(grew);

@@ -6,7 +6,27 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+
+use super::sasl::{Credentials, Mechanism};
 use crate::config::Compression;
+
+/// TLS to the brokers (`security.protocol=ssl|sasl_ssl`).
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: SslConnector,
+    /// Check the broker's name against its certificate
+    /// (`ssl.endpoint.identification.algorithm=https`, the default).
+    pub verify_hostname: bool,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("verify_hostname", &self.verify_hostname)
+            .finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acks {
@@ -50,6 +70,8 @@ pub struct Options {
     pub topic_missing_after: Duration,
     /// Largest produce request sent (several partitions' batches).
     pub max_request_bytes: usize,
+    pub tls: Option<Tls>,
+    pub sasl: Option<Credentials>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -97,7 +119,11 @@ impl Options {
             metadata_max_age: Duration::from_secs(300),
             topic_missing_after: Duration::from_secs(30),
             max_request_bytes: 16 << 20,
+            tls: None,
+            sasl: None,
         };
+        let mut protocol = "plaintext".to_owned();
+        let mut security: BTreeMap<&str, &str> = BTreeMap::new();
         for (key, value) in kafka_options {
             let invalid = |why: &str| OptionError::Invalid {
                 key: key.clone(),
@@ -158,24 +184,192 @@ impl Options {
                     "true" | "false" => {}
                     _ => return Err(invalid("expected true or false")),
                 },
-                "security.protocol" => match value.trim().to_ascii_lowercase().as_str() {
-                    "plaintext" => {}
-                    _ => {
-                        return Err(OptionError::Unsupported {
-                            key: format!("{key}={value}"),
-                        });
+                "security.protocol" => {
+                    protocol = value.trim().to_ascii_lowercase();
+                    if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&&*protocol) {
+                        return Err(invalid(
+                            "expected plaintext, ssl, sasl_plaintext or sasl_ssl",
+                        ));
                     }
-                },
+                }
+                "ssl.ca.location"
+                | "ssl.certificate.location"
+                | "ssl.key.location"
+                | "ssl.key.password"
+                | "ssl.endpoint.identification.algorithm"
+                | "enable.ssl.certificate.verification"
+                | "sasl.mechanism"
+                | "sasl.mechanisms"
+                | "sasl.username"
+                | "sasl.password" => {
+                    security.insert(key, value);
+                }
                 _ => {
                     return Err(OptionError::Unsupported { key: key.clone() });
                 }
             }
         }
+        o.tls = tls(&protocol, &security)?;
+        o.sasl = sasl(&protocol, &security)?;
         o.retry_backoff_max = o.retry_backoff_max.max(o.retry_backoff);
         o.reconnect_backoff_max = o.reconnect_backoff_max.max(o.reconnect_backoff);
         o.batch_size = o.batch_size.min((max_inflight / 4).max(16 * 1024) as usize);
         Ok(o)
     }
+}
+
+fn invalid(key: &str, value: &str, why: impl Into<String>) -> OptionError {
+    OptionError::Invalid {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        why: why.into(),
+    }
+}
+
+/// The TLS settings, checked now: files that cannot be read or do not
+/// hold what they should are startup errors naming the key.
+fn tls(protocol: &str, s: &BTreeMap<&str, &str>) -> Result<Option<Tls>, OptionError> {
+    let wants = protocol == "ssl" || protocol == "sasl_ssl";
+    if !wants {
+        if let Some(k) = s
+            .keys()
+            .find(|k| k.starts_with("ssl.") || k.contains("ssl.certificate"))
+        {
+            return Err(invalid(
+                k,
+                s[k],
+                format!(
+                    "TLS is off (security.protocol={protocol}); set security.protocol=ssl or sasl_ssl"
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    let openssl = |key: &str, e: openssl::error::ErrorStack| {
+        invalid(key, s.get(key).copied().unwrap_or(""), e.to_string())
+    };
+    let mut b = SslConnector::builder(SslMethod::tls_client())
+        .map_err(|e| openssl("security.protocol", e))?;
+    match s.get("ssl.ca.location").copied() {
+        Some(ca) if std::path::Path::new(ca).is_dir() => b
+            .load_verify_locations(None, Some(std::path::Path::new(ca)))
+            .map_err(|e| openssl("ssl.ca.location", e))?,
+        Some(ca) => {
+            if !std::path::Path::new(ca).exists() {
+                return Err(invalid("ssl.ca.location", ca, "no such file"));
+            }
+            b.set_ca_file(ca)
+                .map_err(|e| openssl("ssl.ca.location", e))?
+        }
+        None => b
+            .set_default_verify_paths()
+            .map_err(|e| openssl("ssl.ca.location", e))?,
+    }
+    match (
+        s.get("ssl.certificate.location").copied(),
+        s.get("ssl.key.location").copied(),
+    ) {
+        (Some(cert), Some(key)) => {
+            b.set_certificate_chain_file(cert)
+                .map_err(|e| openssl("ssl.certificate.location", e))?;
+            match s.get("ssl.key.password").copied() {
+                Some(pass) => {
+                    let pem = std::fs::read(key)
+                        .map_err(|e| invalid("ssl.key.location", key, e.to_string()))?;
+                    let pkey =
+                        openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pass.as_bytes())
+                            .map_err(|e| openssl("ssl.key.location", e))?;
+                    b.set_private_key(&pkey)
+                        .map_err(|e| openssl("ssl.key.location", e))?;
+                }
+                None => b
+                    .set_private_key_file(key, SslFiletype::PEM)
+                    .map_err(|e| openssl("ssl.key.location", e))?,
+            }
+            b.check_private_key()
+                .map_err(|e| openssl("ssl.key.location", e))?;
+        }
+        (None, None) => {}
+        (Some(c), None) => {
+            return Err(invalid(
+                "ssl.certificate.location",
+                c,
+                "needs ssl.key.location too",
+            ));
+        }
+        (None, Some(k)) => {
+            return Err(invalid(
+                "ssl.key.location",
+                k,
+                "needs ssl.certificate.location too",
+            ));
+        }
+    }
+    let verify = match s.get("enable.ssl.certificate.verification").copied() {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(v) => {
+            return Err(invalid(
+                "enable.ssl.certificate.verification",
+                v,
+                "expected true or false",
+            ));
+        }
+    };
+    if !verify {
+        b.set_verify(SslVerifyMode::NONE);
+    }
+    let verify_hostname = match s.get("ssl.endpoint.identification.algorithm").copied() {
+        None | Some("https") => verify,
+        Some("none") | Some("") => false,
+        Some(v) => {
+            return Err(invalid(
+                "ssl.endpoint.identification.algorithm",
+                v,
+                "expected https or none",
+            ));
+        }
+    };
+    Ok(Some(Tls {
+        connector: b.build(),
+        verify_hostname,
+    }))
+}
+
+fn sasl(protocol: &str, s: &BTreeMap<&str, &str>) -> Result<Option<Credentials>, OptionError> {
+    let wants = protocol.starts_with("sasl_");
+    if !wants {
+        if let Some(k) = s.keys().find(|k| k.starts_with("sasl.")) {
+            return Err(invalid(
+                k,
+                if k.ends_with("password") { "…" } else { s[k] },
+                format!(
+                    "SASL is off (security.protocol={protocol}); set security.protocol=sasl_ssl or sasl_plaintext"
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    let name = s
+        .get("sasl.mechanism")
+        .or_else(|| s.get("sasl.mechanisms"))
+        .copied()
+        .unwrap_or("GSSAPI");
+    let Some(mechanism) = Mechanism::parse(name) else {
+        return Err(OptionError::Unsupported {
+            key: format!("sasl.mechanism={name}"),
+        });
+    };
+    let get = |k: &str| {
+        s.get(k)
+            .map(|v| v.to_string())
+            .ok_or_else(|| invalid(k, "", format!("required with sasl.mechanism={name}")))
+    };
+    Ok(Some(Credentials {
+        mechanism,
+        username: get("sasl.username")?,
+        password: get("sasl.password")?,
+    }))
 }
 
 #[cfg(test)]
