@@ -442,3 +442,219 @@ fn options_the_native_client_lacks_fail_at_startup_naming_the_way_out() {
     assert!(err.contains("sasl.kerberos.service.name"), "{err}");
     assert!(err.contains("--kafka-client rdkafka"), "{err}");
 }
+
+/// Waits until the agent has failed at least one Kafka request; returns
+/// its log.
+fn wait_for_request_errors(agent: &Agent, node: &Node) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.metric("bpftail_kafka_request_errors_total") == 0 {
+        assert!(Instant::now() < deadline, "no error seen\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.log()
+}
+
+#[test]
+fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_explained() {
+    let (tmp, _) = test_dir("bpftail-tls-");
+    let pki = security::Pki::new(&tmp.path().join("pki"));
+    let port = free_port();
+    let addr = format!("localhost:{port}");
+    let broker = Broker::start_advertising(&addr);
+    broker.create_topic("tls", 2);
+    let _stunnel = security::Stunnel::start(&pki, port, broker.port(), true);
+    let (ca, cert, key) = (
+        pki.path("ca.crt"),
+        pki.path("client.crt"),
+        pki.path("client.key"),
+    );
+    let tls = |ca: &str| {
+        vec![
+            "--kafka-option".to_owned(),
+            "security.protocol=ssl".into(),
+            "--kafka-option".into(),
+            format!("ssl.ca.location={ca}"),
+            "--kafka-option".into(),
+            format!("ssl.certificate.location={cert}"),
+            "--kafka-option".into(),
+            format!("ssl.key.location={key}"),
+            "--format".into(),
+            "raw".into(),
+        ]
+    };
+    let ok_args = tls(&ca);
+    let node = Node::new();
+    let agent = Agent::start(&node.args(&addr, "tls", &as_strs(&ok_args)), &node.log);
+    // librdkafka reads back through the same TLS endpoint.
+    let collector = Collector::start_with(
+        &addr,
+        "tls",
+        &[
+            ("security.protocol", "ssl"),
+            ("ssl.ca.location", &ca),
+            ("ssl.certificate.location", &cert),
+            ("ssl.key.location", &key),
+        ],
+    );
+    write_lines(&node.pods, 3, 0..1_000, 120, Duration::ZERO);
+    let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 3, 1_000) == 3_000);
+    assert_all(&node, &records, 3, 1_000, false);
+    assert!(agent.stop().success());
+
+    // A CA that did not sign the broker's certificate.
+    let node = Node::new();
+    let agent = Agent::start(
+        &node.args(&addr, "tls", &as_strs(&tls(&pki.path("other-ca.crt")))),
+        &node.log,
+    );
+    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    let log = wait_for_request_errors(&agent, &node);
+    assert!(log.contains("not trusted"), "{log}");
+    assert!(log.contains("ssl.ca.location"), "{log}");
+    assert_eq!(agent.metric("bpftail_records_delivered_total"), 0);
+    assert!(agent.stop().success());
+
+    // The right CA, but the broker reached by a name its certificate lacks.
+    let node = Node::new();
+    let agent = Agent::start(
+        &node.args(&format!("127.0.0.1:{port}"), "tls", &as_strs(&ok_args)),
+        &node.log,
+    );
+    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    let log = wait_for_request_errors(&agent, &node);
+    assert!(log.contains("address mismatch"), "{log}");
+    assert!(log.contains("\"127.0.0.1\""), "{log}");
+    assert!(agent.stop().success());
+
+    // No client certificate: the endpoint refuses the handshake.
+    let node = Node::new();
+    let agent = Agent::start(
+        &node.args(
+            &addr,
+            "tls",
+            &[
+                "--kafka-option",
+                "security.protocol=ssl",
+                "--kafka-option",
+                &format!("ssl.ca.location={ca}"),
+            ],
+        ),
+        &node.log,
+    );
+    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    let log = wait_for_request_errors(&agent, &node);
+    assert!(log.contains("TLS with") || log.contains("failed"), "{log}");
+    assert_eq!(agent.metric("bpftail_records_delivered_total"), 0);
+    assert!(agent.stop().success());
+
+    // A CA file that is not there is a startup error naming the key.
+    let out = std::process::Command::new(bpftail_bin())
+        .arg("run")
+        .args(node.args(
+            &addr,
+            "tls",
+            &[
+                "--kafka-option",
+                "security.protocol=ssl",
+                "--kafka-option",
+                "ssl.ca.location=/nonexistent/ca.pem",
+            ],
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ssl.ca.location"), "{err}");
+}
+
+#[test]
+fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let broker = Broker::start_advertising(&addr);
+    broker.create_topic("sasl", 2);
+    let _gate = security::SaslGate::start(port, broker.port(), "agent", "s3cret");
+    let sasl = |mechanism: &str, password: &str| {
+        vec![
+            "--kafka-option".to_owned(),
+            "security.protocol=sasl_plaintext".into(),
+            "--kafka-option".into(),
+            format!("sasl.mechanism={mechanism}"),
+            "--kafka-option".into(),
+            "sasl.username=agent".into(),
+            "--kafka-option".into(),
+            format!("sasl.password={password}"),
+            "--format".into(),
+            "raw".into(),
+        ]
+    };
+    // The gate is a real SASL server as far as librdkafka is concerned.
+    let collector = Collector::start_with(
+        &addr,
+        "sasl",
+        &[
+            ("security.protocol", "sasl_plaintext"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "agent"),
+            ("sasl.password", "s3cret"),
+        ],
+    );
+    let wrong: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &addr)
+        .set("security.protocol", "sasl_plaintext")
+        .set("sasl.mechanism", "SCRAM-SHA-256")
+        .set("sasl.username", "agent")
+        .set("sasl.password", "wrong")
+        .set("log_level", "0")
+        .create()
+        .unwrap();
+    assert!(
+        wrong
+            .client()
+            .fetch_metadata(Some("sasl"), Duration::from_secs(3))
+            .is_err(),
+        "the gate let librdkafka in with a wrong password"
+    );
+
+    let mut lines = 0;
+    for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] {
+        let node = Node::new();
+        let args = sasl(mechanism, "s3cret");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start(&node.args(&addr, "sasl", &args), &node.log);
+        // Each agent writes as writer 0 with sequence numbers after the
+        // previous ones (a fresh pods dir each time, same key).
+        write_lines(&node.pods, 1, lines..lines + 500, 100, Duration::ZERO);
+        lines += 500;
+        collector.wait_for(Duration::from_secs(60), |r| {
+            unique(r, 1, lines) == lines as usize
+        });
+        assert!(
+            agent.metric("bpftail_kafka_batches_total") > 0,
+            "{mechanism}: {}",
+            node.log()
+        );
+        assert!(agent.stop().success());
+    }
+    let records = collector.wait_for(Duration::from_secs(5), |_| false);
+    assert_eq!(unique(&records, 1, lines), lines as usize);
+
+    // A wrong password: said in words, nothing shipped, never a crash.
+    let node = Node::new();
+    let args = sasl("SCRAM-SHA-256", "wrong");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&node.args(&addr, "sasl", &args), &node.log);
+    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    let log = wait_for_request_errors(&agent, &node);
+    assert!(
+        log.contains("refused user \\\"agent\\\"") || log.contains("refused user"),
+        "{log}"
+    );
+    assert!(log.contains("sasl.password"), "{log}");
+    assert_eq!(agent.metric("bpftail_records_delivered_total"), 0);
+    assert!(agent.stop().success());
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}

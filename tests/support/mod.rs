@@ -4,6 +4,8 @@
 //! that log the way container runtimes do.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod security;
+
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -142,17 +144,35 @@ impl Broker {
         Self::spawn(true)
     }
 
+    /// Clients are told to reach the broker at `advertised` (`host:port`:
+    /// a TLS endpoint or SASL gate the test starts there).
+    pub fn start_advertising(advertised: &str) -> Broker {
+        Self::spawn_with(false, Some(advertised))
+    }
+
+    /// The port the broker itself listens on (plain, no relay).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     fn spawn(proxied: bool) -> Broker {
+        Self::spawn_with(proxied, None)
+    }
+
+    fn spawn_with(proxied: bool, advertised: Option<&str>) -> Broker {
         let port = free_port();
         let proxy = proxied.then(|| Proxy::start(port));
-        let advertised = proxy.as_ref().map_or(port, |p| p.port);
+        let advertised = match advertised {
+            Some(a) => a.to_owned(),
+            None => format!("127.0.0.1:{}", proxy.as_ref().map_or(port, |p| p.port)),
+        };
         let child = die_with_parent(&mut Command::new(tansu_bin()))
             .args([
                 "broker",
                 "--listener-url",
                 &format!("tcp://127.0.0.1:{port}"),
                 "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{advertised}"),
+                &format!("tcp://{advertised}"),
                 "--storage-engine",
                 "memory://tansu/",
             ])
@@ -555,14 +575,21 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(brokers: &str, topic: &str) -> Collector {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        Self::start_with(brokers, topic, &[])
+    }
+
+    /// With librdkafka settings of its own (TLS, SASL).
+    pub fn start_with(brokers: &str, topic: &str, settings: &[(&str, &str)]) -> Collector {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", brokers)
             .set("group.id", "bpftail-tests")
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "50")
-            .set("log_level", "3")
-            .create()
-            .expect("consumer");
+            .set("log_level", "3");
+        for (k, v) in settings {
+            cc.set(*k, *v);
+        }
+        let consumer: BaseConsumer = cc.create().expect("consumer");
         let deadline = Instant::now() + Duration::from_secs(60);
         let partitions = loop {
             let n = consumer

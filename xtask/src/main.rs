@@ -31,6 +31,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libssl-dev",
     "zlib1g-dev",
     "pkg-config",
+    // A real TLS endpoint in front of the broker, and the CLI that makes
+    // the tests' CA and certificates.
+    "stunnel4",
+    "openssl",
 ];
 
 fn main() -> Result<()> {
