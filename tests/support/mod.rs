@@ -489,6 +489,12 @@ impl Agent {
         proc_status_kib(self.child.id(), "VmRSS:")
     }
 
+    /// Resets the peak RSS (VmHWM) to the current RSS (`clear_refs` 5), so
+    /// that a later [`Agent::peak_rss_kib`] covers only what came after.
+    pub fn reset_peak_rss(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn stop(mut self) -> ExitStatus {
         // SAFETY: kill(2) on our own child's pid; no memory is touched.

@@ -289,7 +289,14 @@ fn test(rest: &[String]) -> Result<()> {
     run(cargo()
         .args(["test", "-p", "bpftail", "--test", "*"])
         .args(rest)
-        .args(["--", "--test-threads=1"]))
+        .args(["--", "--test-threads=1"]))?;
+    // The data-path suite again with librdkafka as the Kafka client (the
+    // agents it starts read BPFTAIL_KAFKA_CLIENT): both clients pass it.
+    run(cargo()
+        .args(["test", "-p", "bpftail", "--test", "e2e"])
+        .args(rest)
+        .args(["--", "--test-threads=1"])
+        .env("BPFTAIL_KAFKA_CLIENT", "rdkafka"))
 }
 
 fn lint() -> Result<()> {

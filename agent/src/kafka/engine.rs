@@ -528,9 +528,13 @@ impl Engine {
             let addr = format!("{}:{}", b.host.as_str(), b.port);
             let id = b.node_id.0;
             if self.brokers.get(&id) != Some(&addr) {
-                // A broker that moved: its old connection goes.
-                if self.brokers.insert(id, addr).is_some() {
-                    self.conns.remove(&(id as ConnId));
+                // A broker that moved: its old connection goes, and what
+                // it carried is retried.
+                if self.brokers.insert(id, addr).is_some()
+                    && let Some(mut old) = self.conns.remove(&(id as ConnId))
+                {
+                    let busy = old.busy.take();
+                    self.failed(busy, now);
                 }
             }
         }
