@@ -195,6 +195,14 @@ fn run_bpftail(
             "off",
         ],
     );
+    let mut args = args;
+    // Anything after `--agent` goes to bpftail as is.
+    args.extend(
+        std::env::args()
+            .skip_while(|a| a != "--agent")
+            .skip(1)
+            .filter(|a| a != "--bench"),
+    );
     let log = tmp.path().join("bpftail.log");
     let agent = Agent::start(&args, &log);
     // Startup (the watcher's setup) is done once the agent serves its
@@ -206,8 +214,14 @@ fn run_bpftail(
     }
     std::thread::sleep(Duration::from_millis(300));
     let rss_start = agent.peak_rss_kib() as f64 / 1024.0;
+    eprintln!(
+        "  bpftail settled at {:.1} MiB RSS before the run",
+        agent.rss_kib() as f64 / 1024.0
+    );
     agent.reset_peak_rss();
-    let latency = (w.rate > 0).then(|| LatencyProbe::start(&broker.addr(), topic, format));
+    // A consumer runs in every run (bpftail's and the peers'), so that each
+    // shares the machine with the same load.
+    let probe = LatencyProbe::start(&broker.addr(), topic);
     let cpu0 = agent.cpu_seconds();
     let t0 = Instant::now();
     let hang = std::thread::scope(|s| {
@@ -243,7 +257,10 @@ fn run_bpftail(
         wall,
         rss_start_mib: rss_start,
         rss_run_mib: rss_run,
-        latency_ms: latency.map(|l| l.finish(w.lines)),
+        latency_ms: {
+            let l = probe.finish(w.lines);
+            (w.rate > 0).then_some(l)
+        },
         hang,
     }
 }
@@ -308,7 +325,7 @@ pub struct LatencyProbe {
 }
 
 impl LatencyProbe {
-    pub fn start(brokers: &str, topic: &str, _format: &str) -> LatencyProbe {
+    pub fn start(brokers: &str, topic: &str) -> LatencyProbe {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", "bench-latency")
@@ -318,7 +335,26 @@ impl LatencyProbe {
             .set("fetch.error.backoff.ms", "5")
             .create()
             .unwrap();
-        consumer.subscribe(&[topic]).unwrap();
+        // Assigned, not subscribed: a group join would delay the first
+        // fetch by seconds and show up as latency.
+        let partitions = (|| {
+            for _ in 0..100 {
+                if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
+                    && let Some(t) = md.topics().first()
+                    && !t.partitions().is_empty()
+                {
+                    return t.partitions().len();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("topic {topic} never appeared");
+        })();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(AtomicU64::new(0));
         let (s, n) = (stop.clone(), seen.clone());
@@ -341,6 +377,11 @@ impl LatencyProbe {
             lat
         });
         LatencyProbe { stop, seen, thread }
+    }
+
+    /// Records read so far.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Relaxed)
     }
 
     /// (p50, p99) in ms once `lines` records were seen (or 30 s passed).

@@ -81,7 +81,7 @@ pub struct RunArgs {
     /// How the eBPF hook attaches; auto tries fexit, then tp-btf, then raw-tp [default: auto].
     #[arg(long, env = "BPFTAIL_EBPF_ATTACH")]
     pub ebpf_attach: Option<EbpfAttach>,
-    /// eBPF watcher: minimum milliseconds between passes over kernel events (and the re-arm delay) [default: 10].
+    /// eBPF and fanotify watchers: minimum milliseconds between passes over kernel events (and the re-arm delay) [default: 40].
     #[arg(long, env = "BPFTAIL_EBPF_TICK_MS")]
     pub ebpf_tick_ms: Option<u64>,
     /// eBPF watcher: capacity of the kernel's watched-file map; files beyond it are polled [default: 16384].
@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// Longest logical record in bytes; longer ones are cut and marked truncated [default: 1048576].
     #[arg(long, env = "BPFTAIL_MAX_RECORD_BYTES")]
     pub max_record_bytes: Option<usize>,
-    /// Bytes produced but not yet acknowledged by Kafka before reading pauses [default: 4194304].
+    /// Bytes produced but not yet acknowledged by Kafka before reading pauses [default: 2097152].
     #[arg(long, env = "BPFTAIL_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<u64>,
     /// How often acknowledged offsets are persisted, in milliseconds [default: 1000].
@@ -414,7 +414,7 @@ impl Config {
             .unwrap_or(KafkaClient::Native);
 
         let watcher = args.watcher.or(file.watcher).unwrap_or(WatcherKind::Auto);
-        let ebpf_tick_ms = args.ebpf_tick_ms.or(file.ebpf_tick_ms).unwrap_or(10);
+        let ebpf_tick_ms = args.ebpf_tick_ms.or(file.ebpf_tick_ms).unwrap_or(40);
         if !(1..=1000).contains(&ebpf_tick_ms) {
             return Err(invalid(
                 "ebpf-tick-ms",
@@ -456,7 +456,7 @@ impl Config {
         let max_inflight_bytes = args
             .max_inflight_bytes
             .or(file.max_inflight_bytes)
-            .unwrap_or(4 << 20);
+            .unwrap_or(2 << 20);
         if max_inflight_bytes < 64 * 1024 {
             return Err(invalid(
                 "max-inflight-bytes",

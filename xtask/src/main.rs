@@ -339,7 +339,75 @@ fn bench(rest: &[String]) -> Result<()> {
         _ => ("pipeline", rest),
     };
     let args: Vec<&String> = args.iter().filter(|a| *a != "--").collect();
-    run(cargo()
-        .args(["bench", "-p", "bpftail", "--bench", which, "--"])
-        .args(args))
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "bpftail", "--bench", which, "--"])
+        .args(&args);
+    if args.iter().any(|a| *a == "--peers") {
+        cmd.env("BPFTAIL_PEERS_DIR", peers()?);
+    }
+    run(&mut cmd)
+}
+
+/// The peers `bench --peers` runs beside bpftail: Debian 12's syslog-ng
+/// 3.38 with its Kafka module, unpacked (not installed: no service) into
+/// `target/tools/peers/root`. Debian's librdkafka 2.0.2 cannot read
+/// tansu's ApiVersions v3 answer ("broker version < 0.10"), so syslog-ng's
+/// module runs on the librdkafka 2.16 of PyPI's confluent-kafka wheel
+/// (pinned), put first on its library path.
+fn peers() -> Result<PathBuf> {
+    let dir = root().join("target/tools/peers");
+    let root_dir = dir.join("root");
+    if !root_dir.join("usr/sbin/syslog-ng").exists() {
+        let debs = dir.join("debs");
+        std::fs::create_dir_all(&debs)?;
+        let packages = [
+            "syslog-ng-core",
+            "syslog-ng-mod-rdkafka",
+            "libivykis0",
+            "libnet1",
+            "libpcre3",
+        ];
+        let download = || {
+            run(Command::new("apt-get")
+                .arg("download")
+                .args(packages)
+                .current_dir(&debs))
+        };
+        download().or_else(|_| {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            download()
+        })?;
+        for deb in std::fs::read_dir(&debs)? {
+            let deb = deb?.path();
+            if deb.extension().is_some_and(|e| e == "deb") {
+                run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root_dir))?;
+            }
+        }
+    }
+    let lib = dir.join("rdkafka/librdkafka.so.1");
+    if !lib.exists() {
+        let venv = venv()?;
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--no-deps",
+            "confluent-kafka==2.16.1",
+        ]))?;
+        let site = std::fs::read_dir(venv.join("lib"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("site-packages/confluent_kafka.libs"))
+            .find(|p| p.exists())
+            .context("the confluent-kafka wheel holds no librdkafka")?;
+        let so = std::fs::read_dir(&site)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("librdkafka"))
+            })
+            .context("no librdkafka in the confluent-kafka wheel")?;
+        std::fs::create_dir_all(lib.parent().expect("a parent"))?;
+        std::os::unix::fs::symlink(so, &lib)?;
+    }
+    Ok(dir)
 }

@@ -55,6 +55,8 @@ pub struct BatchWriter {
 #[derive(Debug)]
 pub struct Sealed {
     pub data: Vec<u8>,
+    /// The uncompressed buffer, free again once a codec has run.
+    pub spare: Option<Vec<u8>>,
     pub records: u32,
     pub value_bytes: u64,
     pub acks: Vec<AckRun>,
@@ -66,7 +68,12 @@ pub struct RecordStart(usize);
 
 impl BatchWriter {
     pub fn new(capacity: usize) -> BatchWriter {
-        let mut buf = Vec::with_capacity(capacity.max(HEADER_LEN + 64));
+        Self::reusing(Vec::with_capacity(capacity.max(HEADER_LEN + 64)))
+    }
+
+    /// A writer over `buf`, emptied (its capacity is kept).
+    pub fn reusing(mut buf: Vec<u8>) -> BatchWriter {
+        buf.clear();
         buf.resize(HEADER_LEN, 0);
         BatchWriter {
             buf,
@@ -171,11 +178,12 @@ impl BatchWriter {
             value_bytes,
             acks,
         } = self;
+        let mut spare = None;
         if codec != Compression::None {
             let mut out = Vec::with_capacity(HEADER_LEN + (buf.len() - HEADER_LEN) / 2 + 64);
             out.resize(HEADER_LEN, 0);
             compress(codec, &buf[HEADER_LEN..], &mut out)?;
-            buf = out;
+            spare = Some(std::mem::replace(&mut buf, out));
         }
         let total = buf.len();
         let h = &mut buf[..HEADER_LEN];
@@ -195,6 +203,7 @@ impl BatchWriter {
         buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
         Ok(Sealed {
             data: buf,
+            spare,
             records,
             value_bytes,
             acks,

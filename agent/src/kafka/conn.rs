@@ -54,8 +54,13 @@ pub enum Request {
     Produce(Produce),
 }
 
+/// A sealed batch's bytes, shared between the sender's queue and the
+/// request on the wire; the sender takes the buffer back when the batch is
+/// done, for the data thread to reuse.
+pub type BatchData = Arc<Vec<u8>>;
+
 /// One topic's part of a produce request: per partition, one sealed batch.
-pub type TopicBatches = (Arc<str>, Vec<(i32, Bytes)>);
+pub type TopicBatches = (Arc<str>, Vec<(i32, BatchData)>);
 
 /// A produce request.
 #[derive(Debug)]
@@ -637,7 +642,7 @@ pub fn encode_produce(
     correlation: i32,
     client_id: &str,
     req: &Produce,
-    splices: &mut Vec<(usize, Bytes)>,
+    splices: &mut Vec<(usize, BatchData)>,
 ) {
     let flexible = version >= 9;
     out.clear();
@@ -723,10 +728,7 @@ mod tests {
 
     #[test]
     fn hand_framed_produce_is_byte_for_byte_the_generated_encoding() {
-        let batches = [
-            Bytes::from_static(b"batch-one"),
-            Bytes::from(vec![7u8; 300]),
-        ];
+        let batches = [Arc::new(b"batch-one".to_vec()), Arc::new(vec![7u8; 300])];
         let req = Produce {
             acks: -1,
             timeout_ms: 30_000,
@@ -766,7 +768,7 @@ mod tests {
                                         .map(|(i, b)| {
                                             PartitionProduceData::default()
                                                 .with_index(*i)
-                                                .with_records(Some(b.clone()))
+                                                .with_records(Some(Bytes::from(b.to_vec())))
                                         })
                                         .collect(),
                                 )

@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{Config, OutputFormat};
@@ -56,6 +55,9 @@ pub enum NativeError {
     #[error("cannot start the Kafka sender thread: {0}")]
     Thread(#[source] std::io::Error),
 }
+
+/// Uncompressed buffers kept for reuse after compression.
+const MAX_SPARES: usize = 8;
 
 /// Entries of [`NativeSink::recent`].
 const TOPIC_CACHE: usize = 64;
@@ -92,6 +94,10 @@ pub struct NativeSink {
     budget: u64,
     engine: Sender<Input>,
     engine_thread: Option<std::thread::JoinHandle<()>>,
+    /// Buffers of finished batches (from the sender) and of compressed
+    /// ones (freed here), reused for new batches.
+    recycled: Receiver<Vec<u8>>,
+    spares: Vec<Vec<u8>>,
     shared: Arc<Shared>,
     seen_generation: u64,
     topics: Vec<TopicSlot>,
@@ -126,11 +132,13 @@ impl NativeSink {
         let acks = Arc::new(AckQueue::new(wake.0.clone()));
         let shared = Arc::new(Shared::default());
         let inbox = crossbeam_channel::unbounded();
+        let (recycle, recycled) = crossbeam_channel::unbounded();
         let engine = Engine::new(
             opts.clone(),
             inbox.clone(),
             acks.clone(),
             wake.0,
+            recycle,
             metrics.clone(),
             shared.clone(),
         );
@@ -148,6 +156,8 @@ impl NativeSink {
             budget: cfg.max_inflight_bytes,
             engine: inbox.0,
             engine_thread: Some(engine_thread),
+            recycled,
+            spares: Vec::new(),
             shared,
             seen_generation: 0,
             topics: Vec::new(),
@@ -285,14 +295,17 @@ impl NativeSink {
 
     /// The open batch of a partition (opened if there is none).
     fn writer(&mut self, ti: usize, pi: usize) -> &mut BatchWriter {
-        let part = &mut self.topics[ti].parts[pi];
-        if part.open.is_none() {
-            let w = BatchWriter::new(self.opts.batch_size + 4096);
+        if self.topics[ti].parts[pi].open.is_none() {
+            let w = match self.spares.pop().or_else(|| self.recycled.try_recv().ok()) {
+                Some(buf) => BatchWriter::reusing(buf),
+                None => BatchWriter::new(self.opts.batch_size + 4096),
+            };
+            let part = &mut self.topics[ti].parts[pi];
             self.metrics.inflight_bytes.add(w.len() as u64);
             part.open = Some((w, Instant::now()));
             self.open.push((ti, pi));
         }
-        &mut part.open.as_mut().expect("opened").0
+        &mut self.topics[ti].parts[pi].open.as_mut().expect("opened").0
     }
 
     /// Seals a partition's open batch and hands it to the sender.
@@ -306,11 +319,16 @@ impl NativeSink {
         let cost = w.len() as u64;
         match w.seal(self.opts.compression) {
             Ok(s) => {
+                if let Some(spare) = s.spare
+                    && self.spares.len() < MAX_SPARES
+                {
+                    self.spares.push(spare);
+                }
                 part.shared.outstanding.fetch_add(1, Ordering::SeqCst);
                 let b = Batch {
                     topic: t.name.clone(),
                     partition: pi as i32,
-                    data: Bytes::from(s.data),
+                    data: Arc::new(s.data),
                     records: s.records,
                     value_bytes: s.value_bytes,
                     cost,
