@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::Broker;
+use crate::support::{Broker, proc_status_kib, process_cpu_seconds};
 use crate::{LatencyProbe, Run, Workload, pods_dirs, write_all};
 
 pub fn syslog_ng(broker: &Broker, w: &Workload) -> Result<Run, String> {
@@ -87,10 +87,10 @@ log {{ source(s_pods); destination(d_kafka); flags(flow-control); }};
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(1000));
-    let rss_start = status_kib(pid, "VmHWM:") as f64 / 1024.0;
+    let rss_start = proc_status_kib(pid, "VmHWM:") as f64 / 1024.0;
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
     let probe = LatencyProbe::start(&broker.addr(), topic);
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = process_cpu_seconds(pid);
     let t0 = Instant::now();
     write_all(&dirs, w);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -106,8 +106,8 @@ log {{ source(s_pods); destination(d_kafka); flags(flow-control); }};
         std::thread::sleep(Duration::from_millis(20));
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu0;
-    let rss_run = status_kib(pid, "VmHWM:") as f64 / 1024.0;
+    let cpu = process_cpu_seconds(pid) - cpu0;
+    let rss_run = proc_status_kib(pid, "VmHWM:") as f64 / 1024.0;
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -125,24 +125,4 @@ log {{ source(s_pods); destination(d_kafka); flags(flow-control); }};
         latency_ms: (w.rate > 0).then(|| probe.finish(w.lines)),
         hang: None,
     })
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    // utime and stime are fields 14 and 15; `after` starts at field 3.
-    (ticks(11) + ticks(12)) / hz
 }

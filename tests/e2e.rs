@@ -14,40 +14,10 @@ const WRITERS: usize = 8;
 const LINES: u64 = 100_000;
 const LINE_LEN: usize = 120;
 
-/// A test's directories: pods dir, data dir, agent log.
-struct Node {
-    _tmp: tempfile::TempDir,
-    pods: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
-}
-
 impl Node {
-    fn new() -> Node {
-        let (tmp, pods) = test_dir("bpftail-e2e-");
-        Node {
-            pods,
-            data: tmp.path().join("data"),
-            log: tmp.path().join("bpftail.log"),
-            _tmp: tmp,
-        }
-    }
-
-    fn args(&self, broker: &Broker, topic: &str, extra: &[&str]) -> Vec<String> {
-        let mut a = agent_args(
-            &self.pods,
-            &self.data,
-            &broker.addr(),
-            topic,
-            &[
-                "--node-name",
-                "test-node",
-                "--kube",
-                "off",
-                "--format",
-                "raw",
-            ],
-        );
+    /// [`Node::args`] with `--format raw` (records are the message).
+    fn raw_args(&self, broker: &Broker, topic: &str, extra: &[&str]) -> Vec<String> {
+        let mut a = self.args(&broker.addr(), topic, &["--format", "raw"]);
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     }
@@ -60,10 +30,6 @@ impl Node {
             &format!("uid-{w}"),
             "app",
         )
-    }
-
-    fn agent_log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -209,7 +175,7 @@ fn without_cap_bpf_auto_falls_back_and_a_forced_ebpf_fails_fast() {
         .args(["--bounding-set=-all,+perfmon", "--inh-caps=-all"])
         .arg(bpftail_bin())
         .arg("run")
-        .args(node.args(
+        .args(node.raw_args(
             &broker,
             "logs",
             &["--watcher", "ebpf", "--metrics-addr", "off"],
@@ -221,7 +187,7 @@ fn without_cap_bpf_auto_falls_back_and_a_forced_ebpf_fails_fast() {
     assert!(err.contains("watcher ebpf"), "{err}");
     // auto: logs why eBPF was skipped and runs with the next backend.
     broker.create_topic("logs", 1);
-    let agent = Agent::launch(&node.args(&broker, "logs", &[]), &node.log, &how);
+    let agent = Agent::launch(&node.raw_args(&broker, "logs", &[]), &node.log, &how);
     let collector = Collector::start(&broker.addr(), "logs");
     let dir = node.container(0);
     let mut out = LineWriter::create(&dir.join("0.log"));
@@ -266,7 +232,7 @@ fn eight_growing_files(
     for w in 0..WRITERS {
         std::fs::write(node.container(w).join("0.log"), b"").unwrap();
     }
-    let agent = Agent::launch(&node.args(&broker, "logs", extra), &node.log, how);
+    let agent = Agent::launch(&node.raw_args(&broker, "logs", extra), &node.log, how);
     // Every write happens once the agent follows the files (so the eBPF
     // test can count them all in the kernel).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -333,7 +299,7 @@ fn kubelet_rotation_during_the_writes_loses_nothing_and_keeps_order() {
         env: vec![("BPFTAIL_LOG".into(), "bpftail=debug".into())],
         ..Default::default()
     };
-    let agent = Agent::launch(&node.args(&broker, "logs", &[]), &node.log, &how);
+    let agent = Agent::launch(&node.raw_args(&broker, "logs", &[]), &node.log, &how);
     let collector = Collector::start(&broker.addr(), "logs");
     // Every 15,000 lines: rename 0.log to 0.log.<timestamp>, reopen 0.log —
     // what kubelet and the runtime do together.
@@ -361,7 +327,10 @@ fn copytruncate_restarts_at_zero_and_loses_nothing() {
     let broker = Broker::start();
     broker.create_topic("logs", 4);
     let node = Node::new();
-    let agent = Arc::new(Agent::start(&node.args(&broker, "logs", &[]), &node.log));
+    let agent = Arc::new(Agent::start(
+        &node.raw_args(&broker, "logs", &[]),
+        &node.log,
+    ));
     let collector = Collector::start(&broker.addr(), "logs");
     let written = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(std::sync::Barrier::new(WRITERS));
@@ -414,7 +383,7 @@ fn kill_9_and_restart_resends_only_the_unacknowledged_window() {
     let broker = Broker::start();
     broker.create_topic("logs", 4);
     let node = Node::new();
-    let args = node.args(&broker, "logs", &["--checkpoint-interval-ms", "200"]);
+    let args = node.raw_args(&broker, "logs", &["--checkpoint-interval-ms", "200"]);
     let agent = Agent::start(&args, &node.log);
     let collector = Collector::start(&broker.addr(), "logs");
     let writers = write_all(&node, |_, seq, _, _| {
@@ -444,7 +413,7 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     let node = Node::new();
     let budget = 4u64 << 20;
     let agent = Agent::start(
-        &node.args(
+        &node.raw_args(
             &broker,
             "logs",
             &["--max-inflight-bytes", &budget.to_string()],
@@ -492,7 +461,7 @@ fn bad_input_is_counted_bounded_and_never_stops_the_other_files() {
     let node = Node::new();
     let docker = node.pods.parent().unwrap().join("docker");
     let max_record = 64 * 1024;
-    let mut args = node.args(
+    let mut args = node.raw_args(
         &broker,
         "logs",
         &[
@@ -705,7 +674,7 @@ fn a_reused_inode_is_read_from_the_start_not_from_the_old_files_offset() {
         "offset": 50 * LINE_LEN, "path": path,
     }]});
     std::fs::write(node.data.join("checkpoints.json"), cp.to_string()).unwrap();
-    let agent = Agent::start(&node.args(&broker, "logs", &[]), &node.log);
+    let agent = Agent::start(&node.raw_args(&broker, "logs", &[]), &node.log);
     let collector = Collector::start(&broker.addr(), "logs");
     let records = collector.wait_for(Duration::from_secs(30), |r| r.len() >= 100);
     let t = tally(&records, 1, 100);
@@ -835,7 +804,7 @@ fn docker_json_logs_with_docker_rotation_arrive_complete_and_in_order() {
             "io.kubernetes.pod.uid":"u-9","io.kubernetes.container.name":"web"}}}"#,
     )
     .unwrap();
-    let mut args = node.args(&broker, "docker", &[]);
+    let mut args = node.raw_args(&broker, "docker", &[]);
     let i = args.iter().position(|a| a == "/nonexistent").unwrap();
     args[i] = docker.to_str().unwrap().to_owned();
     let agent = Agent::start(&args, &node.log);

@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,46 +21,13 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use support::*;
 
-/// A test's directories and its writers' containers.
-struct Node {
-    _tmp: tempfile::TempDir,
-    pods: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
-}
-
 impl Node {
-    fn new() -> Node {
-        let (tmp, pods) = test_dir("bpftail-kafka-");
-        Node {
-            pods,
-            data: tmp.path().join("data"),
-            log: tmp.path().join("bpftail.log"),
-            _tmp: tmp,
-        }
-    }
-
-    fn args(&self, brokers: &str, topic: &str, extra: &[&str]) -> Vec<String> {
-        let mut a = agent_args(
-            &self.pods,
-            &self.data,
-            brokers,
-            topic,
-            &[
-                "--node-name",
-                "kafka-node",
-                "--kube",
-                "off",
-                "--kafka-client",
-                "native",
-            ],
-        );
+    /// [`Node::args`] with the native Kafka client named (whatever
+    /// `BPFTAIL_KAFKA_CLIENT` says).
+    fn native_args(&self, brokers: &str, topic: &str, extra: &[&str]) -> Vec<String> {
+        let mut a = self.args(brokers, topic, &["--kafka-client", "native"]);
         a.extend(extra.iter().map(|s| s.to_string()));
         a
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -104,12 +71,17 @@ fn write_in_background(
 /// retry allowed when `dups`).
 fn assert_all(node: &Node, records: &[Received], writers: usize, lines: u64, dups: bool) {
     let t = tally(records, writers, lines);
-    assert_eq!(t.missing, 0, "missing: {t:?}\nagent log:\n{}", node.log());
+    assert_eq!(
+        t.missing,
+        0,
+        "missing: {t:?}\nagent log:\n{}",
+        node.agent_log()
+    );
     assert_eq!(
         t.jumps,
         0,
         "out of order: {t:?}\nagent log:\n{}",
-        node.log()
+        node.agent_log()
     );
     assert_eq!(t.foreign, 0, "{t:?}");
     if !dups {
@@ -129,7 +101,7 @@ fn every_codec_is_read_back_by_librdkafka_with_keys_headers_and_timestamps() {
             .unwrap()
             .as_millis() as i64;
         let agent = Agent::start(
-            &node.args(
+            &node.native_args(
                 &broker.addr(),
                 &topic,
                 &["--format", "raw", "--compression", codec],
@@ -151,7 +123,7 @@ fn every_codec_is_read_back_by_librdkafka_with_keys_headers_and_timestamps() {
             assert_eq!(r.header("namespace"), Some("ns"));
             assert_eq!(r.header("pod"), Some(&*format!("pod-{w}")));
             assert_eq!(r.header("container"), Some("app"));
-            assert_eq!(r.header("node"), Some("kafka-node"));
+            assert_eq!(r.header("node"), Some("test-node"));
             assert!(
                 r.header("time")
                     .unwrap()
@@ -161,7 +133,7 @@ fn every_codec_is_read_back_by_librdkafka_with_keys_headers_and_timestamps() {
             assert!(ts >= before - 1000 && ts <= after, "{codec}: {ts}");
         }
         assert!(agent.metric("bpftail_kafka_batches_total") > 0);
-        assert!(agent.stop().success(), "{}", node.log());
+        assert!(agent.stop().success(), "{}", node.agent_log());
     }
 }
 
@@ -189,7 +161,7 @@ fn a_containers_partition_is_the_one_librdkafka_murmur2_random_picks() {
     broker.create_topic("librdkafka", 7);
     let node = Node::new();
     let writers = 24;
-    let agent = Agent::start(&node.args(&broker.addr(), "native", &[]), &node.log);
+    let agent = Agent::start(&node.native_args(&broker.addr(), "native", &[]), &node.log);
     let collector = Collector::start(&broker.addr(), "native");
     write_lines(&node.pods, writers, 0..10, 100, Duration::ZERO);
     let records = collector.wait_for(Duration::from_secs(60), |r| {
@@ -244,7 +216,7 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
     let brokers = mock.bootstrap_servers();
     let node = Node::new();
     let agent = Agent::start(
-        &node.args(
+        &node.native_args(
             &brokers,
             "mock",
             &[
@@ -303,7 +275,7 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
     assert!(m["bpftail_kafka_partition_errors_total"] >= 6, "{m:?}");
     assert!(m["bpftail_kafka_metadata_requests_total"] >= 2, "{m:?}");
     assert_eq!(m["bpftail_delivery_failures_total{kind=\"dropped\"}"], 0);
-    assert!(agent.stop().success(), "{}", node.log());
+    assert!(agent.stop().success(), "{}", node.agent_log());
 }
 
 #[test]
@@ -312,7 +284,7 @@ fn a_broker_that_refuses_hangs_garbles_or_cuts_answers_costs_retries_not_records
     broker.create_topic("faults", 4);
     let node = Node::new();
     let agent = Agent::start(
-        &node.args(
+        &node.native_args(
             &broker.addr(),
             "faults",
             &[
@@ -350,7 +322,7 @@ fn a_broker_that_refuses_hangs_garbles_or_cuts_answers_costs_retries_not_records
             assert!(
                 Instant::now() < deadline,
                 "{fault:?} went unnoticed\n{}",
-                node.log()
+                node.agent_log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -371,7 +343,7 @@ fn a_broker_that_refuses_hangs_garbles_or_cuts_answers_costs_retries_not_records
         unique(r, writers, lines) == writers * lines as usize
     });
     assert_all(&node, &records, writers, lines, true);
-    let log = node.log();
+    let log = node.agent_log();
     assert!(log.contains("Kafka request failed"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
     assert!(agent.stop().success(), "{log}");
@@ -383,7 +355,7 @@ fn a_hung_broker_is_waited_out_and_nothing_is_lost() {
     broker.create_topic("hung", 2);
     let node = Node::new();
     let agent = Agent::start(
-        &node.args(
+        &node.native_args(
             &broker.addr(),
             "hung",
             &[
@@ -407,7 +379,7 @@ fn a_hung_broker_is_waited_out_and_nothing_is_lost() {
     // Until a request has timed out at least once.
     let deadline = Instant::now() + Duration::from_secs(20);
     while agent.metric("bpftail_kafka_request_errors_total") == 0 {
-        assert!(Instant::now() < deadline, "{}", node.log());
+        assert!(Instant::now() < deadline, "{}", node.agent_log());
         std::thread::sleep(Duration::from_millis(100));
     }
     let hung_for = frozen_at.elapsed();
@@ -422,7 +394,7 @@ fn a_hung_broker_is_waited_out_and_nothing_is_lost() {
         unique(r, writers, lines) == writers * lines as usize
     });
     assert_all(&node, &records, writers, lines, true);
-    assert!(agent.stop().success(), "{}", node.log());
+    assert!(agent.stop().success(), "{}", node.agent_log());
 }
 
 #[test]
@@ -430,7 +402,7 @@ fn options_the_native_client_lacks_fail_at_startup_naming_the_way_out() {
     let node = Node::new();
     let out = std::process::Command::new(bpftail_bin())
         .arg("run")
-        .args(node.args(
+        .args(node.native_args(
             "127.0.0.1:1",
             "t",
             &["--kafka-option", "sasl.kerberos.service.name=kafka"],
@@ -448,10 +420,14 @@ fn options_the_native_client_lacks_fail_at_startup_naming_the_way_out() {
 fn wait_for_request_errors(agent: &Agent, node: &Node) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     while agent.metric("bpftail_kafka_request_errors_total") == 0 {
-        assert!(Instant::now() < deadline, "no error seen\n{}", node.log());
+        assert!(
+            Instant::now() < deadline,
+            "no error seen\n{}",
+            node.agent_log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    node.log()
+    node.agent_log()
 }
 
 #[test]
@@ -484,7 +460,10 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
     };
     let ok_args = tls(&ca);
     let node = Node::new();
-    let agent = Agent::start(&node.args(&addr, "tls", &as_strs(&ok_args)), &node.log);
+    let agent = Agent::start(
+        &node.native_args(&addr, "tls", &as_strs(&ok_args)),
+        &node.log,
+    );
     // librdkafka reads back through the same TLS endpoint.
     let collector = Collector::start_with(
         &addr,
@@ -504,7 +483,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
     // A CA that did not sign the broker's certificate.
     let node = Node::new();
     let agent = Agent::start(
-        &node.args(&addr, "tls", &as_strs(&tls(&pki.path("other-ca.crt")))),
+        &node.native_args(&addr, "tls", &as_strs(&tls(&pki.path("other-ca.crt")))),
         &node.log,
     );
     write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
@@ -517,7 +496,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
     // The right CA, but the broker reached by a name its certificate lacks.
     let node = Node::new();
     let agent = Agent::start(
-        &node.args(&format!("127.0.0.1:{port}"), "tls", &as_strs(&ok_args)),
+        &node.native_args(&format!("127.0.0.1:{port}"), "tls", &as_strs(&ok_args)),
         &node.log,
     );
     write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
@@ -529,7 +508,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
     // No client certificate: the endpoint refuses the handshake.
     let node = Node::new();
     let agent = Agent::start(
-        &node.args(
+        &node.native_args(
             &addr,
             "tls",
             &[
@@ -550,7 +529,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
     // A CA file that is not there is a startup error naming the key.
     let out = std::process::Command::new(bpftail_bin())
         .arg("run")
-        .args(node.args(
+        .args(node.native_args(
             &addr,
             "tls",
             &[
@@ -621,7 +600,7 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
         let node = Node::new();
         let args = sasl(mechanism, "s3cret");
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start(&node.args(&addr, "sasl", &args), &node.log);
+        let agent = Agent::start(&node.native_args(&addr, "sasl", &args), &node.log);
         // Each agent writes as writer 0 with sequence numbers after the
         // previous ones (a fresh pods dir each time, same key).
         write_lines(&node.pods, 1, lines..lines + 500, 100, Duration::ZERO);
@@ -632,7 +611,7 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
         assert!(
             agent.metric("bpftail_kafka_batches_total") > 0,
             "{mechanism}: {}",
-            node.log()
+            node.agent_log()
         );
         assert!(agent.stop().success());
     }
@@ -643,7 +622,7 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
     let node = Node::new();
     let args = sasl("SCRAM-SHA-256", "wrong");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = Agent::start(&node.args(&addr, "sasl", &args), &node.log);
+    let agent = Agent::start(&node.native_args(&addr, "sasl", &args), &node.log);
     write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
     let log = wait_for_request_errors(&agent, &node);
     assert!(

@@ -520,19 +520,7 @@ impl Agent {
 
     /// CPU seconds (user + system) used so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (ticks(11) + ticks(12)) / hz
+        process_cpu_seconds(self.child.id())
     }
 }
 
@@ -543,7 +531,25 @@ impl Drop for Agent {
     }
 }
 
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // utime and stime: fields 14 and 15 of stat(5); `after` starts at 3.
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmHWM:`, `VmRSS:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -674,6 +680,44 @@ impl Drop for Collector {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A test's directories: pods dir, data dir, agent log.
+pub struct Node {
+    _tmp: tempfile::TempDir,
+    pub pods: PathBuf,
+    pub data: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        let (tmp, pods) = test_dir("bpftail-e2e-");
+        Node {
+            pods,
+            data: tmp.path().join("data"),
+            log: tmp.path().join("bpftail.log"),
+            _tmp: tmp,
+        }
+    }
+
+    /// `bpftail run` arguments for this node (`--node-name test-node`, no
+    /// Kubernetes API), producing to `topic` at `brokers`, plus `extra`.
+    pub fn args(&self, brokers: &str, topic: &str, extra: &[&str]) -> Vec<String> {
+        let mut a = agent_args(
+            &self.pods,
+            &self.data,
+            brokers,
+            topic,
+            &["--node-name", "test-node", "--kube", "off"],
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

@@ -493,14 +493,7 @@ impl Engine {
         match busy {
             Some(Busy::Metadata) => {
                 self.metadata_busy = false;
-                self.metadata_wanted = true;
-                self.metadata_failures += 1;
-                self.metadata_next = now
-                    + backoff(
-                        self.opts.retry_backoff,
-                        self.opts.retry_backoff_max,
-                        self.metadata_failures,
-                    );
+                self.metadata_again(now);
             }
             Some(Busy::Produce(sent)) => {
                 self.metadata_wanted = true;
@@ -510,6 +503,19 @@ impl Engine {
             }
             None => {}
         }
+    }
+
+    /// Metadata is asked for again, after a backoff that grows with each
+    /// answer that did not settle everything.
+    fn metadata_again(&mut self, now: Instant) {
+        self.metadata_wanted = true;
+        self.metadata_failures += 1;
+        self.metadata_next = now
+            + backoff(
+                self.opts.retry_backoff,
+                self.opts.retry_backoff_max,
+                self.metadata_failures,
+            );
     }
 
     fn retry(&mut self, name: &Arc<str>, p: usize, now: Instant) {
@@ -627,14 +633,7 @@ impl Engine {
             }
         }
         if pending {
-            self.metadata_wanted = true;
-            self.metadata_failures += 1;
-            self.metadata_next = now
-                + backoff(
-                    self.opts.retry_backoff,
-                    self.opts.retry_backoff_max,
-                    self.metadata_failures,
-                );
+            self.metadata_again(now);
         }
         if changed {
             self.shared.generation.fetch_add(1, Ordering::SeqCst);

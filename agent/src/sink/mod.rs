@@ -177,6 +177,14 @@ pub trait Sink: RecordSink {
     }
 }
 
+/// The Kafka timestamp of records read now (Unix ms): taken once per read,
+/// not per record.
+pub fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Appends `rec` as one JSON object (`--format json` or `logpilot`) to `v`.
 pub fn render_json(
     v: &mut Vec<u8>,

@@ -279,9 +279,7 @@ impl RecordSink for RdkafkaSink {
     }
 
     fn begin_batch(&mut self) {
-        self.batch_time_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        self.batch_time_ms = super::unix_ms_now();
     }
 
     fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64) {
