@@ -410,7 +410,11 @@ impl Engine {
         }
         let req = Produce {
             acks: self.opts.acks.wire(),
-            timeout_ms: self.opts.request_timeout.as_millis().min(i32::MAX as u128) as i32,
+            // The broker gives up waiting for replicas a quarter before
+            // this client gives up waiting for the broker, so that its
+            // REQUEST_TIMED_OUT arrives rather than racing our timeout.
+            timeout_ms: (self.opts.request_timeout.as_millis() * 3 / 4).min(i32::MAX as u128)
+                as i32,
             topics,
         };
         let conn = self.conns.get_mut(&id).expect("caller checked");
