@@ -8,10 +8,15 @@
 //! - `rdkafka`: the agent's librdkafka sink as it runs (`--kafka-client
 //!   rdkafka`): one librdkafka message per record, per-record delivery
 //!   reports;
-//! - `native`: the agent's own client (the default);
-//!
-//! both driven through the same `Sink` interface the data loop uses, with
-//! the same records (`--format raw` or `json`).
+//! - `native`: the agent's own client (the default), both driven through
+//!   the same `Sink` interface the data loop uses, with the same records;
+//! - `librdkafka-direct`: librdkafka as well as it can be driven (through
+//!   `rdkafka-sys`): a cached topic handle, the partition chosen by the
+//!   caller, the value copied once (`RD_KAFKA_MSG_F_COPY`), delivery reports
+//!   as batched events counted without a callback per record. Values are
+//!   the same JSON; with `--format raw` it sends the message without the
+//!   headers (`rd_kafka_produce` takes none), so it does less work than the
+//!   others there.
 //!
 //! `cargo xtask bench producer [-- --records N --record-bytes B --format raw|json --compression C]`
 
@@ -46,7 +51,7 @@ fn main() {
         "producer floor: {records} records of {bytes} B, --format {format}, --compression {compression}, tansu on 127.0.0.1, one process per client"
     );
     let mut results = Vec::new();
-    for client in ["rdkafka", "native"] {
+    for client in ["rdkafka", "librdkafka-direct", "native"] {
         let topic = format!("floor-{client}");
         broker.create_topic(&topic, STREAMS as u32);
         let out = Command::new(std::env::current_exe().unwrap())
@@ -77,13 +82,14 @@ fn main() {
             .unwrap_or(f64::NAN);
         results.push((client, cpu, rss));
     }
-    let (_, rd_cpu, rd_rss) = results[0];
-    let (_, nat_cpu, nat_rss) = results[1];
-    println!(
-        "native vs rdkafka (same run): {:.1}x less CPU per record, {:.1}x less peak RSS",
-        rd_cpu / nat_cpu,
-        rd_rss / nat_rss
-    );
+    let (_, nat_cpu, nat_rss) = results[results.len() - 1];
+    for (client, cpu, rss) in &results[..results.len() - 1] {
+        println!(
+            "native vs {client} (same run): {:.1}x less CPU per record, {:.1}x less peak RSS",
+            cpu / nat_cpu,
+            rss / nat_rss
+        );
+    }
 }
 
 /// One client's run, in its own process: prints one line of figures.
@@ -113,6 +119,10 @@ fn child(client: &str) {
         ..Default::default()
     };
     let cfg = Config::resolve(args).expect("config");
+    if client == "librdkafka-direct" {
+        direct(&cfg, records, size);
+        return;
+    }
     let metrics = Arc::new(Metrics::default());
     let stopping = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::bounded(1);
@@ -141,40 +151,9 @@ fn drive<S: Sink>(
     records: u64,
     size: usize,
 ) {
-    let ctx = MetaContext {
-        topic: cfg.topic.clone(),
-        node: cfg.node_name.clone(),
-        pods: None,
-        labels: cfg.pod_labels.clone(),
-        annotations: cfg.pod_annotations.clone(),
-        policy: Policy {
-            output: cfg.format,
-            ..Policy::default()
-        },
-    };
-    let metas: Vec<_> = (0..STREAMS)
-        .map(|i| {
-            ctx.render(
-                Origin {
-                    namespace: "bench".into(),
-                    pod: format!("pod-{i}"),
-                    pod_uid: format!("uid-{i}"),
-                    container: "app".into(),
-                    ..Origin::default()
-                },
-                Format::Cri,
-            )
-        })
-        .collect();
+    let metas = metas(cfg);
     let msg: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
-    let rec = Record {
-        time: b"2026-11-25T16:00:00.123456789Z",
-        stream: Stream::Stdout,
-        msg: &msg,
-        partial: false,
-        truncated: false,
-        malformed: false,
-    };
+    let rec = record(&msg);
     let mut acks: Vec<Ack> = Vec::new();
     let mut delivered = 0u64;
     let mut take = |sink: &S, delivered: &mut u64| {
@@ -210,12 +189,148 @@ fn drive<S: Sink>(
         take(&sink, &mut delivered);
         assert!(t0.elapsed() < Duration::from_secs(300), "acks never came");
     }
+    report(client, cpu_seconds() - cpu0, t0, records, size);
+}
+
+/// One file's metadata per container stream, as discovery renders it.
+fn metas(cfg: &Config) -> Vec<bpftail::discover::FileMeta> {
+    let ctx = MetaContext {
+        topic: cfg.topic.clone(),
+        node: cfg.node_name.clone(),
+        pods: None,
+        labels: cfg.pod_labels.clone(),
+        annotations: cfg.pod_annotations.clone(),
+        policy: Policy {
+            output: cfg.format,
+            ..Policy::default()
+        },
+    };
+    (0..STREAMS)
+        .map(|i| {
+            ctx.render(
+                Origin {
+                    namespace: "bench".into(),
+                    pod: format!("pod-{i}"),
+                    pod_uid: format!("uid-{i}"),
+                    container: "app".into(),
+                    ..Origin::default()
+                },
+                Format::Cri,
+            )
+        })
+        .collect()
+}
+
+fn record(msg: &[u8]) -> Record<'_> {
+    Record {
+        time: b"2026-11-25T16:00:00.123456789Z",
+        stream: Stream::Stdout,
+        msg,
+        partial: false,
+        truncated: false,
+        malformed: false,
+    }
+}
+
+/// The records of [`drive`], rendered the same way, produced through
+/// librdkafka's C API with everything per record it can avoid avoided.
+fn direct(cfg: &Config, records: u64, size: usize) {
+    use rdkafka::bindings as rd;
+    use std::ffi::{CString, c_void};
+    let metrics = Metrics::default();
+    let metas = metas(cfg);
+    let msg: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    let rec = record(&msg);
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: plain librdkafka C API use: every pointer passed is valid for
+    // the call (NUL-terminated strings, buffers with their lengths), the
+    // handles are created before use and destroyed once; events are
+    // destroyed after they are read.
+    unsafe {
+        let conf = rd::rd_kafka_conf_new();
+        for (k, v) in [
+            ("bootstrap.servers", cfg.brokers.as_str()),
+            ("enable.idempotence", "true"),
+            ("linger.ms", "20"),
+            ("queue.buffering.max.kbytes", "8192"),
+        ] {
+            let (k, v) = (CString::new(k).unwrap(), CString::new(v).unwrap());
+            rd::rd_kafka_conf_set(conf, k.as_ptr(), v.as_ptr(), err.as_mut_ptr(), err.len());
+        }
+        rd::rd_kafka_conf_set_events(conf, rd::RD_KAFKA_EVENT_DR);
+        let rk = rd::rd_kafka_new(
+            rd::rd_kafka_type_t::RD_KAFKA_PRODUCER,
+            conf,
+            err.as_mut_ptr(),
+            err.len(),
+        );
+        assert!(!rk.is_null(), "rd_kafka_new failed");
+        let topic = CString::new(metas[0].topics[0].as_bytes()).unwrap();
+        let rkt = rd::rd_kafka_topic_new(rk, topic.as_ptr(), std::ptr::null_mut());
+        let queue = rd::rd_kafka_queue_get_main(rk);
+        let mut delivered = 0u64;
+        let poll = |timeout: i32, delivered: &mut u64| {
+            loop {
+                let ev = rd::rd_kafka_queue_poll(queue, timeout);
+                if ev.is_null() {
+                    return;
+                }
+                if rd::rd_kafka_event_type(ev) == rd::RD_KAFKA_EVENT_DR {
+                    *delivered += rd::rd_kafka_event_message_count(ev) as u64;
+                }
+                rd::rd_kafka_event_destroy(ev);
+                if timeout > 0 {
+                    return;
+                }
+            }
+        };
+        let mut value = Vec::with_capacity(size * 2);
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        for i in 0..records {
+            let s = (i % STREAMS as u64) as usize;
+            let meta = &metas[s];
+            value.clear();
+            if cfg.format == OutputFormat::Raw {
+                value.extend_from_slice(rec.msg);
+            } else {
+                bpftail::sink::render_json(&mut value, cfg.format, meta, &rec, &metrics);
+            }
+            let partition = bpftail::kafka::partitioner::partition(&meta.key, STREAMS) as i32;
+            while rd::rd_kafka_produce(
+                rkt,
+                partition,
+                rd::RD_KAFKA_MSG_F_COPY,
+                value.as_mut_ptr() as *mut c_void,
+                value.len(),
+                meta.key.as_ptr() as *const c_void,
+                meta.key.len(),
+                std::ptr::null_mut(),
+            ) != 0
+            {
+                poll(100, &mut delivered);
+            }
+            if i % 1000 == 0 {
+                poll(0, &mut delivered);
+            }
+        }
+        while delivered < records {
+            poll(100, &mut delivered);
+            assert!(t0.elapsed() < Duration::from_secs(300), "acks never came");
+        }
+        report("librdkafka-direct", cpu_seconds() - cpu0, t0, records, size);
+        rd::rd_kafka_queue_destroy(queue);
+        rd::rd_kafka_topic_destroy(rkt);
+        rd::rd_kafka_destroy(rk);
+    }
+}
+
+fn report(client: &str, cpu: f64, t0: Instant, records: u64, size: usize) {
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
     let rss = peak_rss_mib();
     let mb = (records as f64 * size as f64) / 1e6;
     println!(
-        "{client:>8}: cpu_s={cpu:.3} wall_s={wall:.2} ns_per_record={:.0} records_per_cpu_s={:.0} mb_per_cpu_s={:.0} peak_rss_mib={rss:.1}",
+        "{client:>17}: cpu_s={cpu:.3} wall_s={wall:.2} ns_per_record={:.0} records_per_cpu_s={:.0} mb_per_cpu_s={:.0} peak_rss_mib={rss:.1}",
         cpu * 1e9 / records as f64,
         records as f64 / cpu,
         mb / cpu,
