@@ -411,7 +411,8 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     let broker = Broker::start_behind_proxy();
     broker.create_topic("logs", 4);
     let node = Node::new();
-    let budget = 4u64 << 20;
+    // The default budget.
+    let budget = 2u64 << 20;
     let agent = Agent::start(
         &node.raw_args(
             &broker,
