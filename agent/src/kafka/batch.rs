@@ -168,8 +168,10 @@ impl BatchWriter {
         self.buf.truncate(start.0);
     }
 
-    /// Fills in the header (compressing the records first with a codec).
-    pub fn seal(self, codec: Compression) -> std::io::Result<Sealed> {
+    /// Fills in the header (compressing the records first with a codec; a
+    /// codec that fails — it cannot on in-memory data — leaves the batch
+    /// uncompressed, which every consumer reads).
+    pub fn seal(self, codec: Compression) -> Sealed {
         let BatchWriter {
             mut buf,
             records,
@@ -179,11 +181,17 @@ impl BatchWriter {
             acks,
         } = self;
         let mut spare = None;
+        let mut codec = codec;
         if codec != Compression::None {
             let mut out = Vec::with_capacity(HEADER_LEN + (buf.len() - HEADER_LEN) / 2 + 64);
             out.resize(HEADER_LEN, 0);
-            compress(codec, &buf[HEADER_LEN..], &mut out)?;
-            spare = Some(std::mem::replace(&mut buf, out));
+            match compress(codec, &buf[HEADER_LEN..], &mut out) {
+                Ok(()) => spare = Some(std::mem::replace(&mut buf, out)),
+                Err(e) => {
+                    tracing::error!(error = %e, codec = codec.as_str(), "compressing a batch failed; it is sent uncompressed");
+                    codec = Compression::None;
+                }
+            }
         }
         let total = buf.len();
         let h = &mut buf[..HEADER_LEN];
@@ -201,13 +209,13 @@ impl BatchWriter {
         h[57..61].copy_from_slice(&(records as i32).to_be_bytes());
         let crc = crc32c::crc32c(&buf[ATTRIBUTES_AT..]);
         buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-        Ok(Sealed {
+        Sealed {
             data: buf,
             spare,
             records,
             value_bytes,
             acks,
-        })
+        }
     }
 }
 
@@ -368,7 +376,7 @@ pub fn split(data: &[u8], acks: &[AckRun], codec: Compression) -> Option<[Sealed
             }
             w.end(start, seqs[i].0, seqs[i].1);
         }
-        w.seal(codec).ok()
+        Some(w.seal(codec))
     };
     Some([half(0..n / 2)?, half(n / 2..n)?])
 }
@@ -454,7 +462,7 @@ mod tests {
             b.header(b"h", b"v");
             b.end(r, 7, 100 + i as u64);
         }
-        b.seal(codec).unwrap()
+        b.seal(codec)
     }
 
     #[test]
@@ -553,7 +561,7 @@ mod tests {
             b.header_count(0);
             b.end(r, file, seq);
         }
-        let s = b.seal(Compression::None).unwrap();
+        let s = b.seal(Compression::None);
         let runs: Vec<_> = s.acks.iter().map(|r| (r.file, r.first, r.count)).collect();
         assert_eq!(runs, vec![(1, 5, 2), (2, 0, 1), (1, 7, 1), (1, 9, 1)]);
         let parsed = parse_records(&s.data[HEADER_LEN..]).unwrap();

@@ -141,6 +141,8 @@ impl ConnError {
 #[derive(Debug)]
 pub struct Reply {
     pub conn: ConnId,
+    /// Which connection with that id (a replaced one may still answer).
+    pub serial: u64,
     pub result: Result<Response, ConnError>,
 }
 
@@ -148,6 +150,8 @@ pub struct Reply {
 #[derive(Debug)]
 pub struct ConnHandle {
     pub addr: String,
+    /// Unique per connection thread; its replies carry it.
+    pub serial: u64,
     tx: Sender<Request>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -156,6 +160,7 @@ impl ConnHandle {
     /// Starts the thread; replies go to `replies` wrapped by `wrap`.
     pub fn spawn<T: Send + 'static>(
         id: ConnId,
+        serial: u64,
         addr: String,
         opts: Arc<Options>,
         replies: Sender<T>,
@@ -165,9 +170,10 @@ impl ConnHandle {
         let a = addr.clone();
         let thread = std::thread::Builder::new()
             .name("bpftail-kafka".into())
-            .spawn(move || serve(id, &a, &opts, &rx, &replies, wrap))?;
+            .spawn(move || serve((id, serial), &a, &opts, &rx, &replies, wrap))?;
         Ok(ConnHandle {
             addr,
+            serial,
             tx,
             thread: Some(thread),
         })
@@ -254,7 +260,7 @@ struct Connection {
 }
 
 fn serve<T>(
-    id: ConnId,
+    (id, serial): (ConnId, u64),
     addr: &str,
     opts: &Options,
     rx: &Receiver<Request>,
@@ -273,7 +279,12 @@ fn serve<T>(
         if result.is_err() {
             conn = None;
         }
-        if replies.send(wrap(Reply { conn: id, result })).is_err() {
+        let reply = Reply {
+            conn: id,
+            serial,
+            result,
+        };
+        if replies.send(wrap(reply)).is_err() {
             return;
         }
     }
@@ -419,17 +430,21 @@ impl Connection {
         let req = ApiVersionsRequest::default()
             .with_client_software_name(StrBytes::from_static_str("bpftail"))
             .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
-        let mut resp: ApiVersionsResponse = self.call(addr, opts, ApiKey::ApiVersions, 3, &req)?;
-        if resp.error_code == 35 {
-            // UNSUPPORTED_VERSION: an older broker; v0 is understood by all.
-            resp = self.call(
-                addr,
-                opts,
-                ApiKey::ApiVersions,
-                0,
-                &ApiVersionsRequest::default(),
-            )?;
-        }
+        // A broker that does not know v3 answers UNSUPPORTED_VERSION in a
+        // v0 body, which does not decode as v3: either way, ask again in v0
+        // (the frame was read whole, so the connection is still in step).
+        let resp =
+            match self.call::<_, ApiVersionsResponse>(addr, opts, ApiKey::ApiVersions, 3, &req) {
+                Ok(r) if r.error_code != 35 => r,
+                Ok(_) | Err(ConnError::Protocol { .. }) => self.call(
+                    addr,
+                    opts,
+                    ApiKey::ApiVersions,
+                    0,
+                    &ApiVersionsRequest::default(),
+                )?,
+                Err(e) => return Err(e),
+            };
         if resp.error_code != 0 {
             return Err(ConnError::Protocol {
                 addr: addr.to_owned(),

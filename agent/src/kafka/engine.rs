@@ -90,6 +90,9 @@ pub enum Input {
     Stop,
 }
 
+/// Most partitions per topic believed from a metadata answer.
+const MAX_PARTITIONS: usize = 1 << 16;
+
 /// First connection id of the bootstrap servers; broker node ids are
 /// used as they are below it.
 const BOOTSTRAP: ConnId = 1 << 31;
@@ -134,6 +137,8 @@ pub struct Engine {
     /// Broker addresses from the last metadata.
     brokers: HashMap<i32, String>,
     topics: HashMap<Arc<str>, TopicState>,
+    /// Serial of the last connection started.
+    serial: u64,
     metadata_wanted: bool,
     metadata_busy: bool,
     metadata_next: Instant,
@@ -169,6 +174,7 @@ impl Engine {
             conns: HashMap::new(),
             brokers: HashMap::new(),
             topics: HashMap::new(),
+            serial: 0,
             metadata_wanted: false,
             metadata_busy: false,
             metadata_next: Instant::now(),
@@ -252,7 +258,8 @@ impl Engine {
                     at(self.metadata_next);
                 }
             }
-            if let Some(t) = self.metadata_at {
+            // Due already: the request above (or its reply) takes it on.
+            if !due && let Some(t) = self.metadata_at {
                 at(t + self.opts.metadata_max_age);
             }
         }
@@ -271,7 +278,10 @@ impl Engine {
                 }
                 match t.leaders.get(p) {
                     Some(&l) if l >= 0 => ready.entry(l).or_default().push((name.clone(), p)),
-                    _ => self.metadata_wanted = true,
+                    Some(_) => self.metadata_wanted = true,
+                    // A partition the topic no longer has (settled by the
+                    // metadata that said so), or none known yet.
+                    None => self.metadata_wanted |= t.leaders.is_empty(),
                 }
             }
         }
@@ -283,6 +293,7 @@ impl Engine {
                     continue;
                 };
                 if !self.open_conn(id, addr) {
+                    at(now + self.opts.reconnect_backoff);
                     continue;
                 }
             }
@@ -303,8 +314,10 @@ impl Engine {
     }
 
     fn open_conn(&mut self, id: ConnId, addr: String) -> bool {
+        self.serial += 1;
         match ConnHandle::spawn(
             id,
+            self.serial,
             addr.clone(),
             self.opts.clone(),
             self.inbox_tx.clone(),
@@ -431,7 +444,13 @@ impl Engine {
 
     fn reply(&mut self, r: Reply) {
         let now = Instant::now();
-        let Some(conn) = self.conns.get_mut(&r.conn) else {
+        // A connection that was replaced (its broker moved) may still
+        // answer: what it carried was retried already.
+        let Some(conn) = self
+            .conns
+            .get_mut(&r.conn)
+            .filter(|c| c.handle.serial == r.serial)
+        else {
             return;
         };
         let busy = conn.busy.take();
@@ -522,7 +541,48 @@ impl Engine {
             );
     }
 
+    /// Batches that can no longer go where they were meant to: of a topic
+    /// Kafka refuses (reported dropped), or of partitions that no longer
+    /// exist (reported for a re-read from their files). A batch in flight
+    /// is settled when its answer comes.
+    fn settle(&mut self, name: &Arc<str>, outcome: Outcome) {
+        let Some(t) = self.topics.get(name) else {
+            return;
+        };
+        let from = match outcome {
+            Outcome::Dropped => 0,
+            _ => t.leaders.len(),
+        };
+        for p in from..t.parts.len() {
+            while self.topics[name].parts[p].queue.front().is_some()
+                && !self.topics[name].parts[p].in_flight
+            {
+                self.complete(name, p, outcome);
+            }
+        }
+    }
+
+    /// Whether a partition's batches can only be settled (see
+    /// [`Engine::settle`]), and how.
+    fn unroutable(&self, name: &Arc<str>, p: usize) -> Option<Outcome> {
+        let t = self.topics.get(name)?;
+        if t.status == Some(TopicStatus::Refused) {
+            Some(Outcome::Dropped)
+        } else if !t.leaders.is_empty() && p >= t.leaders.len() {
+            Some(Outcome::Retry)
+        } else {
+            None
+        }
+    }
+
     fn retry(&mut self, name: &Arc<str>, p: usize, now: Instant) {
+        if let Some(outcome) = self.unroutable(name, p) {
+            if let Some(q) = self.topics.get_mut(name).and_then(|t| t.parts.get_mut(p)) {
+                q.in_flight = false;
+            }
+            self.settle(name, outcome);
+            return;
+        }
         let Some(q) = self.topics.get_mut(name).and_then(|t| t.parts.get_mut(p)) else {
             return;
         };
@@ -557,6 +617,7 @@ impl Engine {
         }
         let mut changed = false;
         let mut pending = false;
+        let mut settle = Vec::new();
         for t in m.topics {
             let Some(name) = t.name.as_ref().map(|n| n.0.as_str()) else {
                 continue;
@@ -575,14 +636,19 @@ impl Engine {
             let status = match t.error_code.err() {
                 None => {
                     state.missing_since = None;
-                    let n = t
-                        .partitions
-                        .iter()
-                        .map(|p| p.partition_index + 1)
-                        .max()
-                        .unwrap_or(0)
-                        .max(0) as usize;
-                    if n == 0 {
+                    // Partitions 0..n, each listed once; anything else
+                    // from the broker is not believed (and asked again).
+                    let n = t.partitions.len();
+                    let mut seen = vec![false; n.min(MAX_PARTITIONS)];
+                    let sane = n > 0
+                        && n <= MAX_PARTITIONS
+                        && t.partitions.iter().all(|p| {
+                            usize::try_from(p.partition_index)
+                                .ok()
+                                .filter(|&i| i < n)
+                                .is_some_and(|i| !std::mem::replace(&mut seen[i], true))
+                        });
+                    if !sane {
                         pending = true;
                         continue;
                     }
@@ -626,6 +692,14 @@ impl Engine {
                     TopicStatus::Refused
                 }
             };
+            if let TopicStatus::Partitions(n) = status
+                && state.parts.len() > n
+            {
+                settle.push((key.clone(), Outcome::Retry));
+            }
+            if status == TopicStatus::Refused {
+                settle.push((key.clone(), Outcome::Dropped));
+            }
             if state.status != Some(status) {
                 state.status = Some(status);
                 self.shared
@@ -635,6 +709,9 @@ impl Engine {
                     .insert(key.clone(), status);
                 changed = true;
             }
+        }
+        for (name, outcome) in settle {
+            self.settle(&name, outcome);
         }
         if pending {
             self.metadata_again(now);
@@ -761,9 +838,14 @@ impl Engine {
                 self.metrics.records_delivered.add(u64::from(b.records));
                 self.metrics.bytes_delivered.add(b.value_bytes);
             }
-            _ => {
+            Outcome::Dropped => {
                 for _ in 0..b.records {
                     self.metrics.delivery_failed(FailureKind::Dropped);
+                }
+            }
+            Outcome::Retry => {
+                for _ in 0..b.records {
+                    self.metrics.delivery_failed(FailureKind::Retried);
                 }
             }
         }

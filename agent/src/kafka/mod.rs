@@ -219,14 +219,21 @@ impl NativeSink {
             match status {
                 TopicStatus::Partitions(n) => {
                     let t = &mut self.topics[i];
-                    if t.parts.len() != n {
-                        // New, or the partition count changed (new keys map
-                        // differently, as with any Kafka producer).
-                        while t.parts.len() < n {
-                            t.parts.push(PartSlot {
-                                open: None,
-                                shared: Arc::default(),
-                            });
+                    // New, or the partition count changed (keys map
+                    // differently from now on, as with any Kafka producer).
+                    while t.parts.len() < n {
+                        t.parts.push(PartSlot {
+                            open: None,
+                            shared: Arc::default(),
+                        });
+                    }
+                    // Fewer partitions (the topic was recreated): what is
+                    // open for the ones gone is read again from its files.
+                    for part in t.parts.drain(n.min(t.parts.len())..) {
+                        if let Some((w, _)) = part.open {
+                            self.metrics.inflight_bytes.sub(w.len() as u64);
+                            let s = w.seal(crate::config::Compression::None);
+                            self.acks.push_runs(&s.acks, Outcome::Retry);
                         }
                     }
                     t.status = SlotStatus::Known;
@@ -241,13 +248,11 @@ impl NativeSink {
                         let cost = parked.len() as u64;
                         self.parked_bytes -= cost;
                         self.metrics.inflight_bytes.sub(cost);
-                        let records = parked.records();
-                        if let Ok(s) = parked.seal(crate::config::Compression::None) {
-                            for _ in 0..records {
-                                self.metrics.delivery_failed(FailureKind::Dropped);
-                            }
-                            self.acks.push_runs(&s.acks, Outcome::Dropped);
+                        for _ in 0..parked.records() {
+                            self.metrics.delivery_failed(FailureKind::Dropped);
                         }
+                        let s = parked.seal(crate::config::Compression::None);
+                        self.acks.push_runs(&s.acks, Outcome::Dropped);
                     }
                 }
             }
@@ -259,11 +264,13 @@ impl NativeSink {
         let cost = parked.len() as u64;
         self.parked_bytes -= cost;
         self.metrics.inflight_bytes.sub(cost);
-        let Ok(sealed) = parked.seal(crate::config::Compression::None) else {
-            return;
-        };
+        let sealed = parked.seal(crate::config::Compression::None);
         let base_ts = i64::from_be_bytes(sealed.data[27..35].try_into().expect("header"));
         let Some(records) = batch::parse_records(&sealed.data[batch::HEADER_LEN..]) else {
+            // Our own encoding always parses; if it did not, the records
+            // are read again from their files rather than lost.
+            tracing::error!("parked records could not be read back; they are read again");
+            self.acks.push_runs(&sealed.acks, Outcome::Retry);
             return;
         };
         let seqs = sealed
@@ -317,39 +324,30 @@ impl NativeSink {
         };
         part.shared.waiting.store(false, Ordering::SeqCst);
         let cost = w.len() as u64;
-        match w.seal(self.opts.compression) {
-            Ok(s) => {
-                if let Some(spare) = s.spare
-                    && self.spares.len() < MAX_SPARES
-                {
-                    self.spares.push(spare);
-                }
-                part.shared.outstanding.fetch_add(1, Ordering::SeqCst);
-                let b = Batch {
-                    topic: t.name.clone(),
-                    partition: pi as i32,
-                    data: Arc::new(s.data),
-                    records: s.records,
-                    value_bytes: s.value_bytes,
-                    cost,
-                    acks: s.acks,
-                    part: part.shared.clone(),
-                };
-                if let Err(e) = self.engine.send(Input::Batch(b)) {
-                    // The sender is gone (shutting down): never reported,
-                    // so the checkpoints stay before these records.
-                    if let Input::Batch(b) = e.0 {
-                        b.part.outstanding.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    self.metrics.inflight_bytes.sub(cost);
-                }
+        let s = w.seal(self.opts.compression);
+        if let Some(spare) = s.spare
+            && self.spares.len() < MAX_SPARES
+        {
+            self.spares.push(spare);
+        }
+        part.shared.outstanding.fetch_add(1, Ordering::SeqCst);
+        let b = Batch {
+            topic: t.name.clone(),
+            partition: pi as i32,
+            data: Arc::new(s.data),
+            records: s.records,
+            value_bytes: s.value_bytes,
+            cost,
+            acks: s.acks,
+            part: part.shared.clone(),
+        };
+        if let Err(e) = self.engine.send(Input::Batch(b)) {
+            // The sender is gone (shutting down): never reported, so the
+            // checkpoints stay before these records.
+            if let Input::Batch(b) = e.0 {
+                b.part.outstanding.fetch_sub(1, Ordering::SeqCst);
             }
-            Err(e) => {
-                // A codec failed on this batch (cannot happen with in-memory
-                // writers): its records are read again.
-                tracing::error!(error = %e, "compressing a batch failed; its records are read again");
-                self.metrics.inflight_bytes.sub(cost);
-            }
+            self.metrics.inflight_bytes.sub(cost);
         }
     }
 
@@ -478,12 +476,21 @@ impl Sink for NativeSink {
 
     fn turn(&mut self) {
         self.refresh_topics();
+        // Buffers back from the sender: kept up to a few, the rest freed.
+        while let Ok(buf) = self.recycled.try_recv() {
+            if self.spares.len() < MAX_SPARES {
+                self.spares.push(buf);
+            }
+        }
         let now = Instant::now();
         let stopping = self.stopping.load(Ordering::Relaxed);
         let mut i = 0;
         while i < self.open.len() {
             let (ti, pi) = self.open[i];
-            let part = &self.topics[ti].parts[pi];
+            let Some(part) = self.topics[ti].parts.get(pi) else {
+                self.open.swap_remove(i);
+                continue;
+            };
             let Some((_, opened)) = &part.open else {
                 self.open.swap_remove(i);
                 continue;
@@ -505,9 +512,13 @@ impl Sink for NativeSink {
         if self.opts.linger.is_zero() {
             return None;
         }
+        // Only partitions that could take a batch now: the others are
+        // woken through `waiting` when their batch in flight is done.
         self.open
             .iter()
-            .filter_map(|&(ti, pi)| self.topics[ti].parts[pi].open.as_ref())
+            .filter_map(|&(ti, pi)| self.topics[ti].parts.get(pi))
+            .filter(|p| p.shared.outstanding.load(Ordering::SeqCst) == 0)
+            .filter_map(|p| p.open.as_ref())
             .map(|(_, opened)| *opened + self.opts.linger)
             .min()
     }
