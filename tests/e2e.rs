@@ -521,11 +521,16 @@ fn bad_input_is_counted_bounded_and_never_stops_the_other_files() {
     w1.file.write_all(b"\n").unwrap();
     w1.line(1, 1, 100);
 
-    // A file deleted while (or before) it is read: what the open descriptor
-    // holds is still shipped.
+    // A file deleted while it is read: what the open descriptor holds is
+    // still shipped. (The agent has opened it once its first line arrived;
+    // a file deleted before the agent ever saw it cannot be read at all.)
     let doomed = node.container(2).join("0.log");
     let mut w2 = LineWriter::create(&doomed);
-    for seq in 0..20_000 {
+    w2.line(2, 0, 100);
+    collector.wait_for(Duration::from_secs(30), |r| {
+        r.iter().any(|r| parse_seq(&r.value) == Some((2, 0)))
+    });
+    for seq in 1..20_000 {
         w2.line(2, seq, 100);
     }
     std::fs::remove_file(&doomed).unwrap();
