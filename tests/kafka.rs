@@ -637,3 +637,71 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
 fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
+
+#[test]
+fn a_topic_that_disappears_mid_stream_has_every_record_reported_and_files_keep_their_place() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("vanishing", 2, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let node = Node::new();
+    let agent = Agent::start(
+        &node.native_args(
+            &brokers,
+            "vanishing",
+            &[
+                "--format",
+                "raw",
+                "--kafka-option",
+                "metadata.max.age.ms=1000",
+                "--kafka-option",
+                "topic.metadata.propagation.max.ms=1000",
+            ],
+        ),
+        &node.log,
+    );
+    write_lines(&node.pods, 2, 0..500, 100, Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.metric("bpftail_records_delivered_total") < 1_000 {
+        assert!(Instant::now() < deadline, "{}", node.agent_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The cluster stops knowing the topic; lines keep coming.
+    mock.topic_error(
+        "vanishing",
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+    )
+    .unwrap();
+    // Until the agent has noticed (its metadata refresh, then the
+    // propagation time), and one chunk after.
+    let mut lines = 500;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node.agent_log().contains("does not exist") {
+        assert!(Instant::now() < deadline, "{}", node.agent_log());
+        write_lines(&node.pods, 2, lines..lines + 50, 100, Duration::ZERO);
+        lines += 50;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    write_lines(&node.pods, 2, lines..lines + 500, 100, Duration::ZERO);
+    lines += 500;
+    let total = 2 * lines;
+    // Every record ends in a report — delivered before the refresh noticed,
+    // or counted as dropped after — and none is left hanging.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = agent.metrics();
+        let delivered = m["bpftail_records_delivered_total"];
+        let dropped = m["bpftail_delivery_failures_total{kind=\"dropped\"}"];
+        if delivered + dropped == total && m["bpftail_inflight_bytes"] == 0 {
+            assert!(dropped > 0, "{m:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivered {delivered} + dropped {dropped} of {total}\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.healthz());
+    assert!(agent.stop().success());
+}
