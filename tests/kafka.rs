@@ -233,23 +233,25 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
         &node.log,
     );
     let collector = Collector::start(&brokers, "mock");
+    // Each fault is set before the lines that meet it are written.
     let (writers, lines) = (4, 5_000);
-    let write = write_in_background(
-        &node.pods,
-        writers,
-        0..lines,
-        100,
-        Duration::from_millis(20),
-    );
-    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 2_000);
-    // Every partition moves to another leader mid-stream.
+    let arrived = |n: u64| {
+        collector.wait_for(Duration::from_secs(60), |r| {
+            unique(r, writers, n) == writers * n as usize
+        });
+    };
+    write_lines(&node.pods, writers, 0..1_000, 100, Duration::ZERO);
+    arrived(1_000);
+    // Every partition moves to another leader.
     for p in 0..4 {
         mock.partition_leader("mock", p, Some(1 + (p + 1) % 3))
             .unwrap();
     }
-    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 6_000);
-    // A burst of produce errors, each retried (throttling, leadership,
-    // replicas, timeouts).
+    write_lines(&node.pods, writers, 1_000..2_000, 100, Duration::ZERO);
+    arrived(2_000);
+    // A burst of produce errors: each answer carries the next one, and
+    // every retry is a new request, so all six are met (throttling,
+    // leadership, replicas, timeouts).
     mock.request_errors(
         RDKafkaApiKey::Produce,
         &[
@@ -261,12 +263,19 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
         ],
     );
-    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 10_000);
-    // A leader goes down for two seconds.
+    write_lines(&node.pods, writers, 2_000..3_000, 100, Duration::ZERO);
+    arrived(3_000);
+    // A leader goes down while lines come, until the agent has seen it.
+    let errors = agent.metric("bpftail_kafka_request_errors_total");
     mock.broker_down(2).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    write_lines(&node.pods, writers, 3_000..4_000, 100, Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.metric("bpftail_kafka_request_errors_total") == errors {
+        assert!(Instant::now() < deadline, "{}", node.agent_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     mock.broker_up(2).unwrap();
-    write.join().unwrap();
+    write_lines(&node.pods, writers, 4_000..lines, 100, Duration::ZERO);
     let records = collector.wait_for(Duration::from_secs(120), |r| {
         unique(r, writers, lines) == writers * lines as usize
     });
