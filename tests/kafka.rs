@@ -32,9 +32,8 @@ impl Node {
 }
 
 /// Writes lines `seqs` for each of `writers` containers under `pods`
-/// (appending), pausing `pause` every 100 lines; returns when all are
-/// written.
-fn write_lines(pods: &Path, writers: usize, seqs: Range<u64>, len: usize, pause: Duration) {
+/// (appending, one thread per container); returns when all are written.
+fn write_lines(pods: &Path, writers: usize, seqs: Range<u64>, len: usize) {
     let handles: Vec<_> = (0..writers)
         .map(|w| {
             let dir = container_dir(pods, "ns", &format!("pod-{w}"), &format!("uid-{w}"), "app");
@@ -42,9 +41,6 @@ fn write_lines(pods: &Path, writers: usize, seqs: Range<u64>, len: usize, pause:
             std::thread::spawn(move || {
                 let mut out = LineWriter::create(&dir.join("0.log"));
                 for seq in seqs {
-                    if seq % 100 == 0 && !pause.is_zero() {
-                        std::thread::sleep(pause);
-                    }
                     out.line(w, seq, len);
                 }
             })
@@ -53,18 +49,6 @@ fn write_lines(pods: &Path, writers: usize, seqs: Range<u64>, len: usize, pause:
     for h in handles {
         h.join().unwrap();
     }
-}
-
-/// [`write_lines`] on a thread of its own.
-fn write_in_background(
-    pods: &Path,
-    writers: usize,
-    seqs: Range<u64>,
-    len: usize,
-    pause: Duration,
-) -> std::thread::JoinHandle<()> {
-    let pods = pods.to_owned();
-    std::thread::spawn(move || write_lines(&pods, writers, seqs, len, pause))
 }
 
 /// Every line of every writer arrived, in order per writer (resends after a
@@ -109,7 +93,7 @@ fn every_codec_is_read_back_by_librdkafka_with_keys_headers_and_timestamps() {
             &node.log,
         );
         let collector = Collector::start(&broker.addr(), &topic);
-        write_lines(&node.pods, 3, 0..2_000, 150, Duration::ZERO);
+        write_lines(&node.pods, 3, 0..2_000, 150);
         let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 3, 2_000) == 6_000);
         assert_all(&node, &records, 3, 2_000, false);
         let after = SystemTime::now()
@@ -163,7 +147,7 @@ fn a_containers_partition_is_the_one_librdkafka_murmur2_random_picks() {
     let writers = 24;
     let agent = Agent::start(&node.native_args(&broker.addr(), "native", &[]), &node.log);
     let collector = Collector::start(&broker.addr(), "native");
-    write_lines(&node.pods, writers, 0..10, 100, Duration::ZERO);
+    write_lines(&node.pods, writers, 0..10, 100);
     let records = collector.wait_for(Duration::from_secs(60), |r| {
         unique_json(r, writers, 10) == writers * 10
     });
@@ -240,14 +224,14 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
             unique(r, writers, n) == writers * n as usize
         });
     };
-    write_lines(&node.pods, writers, 0..1_000, 100, Duration::ZERO);
+    write_lines(&node.pods, writers, 0..1_000, 100);
     arrived(1_000);
     // Every partition moves to another leader.
     for p in 0..4 {
         mock.partition_leader("mock", p, Some(1 + (p + 1) % 3))
             .unwrap();
     }
-    write_lines(&node.pods, writers, 1_000..2_000, 100, Duration::ZERO);
+    write_lines(&node.pods, writers, 1_000..2_000, 100);
     arrived(2_000);
     // A burst of produce errors: each answer carries the next one, and
     // every retry is a new request, so all six are met (throttling,
@@ -263,19 +247,19 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
         ],
     );
-    write_lines(&node.pods, writers, 2_000..3_000, 100, Duration::ZERO);
+    write_lines(&node.pods, writers, 2_000..3_000, 100);
     arrived(3_000);
     // A leader goes down while lines come, until the agent has seen it.
     let errors = agent.metric("bpftail_kafka_request_errors_total");
     mock.broker_down(2).unwrap();
-    write_lines(&node.pods, writers, 3_000..4_000, 100, Duration::ZERO);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.metric("bpftail_kafka_request_errors_total") == errors {
-        assert!(Instant::now() < deadline, "{}", node.agent_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    write_lines(&node.pods, writers, 3_000..4_000, 100);
+    wait_until(
+        Duration::from_secs(30),
+        || node.agent_log(),
+        || agent.metric("bpftail_kafka_request_errors_total") > errors,
+    );
     mock.broker_up(2).unwrap();
-    write_lines(&node.pods, writers, 4_000..lines, 100, Duration::ZERO);
+    write_lines(&node.pods, writers, 4_000..lines, 100);
     let records = collector.wait_for(Duration::from_secs(120), |r| {
         unique(r, writers, lines) == writers * lines as usize
     });
@@ -318,34 +302,18 @@ fn a_broker_that_refuses_hangs_garbles_or_cuts_answers_costs_retries_not_records
     ] {
         broker.fault(fault);
         // Lines written while the fault lasts, until the agent has seen it.
-        write_lines(
-            &node.pods,
-            writers,
-            lines..lines + chunk,
-            100,
-            Duration::ZERO,
-        );
+        write_lines(&node.pods, writers, lines..lines + chunk, 100);
         lines += chunk;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while agent.metric("bpftail_kafka_request_errors_total") == errors {
-            assert!(
-                Instant::now() < deadline,
-                "{fault:?} went unnoticed\n{}",
-                node.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            Duration::from_secs(20),
+            || format!("{fault:?} went unnoticed\n{}", node.agent_log()),
+            || agent.metric("bpftail_kafka_request_errors_total") > errors,
+        );
         errors = agent.metric("bpftail_kafka_request_errors_total");
         broker.fault(Fault::None);
         assert!(agent.healthz(), "{fault:?}");
     }
-    write_lines(
-        &node.pods,
-        writers,
-        lines..lines + chunk,
-        100,
-        Duration::ZERO,
-    );
+    write_lines(&node.pods, writers, lines..lines + chunk, 100);
     lines += chunk;
     let collector = Collector::start(&broker.addr(), "faults");
     let records = collector.wait_for(Duration::from_secs(120), |r| {
@@ -378,19 +346,18 @@ fn a_hung_broker_is_waited_out_and_nothing_is_lost() {
     );
     let (writers, lines) = (2, 2_000);
     let collector = Collector::start(&broker.addr(), "hung");
-    write_lines(&node.pods, writers, 0..500, 100, Duration::ZERO);
+    write_lines(&node.pods, writers, 0..500, 100);
     collector.wait_for(Duration::from_secs(30), |r| r.len() >= 1_000);
     broker.freeze(true);
     let cpu_before = agent.cpu_seconds();
     let frozen_at = Instant::now();
-    let write = write_in_background(&node.pods, writers, 500..lines, 100, Duration::ZERO);
-    write.join().unwrap();
+    write_lines(&node.pods, writers, 500..lines, 100);
     // Until a request has timed out at least once.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while agent.metric("bpftail_kafka_request_errors_total") == 0 {
-        assert!(Instant::now() < deadline, "{}", node.agent_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || node.agent_log(),
+        || agent.metric("bpftail_kafka_request_errors_total") > 0,
+    );
     let hung_for = frozen_at.elapsed();
     let cpu = agent.cpu_seconds() - cpu_before;
     broker.freeze(false);
@@ -427,15 +394,11 @@ fn options_the_native_client_lacks_fail_at_startup_naming_the_way_out() {
 /// Waits until the agent has failed at least one Kafka request; returns
 /// its log.
 fn wait_for_request_errors(agent: &Agent, node: &Node) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.metric("bpftail_kafka_request_errors_total") == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no error seen\n{}",
-            node.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || format!("no error seen\n{}", node.agent_log()),
+        || agent.metric("bpftail_kafka_request_errors_total") > 0,
+    );
     node.agent_log()
 }
 
@@ -484,7 +447,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
             ("ssl.key.location", &key),
         ],
     );
-    write_lines(&node.pods, 3, 0..1_000, 120, Duration::ZERO);
+    write_lines(&node.pods, 3, 0..1_000, 120);
     let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 3, 1_000) == 3_000);
     assert_all(&node, &records, 3, 1_000, false);
     assert!(agent.stop().success());
@@ -495,7 +458,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
         &node.native_args(&addr, "tls", &as_strs(&tls(&pki.path("other-ca.crt")))),
         &node.log,
     );
-    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    write_lines(&node.pods, 1, 0..10, 100);
     let log = wait_for_request_errors(&agent, &node);
     assert!(log.contains("not trusted"), "{log}");
     assert!(log.contains("ssl.ca.location"), "{log}");
@@ -508,7 +471,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
         &node.native_args(&format!("127.0.0.1:{port}"), "tls", &as_strs(&ok_args)),
         &node.log,
     );
-    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    write_lines(&node.pods, 1, 0..10, 100);
     let log = wait_for_request_errors(&agent, &node);
     assert!(log.contains("address mismatch"), "{log}");
     assert!(log.contains("\"127.0.0.1\""), "{log}");
@@ -529,7 +492,7 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
         ),
         &node.log,
     );
-    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    write_lines(&node.pods, 1, 0..10, 100);
     let log = wait_for_request_errors(&agent, &node);
     assert!(log.contains("TLS with") || log.contains("failed"), "{log}");
     assert_eq!(agent.metric("bpftail_records_delivered_total"), 0);
@@ -612,7 +575,7 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
         let agent = Agent::start(&node.native_args(&addr, "sasl", &args), &node.log);
         // Each agent writes as writer 0 with sequence numbers after the
         // previous ones (a fresh pods dir each time, same key).
-        write_lines(&node.pods, 1, lines..lines + 500, 100, Duration::ZERO);
+        write_lines(&node.pods, 1, lines..lines + 500, 100);
         lines += 500;
         collector.wait_for(Duration::from_secs(60), |r| {
             unique(r, 1, lines) == lines as usize
@@ -632,7 +595,7 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
     let args = sasl("SCRAM-SHA-256", "wrong");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = Agent::start(&node.native_args(&addr, "sasl", &args), &node.log);
-    write_lines(&node.pods, 1, 0..10, 100, Duration::ZERO);
+    write_lines(&node.pods, 1, 0..10, 100);
     let log = wait_for_request_errors(&agent, &node);
     assert!(
         log.contains("refused user \\\"agent\\\"") || log.contains("refused user"),
@@ -668,12 +631,12 @@ fn a_topic_that_disappears_mid_stream_has_every_record_reported_and_files_keep_t
         ),
         &node.log,
     );
-    write_lines(&node.pods, 2, 0..500, 100, Duration::ZERO);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.metric("bpftail_records_delivered_total") < 1_000 {
-        assert!(Instant::now() < deadline, "{}", node.agent_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    write_lines(&node.pods, 2, 0..500, 100);
+    wait_until(
+        Duration::from_secs(30),
+        || node.agent_log(),
+        || agent.metric("bpftail_records_delivered_total") >= 1_000,
+    );
     // The cluster stops knowing the topic; lines keep coming.
     mock.topic_error(
         "vanishing",
@@ -683,34 +646,43 @@ fn a_topic_that_disappears_mid_stream_has_every_record_reported_and_files_keep_t
     // Until the agent has noticed (its metadata refresh, then the
     // propagation time), and one chunk after.
     let mut lines = 500;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !node.agent_log().contains("does not exist") {
-        assert!(Instant::now() < deadline, "{}", node.agent_log());
-        write_lines(&node.pods, 2, lines..lines + 50, 100, Duration::ZERO);
-        lines += 50;
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    write_lines(&node.pods, 2, lines..lines + 500, 100, Duration::ZERO);
+    wait_until(
+        Duration::from_secs(30),
+        || node.agent_log(),
+        || {
+            write_lines(&node.pods, 2, lines..lines + 50, 100);
+            lines += 50;
+            node.agent_log().contains("does not exist")
+        },
+    );
+    write_lines(&node.pods, 2, lines..lines + 500, 100);
     lines += 500;
     let total = 2 * lines;
     // Every record ends in a report — delivered before the refresh noticed,
     // or counted as dropped after — and none is left hanging.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let reported = || {
         let m = agent.metrics();
-        let delivered = m["bpftail_records_delivered_total"];
-        let dropped = m["bpftail_delivery_failures_total{kind=\"dropped\"}"];
-        if delivered + dropped == total && m["bpftail_inflight_bytes"] == 0 {
-            assert!(dropped > 0, "{m:?}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "delivered {delivered} + dropped {dropped} of {total}\n{}",
-            node.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (
+            m["bpftail_records_delivered_total"],
+            m["bpftail_delivery_failures_total{kind=\"dropped\"}"],
+            m["bpftail_inflight_bytes"],
+        )
+    };
+    wait_until(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "(delivered, dropped, in flight) {:?} of {total}\n{}",
+                reported(),
+                node.agent_log()
+            )
+        },
+        || {
+            let (delivered, dropped, inflight) = reported();
+            delivered + dropped == total && inflight == 0
+        },
+    );
+    assert!(reported().1 > 0, "nothing was dropped: {:?}", reported());
     assert!(agent.healthz());
     assert!(agent.stop().success());
 }

@@ -683,6 +683,16 @@ impl Drop for Collector {
     }
 }
 
+/// Polls `done` every 50 ms until it holds; panics with `what()` after
+/// `timeout`. For events only visible by looking (metrics, a log line).
+pub fn wait_until(timeout: Duration, what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out: {}", what());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A test's directories: pods dir, data dir, agent log.
 pub struct Node {
     _tmp: tempfile::TempDir,
