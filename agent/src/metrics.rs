@@ -2,7 +2,9 @@
 //! `/metrics`, with `/healthz` for liveness.
 //!
 //! Counters are relaxed atomics: the data path bumps them without locks, and
-//! a scrape reads a slightly stale but never torn value. Metric labels come
+//! a scrape reads a slightly stale but never torn value. Each sits alone on
+//! its cache lines (128 bytes: a line and its prefetched neighbour), so the
+//! data thread's counters and the Kafka sender's never share one. Metric labels come
 //! from `kind()` functions, never from `Debug` output.
 
 use std::fmt::Write as _;
@@ -15,6 +17,7 @@ use tokio::net::TcpListener;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct Counter(AtomicU64);
 
 impl Counter {
@@ -31,6 +34,7 @@ impl Counter {
 
 /// A value that goes up and down.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct Gauge(AtomicU64);
 
 impl Gauge {
@@ -95,7 +99,9 @@ pub struct Metrics {
     pub read_errors: Counter,
     pub open_errors: Counter,
     pub files_watched: Gauge,
-    pub inflight_bytes: Gauge,
+    /// The Kafka client's in-flight budget, set once by the client: read
+    /// for `bpftail_inflight_bytes`.
+    pub inflight: std::sync::OnceLock<Arc<crate::sink::Budget>>,
     pub checkpoint_lag_bytes: Gauge,
     pub checkpoint_writes: Counter,
     pub checkpoint_errors: Counter,
@@ -387,7 +393,7 @@ impl Metrics {
         g(
             "inflight_bytes",
             "Bytes produced and not yet acknowledged (budget accounting).",
-            self.inflight_bytes.get(),
+            self.inflight.get().map_or(0, |b| b.used()),
         );
         g(
             "checkpoint_lag_bytes",

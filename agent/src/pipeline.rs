@@ -366,9 +366,7 @@ impl<S: Sink> Pipeline<S> {
             if let Some(t) = self.sink.deadline() {
                 deadline = deadline.min(t);
             }
-            if self.last_saved != Some(self.checkpoint_state())
-                || self.metrics.inflight_bytes.get() > 0
-            {
+            if self.last_saved != Some(self.checkpoint_state()) || self.sink.inflight_bytes() > 0 {
                 deadline = deadline.min(next_checkpoint);
             }
             let timeout = deadline.saturating_duration_since(Instant::now());
@@ -1310,7 +1308,7 @@ impl<S: Sink> Pipeline<S> {
         self.apply_acks();
         if !flushed {
             tracing::warn!(
-                inflight_bytes = self.metrics.inflight_bytes.get(),
+                inflight_bytes = self.sink.inflight_bytes(),
                 "Kafka did not acknowledge everything in time; the rest is sent again at the next start"
             );
         }
@@ -1392,6 +1390,9 @@ mod tests {
         }
         fn flush(&self, _: Duration) -> bool {
             true
+        }
+        fn inflight_bytes(&self) -> u64 {
+            self.in_flight.get() as u64
         }
     }
 

@@ -37,7 +37,7 @@ use super::conn::{
 };
 use super::options::Options;
 use crate::metrics::{FailureKind, Metrics, RateLimit};
-use crate::sink::{AckQueue, AckRun, Outcome};
+use crate::sink::{AckQueue, AckRun, Budget, Outcome};
 
 /// Per-partition state the data thread and the sender share.
 #[derive(Debug, Default)]
@@ -151,6 +151,7 @@ pub struct Engine {
     /// instead of waiting in the allocator (RSS ≈ base + budget).
     recycle: Sender<Vec<u8>>,
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
     shared: Arc<Shared>,
     conn_log: RateLimit,
     refused_log: RateLimit,
@@ -165,6 +166,7 @@ impl Engine {
         wake: Sender<()>,
         recycle: Sender<Vec<u8>>,
         metrics: Arc<Metrics>,
+        budget: Arc<Budget>,
         shared: Arc<Shared>,
     ) -> Engine {
         Engine {
@@ -184,6 +186,7 @@ impl Engine {
             wake,
             recycle,
             metrics,
+            budget,
             shared,
             conn_log: RateLimit::new(Duration::from_secs(10)),
             refused_log: RateLimit::new(Duration::from_secs(10)),
@@ -849,7 +852,7 @@ impl Engine {
                 }
             }
         }
-        self.metrics.inflight_bytes.sub(b.cost);
+        self.budget.give_back(b.cost);
         self.acks.push_runs(&b.acks, outcome);
         // The request that carried it is gone: the buffer is ours alone.
         if let Ok(buf) = Arc::try_unwrap(b.data) {

@@ -41,7 +41,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::config::{Config, OutputFormat};
 use crate::discover::FileMeta;
 use crate::metrics::{FailureKind, Metrics, RateLimit};
-use crate::sink::{Ack, AckQueue, Outcome, Sink, render_json};
+use crate::sink::{Ack, AckQueue, Budget, Outcome, Sink, render_json};
 use crate::tail::RecordSink;
 use crate::tail::decode::Record;
 use batch::BatchWriter;
@@ -91,7 +91,7 @@ pub struct NativeSink {
     acks: Arc<AckQueue>,
     wake: Receiver<()>,
     stopping: Arc<AtomicBool>,
-    budget: u64,
+    budget: Arc<Budget>,
     engine: Sender<Input>,
     engine_thread: Option<std::thread::JoinHandle<()>>,
     /// Buffers of finished batches (from the sender) and of compressed
@@ -131,6 +131,8 @@ impl NativeSink {
         )?);
         let acks = Arc::new(AckQueue::new(wake.0.clone()));
         let shared = Arc::new(Shared::default());
+        let budget = Arc::new(Budget::new(cfg.max_inflight_bytes));
+        let _ = metrics.inflight.set(budget.clone());
         let inbox = crossbeam_channel::unbounded();
         let (recycle, recycled) = crossbeam_channel::unbounded();
         let engine = Engine::new(
@@ -140,6 +142,7 @@ impl NativeSink {
             wake.0,
             recycle,
             metrics.clone(),
+            budget.clone(),
             shared.clone(),
         );
         let engine_thread = std::thread::Builder::new()
@@ -153,7 +156,7 @@ impl NativeSink {
             acks,
             wake: wake.1,
             stopping,
-            budget: cfg.max_inflight_bytes,
+            budget,
             engine: inbox.0,
             engine_thread: Some(engine_thread),
             recycled,
@@ -231,7 +234,7 @@ impl NativeSink {
                     // open for the ones gone is read again from its files.
                     for part in t.parts.drain(n.min(t.parts.len())..) {
                         if let Some((w, _)) = part.open {
-                            self.metrics.inflight_bytes.sub(w.len() as u64);
+                            self.budget.give_back(w.len() as u64);
                             let s = w.seal(crate::config::Compression::None);
                             self.acks.push_runs(&s.acks, Outcome::Retry);
                         }
@@ -247,7 +250,7 @@ impl NativeSink {
                     if let Some(parked) = t.parked.take() {
                         let cost = parked.len() as u64;
                         self.parked_bytes -= cost;
-                        self.metrics.inflight_bytes.sub(cost);
+                        self.budget.give_back(cost);
                         for _ in 0..parked.records() {
                             self.metrics.delivery_failed(FailureKind::Dropped);
                         }
@@ -263,7 +266,7 @@ impl NativeSink {
     fn deal(&mut self, ti: usize, parked: BatchWriter) {
         let cost = parked.len() as u64;
         self.parked_bytes -= cost;
-        self.metrics.inflight_bytes.sub(cost);
+        self.budget.give_back(cost);
         let sealed = parked.seal(crate::config::Compression::None);
         let base_ts = i64::from_be_bytes(sealed.data[27..35].try_into().expect("header"));
         let Some(records) = batch::parse_records(&sealed.data[batch::HEADER_LEN..]) else {
@@ -293,7 +296,7 @@ impl NativeSink {
                 w.end(start, file, seq);
                 (w.len(), (w.len() - before) as u64)
             };
-            self.metrics.inflight_bytes.add(grew);
+            self.budget.take(grew);
             if len >= self.opts.batch_size {
                 self.seal(ti, pi);
             }
@@ -308,7 +311,7 @@ impl NativeSink {
                 None => BatchWriter::new(self.opts.batch_size + 4096),
             };
             let part = &mut self.topics[ti].parts[pi];
-            self.metrics.inflight_bytes.add(w.len() as u64);
+            self.budget.take(w.len() as u64);
             part.open = Some((w, Instant::now()));
             self.open.push((ti, pi));
         }
@@ -347,7 +350,7 @@ impl NativeSink {
             if let Input::Batch(b) = e.0 {
                 b.part.outstanding.fetch_sub(1, Ordering::SeqCst);
             }
-            self.metrics.inflight_bytes.sub(cost);
+            self.budget.give_back(cost);
         }
     }
 
@@ -392,7 +395,7 @@ impl NativeSink {
 
 impl RecordSink for NativeSink {
     fn has_budget(&self) -> bool {
-        self.metrics.inflight_bytes.get() < self.budget && !self.stopping.load(Ordering::Relaxed)
+        self.budget.has_room() && !self.stopping.load(Ordering::Relaxed)
     }
 
     fn begin_batch(&mut self) {
@@ -416,7 +419,7 @@ impl RecordSink for NativeSink {
                 let before = w.len();
                 Self::encode(w, self.format, &self.metrics, ts, meta, rec, (file, seq));
                 let (len, grew) = (w.len(), (w.len() - before) as u64);
-                self.metrics.inflight_bytes.add(grew);
+                self.budget.take(grew);
                 if len >= self.opts.batch_size {
                     self.seal(ti, pi);
                 }
@@ -427,7 +430,7 @@ impl RecordSink for NativeSink {
                 Self::encode(w, self.format, &self.metrics, ts, meta, rec, (file, seq));
                 let grew = (w.len() - before) as u64;
                 self.parked_bytes += grew;
-                self.metrics.inflight_bytes.add(grew);
+                self.budget.take(grew);
             }
             SlotStatus::Refused => {
                 self.metrics.delivery_failed(FailureKind::Dropped);
@@ -446,17 +449,17 @@ impl Sink for NativeSink {
         self.acks.take(out);
     }
 
+    fn inflight_bytes(&self) -> u64 {
+        self.budget.used()
+    }
+
     fn flush(&self, timeout: Duration) -> bool {
         // `turn` sealed everything the data loop could send; what is left
         // is in flight (or parked for a topic never resolved).
         self.acks.set_eager(true);
         let deadline = Instant::now() + timeout;
         loop {
-            let left = self
-                .metrics
-                .inflight_bytes
-                .get()
-                .saturating_sub(self.parked_bytes);
+            let left = self.budget.used().saturating_sub(self.parked_bytes);
             if left == 0 {
                 return self.parked_bytes == 0;
             }

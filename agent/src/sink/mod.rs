@@ -14,7 +14,10 @@
 //! - Every delivery report comes back to the data loop as an [`Ack`]
 //!   naming the file and a run of the record sequence numbers there.
 
+pub mod budget;
 pub mod rdkafka;
+
+pub use budget::Budget;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,6 +168,8 @@ pub trait Sink: RecordSink {
     fn take_acks(&self, out: &mut Vec<Ack>);
     /// Waits up to `timeout` for everything in flight to be acknowledged.
     fn flush(&self, timeout: Duration) -> bool;
+    /// Bytes of the in-flight budget in use (records not yet acknowledged).
+    fn inflight_bytes(&self) -> u64;
     /// Whether each delivery report should wake the data loop (it waits
     /// for budget); otherwise reports are picked up at its next turn.
     fn eager_acks(&self, _eager: bool) {}

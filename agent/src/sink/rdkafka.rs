@@ -22,7 +22,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
-use super::{Ack, AckQueue, Outcome, SEQ_BITS, SEQ_MASK, Sink, render_json};
+use super::{Ack, AckQueue, Budget, Outcome, SEQ_BITS, SEQ_MASK, Sink, render_json};
 use crate::config::{Config, OutputFormat};
 use crate::discover::FileMeta;
 use crate::metrics::{FailureKind, Metrics, RateLimit};
@@ -52,6 +52,7 @@ pub enum SinkError {
 /// Runs on librdkafka's polling thread: turns delivery reports into acks.
 pub struct DeliveryContext {
     acks: Arc<AckQueue>,
+    budget: Arc<Budget>,
     metrics: Arc<Metrics>,
     failures: RateLimit,
 }
@@ -112,9 +113,8 @@ impl ProducerContext for DeliveryContext {
                 (msg, outcome)
             }
         };
-        self.metrics
-            .inflight_bytes
-            .sub(cost(msg.payload_len(), msg.key_len()));
+        self.budget
+            .give_back(cost(msg.payload_len(), msg.key_len()));
         let opaque = opaque as u64;
         self.acks.push(Ack::run(
             (opaque >> SEQ_BITS) as u32,
@@ -193,7 +193,7 @@ pub struct RdkafkaSink {
     node: Box<[u8]>,
     /// The JSON value being built; reused for every record.
     value: Vec<u8>,
-    budget: u64,
+    budget: Arc<Budget>,
     metrics: Arc<Metrics>,
     acks: Arc<AckQueue>,
     /// The data loop's wake channel: waited on while the producer queue is
@@ -234,8 +234,11 @@ impl RdkafkaSink {
             cc.set(k, v);
         }
         let acks = Arc::new(AckQueue::new(wake.0));
+        let budget = Arc::new(Budget::new(cfg.max_inflight_bytes));
+        let _ = metrics.inflight.set(budget.clone());
         let ctx = DeliveryContext {
             acks: acks.clone(),
+            budget: budget.clone(),
             metrics: metrics.clone(),
             failures: RateLimit::new(Duration::from_secs(10)),
         };
@@ -248,7 +251,7 @@ impl RdkafkaSink {
             format: cfg.format,
             node: cfg.node_name.as_bytes().into(),
             value: Vec::with_capacity(4096),
-            budget: cfg.max_inflight_bytes,
+            budget,
             metrics,
             acks,
             wake: wake.1,
@@ -263,6 +266,10 @@ impl Sink for RdkafkaSink {
         self.acks.take(out);
     }
 
+    fn inflight_bytes(&self) -> u64 {
+        self.budget.used()
+    }
+
     fn flush(&self, timeout: Duration) -> bool {
         self.acks.set_eager(true);
         self.producer.flush(timeout).is_ok()
@@ -275,7 +282,7 @@ impl Sink for RdkafkaSink {
 
 impl RecordSink for RdkafkaSink {
     fn has_budget(&self) -> bool {
-        self.metrics.inflight_bytes.get() < self.budget && !self.stopping.load(Ordering::Relaxed)
+        self.budget.has_room() && !self.stopping.load(Ordering::Relaxed)
     }
 
     fn begin_batch(&mut self) {
@@ -303,7 +310,7 @@ impl RecordSink for RdkafkaSink {
         if let Some(h) = headers {
             record = record.headers(h);
         }
-        self.metrics.inflight_bytes.add(c);
+        self.budget.take(c);
         loop {
             match self.producer.send(record) {
                 Ok(()) => {
@@ -314,7 +321,7 @@ impl RecordSink for RdkafkaSink {
                     self.metrics.delivery_failed(FailureKind::QueueFull);
                     if self.stopping.load(Ordering::Relaxed) {
                         // Never acknowledged, so the checkpoint stays before it.
-                        self.metrics.inflight_bytes.sub(c);
+                        self.budget.give_back(c);
                         return;
                     }
                     record = r;
@@ -324,7 +331,7 @@ impl RecordSink for RdkafkaSink {
                 Err((e, _)) => {
                     // The record cannot be produced at all (e.g. larger than
                     // message.max.bytes): report it like a delivery failure.
-                    self.metrics.inflight_bytes.sub(c);
+                    self.budget.give_back(c);
                     self.metrics.delivery_failed(FailureKind::Dropped);
                     tracing::warn!(error = %e, topic = meta.topic(rec.stream), "record refused by the producer; dropped");
                     self.acks.push(Ack::new(file, seq, Outcome::Dropped));
