@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod declare;
 pub mod discover;
+pub mod files;
 pub mod kafka;
 pub mod kube;
 pub mod metrics;

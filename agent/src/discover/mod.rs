@@ -12,6 +12,7 @@
 //! node has no Docker dir); unreadable entries are skipped and reported in
 //! [`Scan::errors`], never fatal. Discovery only lists; it opens no log file.
 
+pub mod declared;
 pub mod volumes;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,18 @@ pub struct FileMeta {
 }
 
 impl FileMeta {
+    /// Why a file with this metadata is not shipped, if it is not: opted
+    /// out, or undeclared when only declared containers ship.
+    pub fn skip_reason(&self, ship: ShipMode) -> Option<&'static str> {
+        if self.excluded {
+            Some("opted out by the pod's bpftail.io/exclude annotation")
+        } else if ship == ShipMode::Declared && self.route.is_none() {
+            Some("no stdout declaration (--ship declared)")
+        } else {
+            None
+        }
+    }
+
     /// Lines are JSON objects whose fields go into the record (`_format=json`).
     pub fn line_json(&self) -> bool {
         self.route

@@ -159,6 +159,10 @@ pub struct Engine {
 }
 
 impl Engine {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "wiring of the sender's parts, called once"
+    )]
     pub fn new(
         opts: Arc<Options>,
         inbox: (Sender<Input>, Receiver<Input>),

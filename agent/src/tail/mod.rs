@@ -25,6 +25,8 @@ use std::time::Instant;
 
 use crate::checkpoint::{AckTracker, FileKey, Fingerprint};
 use crate::discover::FileMeta;
+use crate::files::StreamId;
+use crate::files::identity::{self, Truncations};
 use crate::metrics::Metrics;
 use decode::{Decoder, Line, Record};
 
@@ -49,6 +51,8 @@ pub struct TailedFile {
     pub file: File,
     pub path: PathBuf,
     pub meta: Arc<FileMeta>,
+    /// The container stream it belongs to (its rotations share it).
+    pub stream: StreamId,
     pub decoder: Decoder,
     /// Offset of the first byte not yet decoded (see module invariants).
     pub read_offset: u64,
@@ -62,10 +66,10 @@ pub struct TailedFile {
     pub found_rotated: bool,
     /// Its rotation was counted in `file_rotations_total`.
     pub rotation_counted: bool,
-    /// Fingerprint and read offset before each of the last truncations
-    /// (at most [`TailedFile::TRUNCATIONS_KEPT`]): a copy made by
-    /// copytruncate is recognised by it and read from that offset.
-    pub before_truncation: Vec<(Fingerprint, u64)>,
+    /// Fingerprint and read offset before each of the last truncations: a
+    /// copy made by copytruncate is recognised by it and read from that
+    /// offset.
+    pub before_truncation: Truncations,
     /// File size at the last sweep.
     pub size_seen: u64,
     /// ctime (s, ns) at the last sweep.
@@ -75,7 +79,39 @@ pub struct TailedFile {
 }
 
 impl TailedFile {
-    pub const TRUNCATIONS_KEPT: usize = 8;
+    /// A file opened just now, to be read from `offset` (an acknowledged
+    /// position: everything before it is done with). Live until told
+    /// otherwise.
+    pub fn new(
+        id: u32,
+        key: FileKey,
+        file: File,
+        path: PathBuf,
+        meta: Arc<FileMeta>,
+        offset: u64,
+        max_record_bytes: usize,
+    ) -> TailedFile {
+        TailedFile {
+            id,
+            key,
+            file,
+            path,
+            stream: StreamId::of(&meta.origin),
+            decoder: Decoder::new(meta.format, max_record_bytes),
+            meta,
+            read_offset: offset,
+            skipping: false,
+            acks: AckTracker::starting_at(offset),
+            fingerprint: Fingerprint::of(b""),
+            status: FileStatus::Live,
+            found_rotated: false,
+            rotation_counted: false,
+            before_truncation: Truncations::default(),
+            size_seen: 0,
+            ctime_seen: (0, 0),
+            last_activity: Instant::now(),
+        }
+    }
 
     /// Forgets everything read: the file was truncated (copytruncate) or
     /// replaced, and is read again from `offset`.
@@ -100,11 +136,9 @@ impl TailedFile {
         let Ok(md) = self.file.metadata() else {
             return false;
         };
-        let replaced = md.len() < self.read_offset
-            || (self.fingerprint.len > 0
-                && u64::from(self.fingerprint.len) <= self.read_offset
-                && Fingerprint::read(&self.file, self.fingerprint.len as usize)
-                    .is_ok_and(|fp| fp != self.fingerprint));
+        let replaced = identity::replaced(md.len(), self.read_offset, self.fingerprint, |n| {
+            Fingerprint::read(&self.file, n).ok()
+        });
         if replaced {
             self.truncated(m);
         }
@@ -115,11 +149,8 @@ impl TailedFile {
     /// it again from the start, under a fingerprint that regrows with it.
     pub fn truncated(&mut self, m: &Metrics) {
         m.truncations.inc();
-        if self.before_truncation.len() >= Self::TRUNCATIONS_KEPT {
-            self.before_truncation.remove(0);
-        }
         self.before_truncation
-            .push((self.fingerprint, self.read_offset));
+            .push(self.fingerprint, self.read_offset);
         self.restart_at(0);
         self.fingerprint =
             Fingerprint::read(&self.file, Fingerprint::MAX_LEN).unwrap_or(Fingerprint::of(b""));
@@ -371,6 +402,36 @@ fn emit_line<S: RecordSink>(
     f.acks.read_to(safe);
 }
 
+/// Files for the tests of other modules.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+    use crate::config::TopicTemplate;
+    use crate::discover::{MetaContext, Origin};
+
+    /// A file of no pod (reading `/dev/null`) with the given identity.
+    pub fn tailed_file(id: u32, key: FileKey, path: PathBuf) -> TailedFile {
+        let ctx = MetaContext {
+            topic: TopicTemplate::parse("t").unwrap(),
+            node: "n".into(),
+            pods: None,
+            labels: Default::default(),
+            annotations: Default::default(),
+            policy: Default::default(),
+        };
+        let meta = Arc::new(ctx.render(Origin::default(), decode::Format::Raw));
+        TailedFile::new(
+            id,
+            key,
+            File::open("/dev/null").unwrap(),
+            path,
+            meta,
+            0,
+            4096,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::decode::Format;
@@ -405,25 +466,15 @@ mod tests {
             annotations: Default::default(),
             policy: Default::default(),
         };
-        TailedFile {
-            id: 1,
-            key: FileKey { dev: 0, ino: 0 },
-            file: File::open(path).unwrap(),
-            path: path.to_owned(),
-            meta: Arc::new(ctx.render(Origin::default(), format)),
-            decoder: Decoder::new(format, max),
-            read_offset: 0,
-            skipping: false,
-            acks: AckTracker::starting_at(0),
-            fingerprint: Fingerprint::of(b""),
-            status: FileStatus::Live,
-            found_rotated: false,
-            rotation_counted: false,
-            before_truncation: Vec::new(),
-            size_seen: 0,
-            ctime_seen: (0, 0),
-            last_activity: Instant::now(),
-        }
+        TailedFile::new(
+            1,
+            FileKey { dev: 0, ino: 0 },
+            File::open(path).unwrap(),
+            path.to_owned(),
+            Arc::new(ctx.render(Origin::default(), format)),
+            0,
+            max,
+        )
     }
 
     fn msgs(s: &VecSink) -> Vec<String> {

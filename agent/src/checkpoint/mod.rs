@@ -8,10 +8,13 @@
 //!   written to a temp file, fsynced, renamed over the old one, and the
 //!   directory fsynced. A crash leaves either the old or the new checkpoint,
 //!   never a torn one.
+//! - [`writer::Writer`] saves snapshots on its own thread, off the data loop.
 //!
 //! Guarantee: a restored offset is never past a byte whose record was not
 //! acknowledged; after a crash the agent resends at most what was
 //! acknowledged after the last persisted checkpoint.
+
+pub mod writer;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;

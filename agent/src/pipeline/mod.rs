@@ -1,0 +1,615 @@
+//! The data loop: discovery → change source → tailers → sink, with delivery
+//! reports flowing back into checkpoints.
+//!
+//! This module drives I/O only: it asks [`crate::files`] what to do with a
+//! file (open it, read it first, close it), does it, and runs the timers.
+//! One thread owns every open file, so file state needs no locks. Each turn
+//! of the loop has named phases:
+//!
+//! 1. `take_changes`: what the change source saw (written paths, rescans);
+//! 2. `apply_acks`: delivery reports advance each file's acknowledged prefix
+//!    (or rewind a file whose records failed transiently);
+//! 3. `read_dirty`: read changed files round-robin, a bounded slice each,
+//!    while the in-flight budget allows ([`crate::files::schedule`]);
+//! 4. timers: `sweep` (look at every open file: missed writes, rotations,
+//!    truncation, partial records to flush, drained files to close),
+//!    `rescan` (full discovery, [`scan`]) and `checkpoint`;
+//! 5. `rearm`: let the change source report writes again where it
+//!    coalesced them off, and read those directories' files once more;
+//! 6. sleep until a change, a report or the next timer.
+//!
+//! Guarantees: a file stays open until everything in it is acknowledged;
+//! a checkpoint never names an offset past an unacknowledged record;
+//! shutdown stops reading, flushes the producer, then writes the checkpoint.
+
+mod scan;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::checkpoint::writer::Writer;
+use crate::checkpoint::{Entry, FileKey, Fingerprint, Store};
+use crate::config::Config;
+use crate::discover::declared::Notes;
+use crate::discover::{FileMeta, MetaContext};
+use crate::files::lifecycle::{self, Memory};
+use crate::files::pods::{PodGate, RescanThrottle};
+use crate::files::schedule::{Next, Schedule};
+use crate::files::{FileId, Registry};
+use crate::kube::PodCache;
+use crate::metrics::{Metrics, RateLimit};
+use crate::sink::{Ack, Outcome, Sink};
+use crate::tail::decode::Record;
+use crate::tail::{FileStatus, ReadEnd, Reader, RecordSink, TailedFile};
+use crate::watch::{ChangeQueue, ChangeSource, Pending};
+
+/// Size of the reused read buffer.
+const READ_BUF: usize = 256 * 1024;
+/// Bytes one file may read per turn before the next dirty file's turn.
+const READ_QUOTA: u64 = 1 << 20;
+/// Full rediscovery, in case a directory event was lost.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What the checkpoint records of a file.
+fn entry(f: &TailedFile) -> Entry {
+    Entry {
+        key: f.key,
+        fingerprint: f.fingerprint,
+        offset: f.acks.committed(),
+        path: f.path.clone(),
+    }
+}
+
+/// The part of a file's checkpoint entry that reading can change.
+fn position(f: &TailedFile) -> (u64, Fingerprint) {
+    (f.acks.committed(), f.fingerprint)
+}
+
+/// The sink of a file that is not to be shipped: its records are counted
+/// and settled at once, never produced.
+#[derive(Default)]
+struct Discard {
+    seqs: Vec<u64>,
+}
+
+impl RecordSink for Discard {
+    fn has_budget(&self) -> bool {
+        true
+    }
+    fn send(&mut self, _: &FileMeta, _: &Record<'_>, _: u32, seq: u64) {
+        self.seqs.push(seq);
+    }
+}
+
+impl Discard {
+    /// Marks the discarded records done, so the checkpoint moves past them.
+    fn settle(self, f: &mut TailedFile, metrics: &Metrics) {
+        metrics.records_suppressed.add(self.seqs.len() as u64);
+        for seq in self.seqs {
+            f.acks.acked(seq);
+        }
+    }
+}
+
+/// The loop's timers.
+struct Timers {
+    sweep: Instant,
+    rescan: Instant,
+    checkpoint: Instant,
+}
+
+pub struct Pipeline<S: Sink> {
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    ctx: MetaContext,
+    files: Registry,
+    schedule: Schedule,
+    memory: Memory,
+    pods: PodGate,
+    /// [`PodCache::generation`] the files' metadata was last rendered at.
+    pods_seen: u64,
+    pod_rescan: RescanThrottle,
+    /// [`crate::discover::declared::signature`] at the last pod rescan.
+    declared_signature: u64,
+    /// Paths whose refused declarations or skip were logged.
+    noted: HashSet<PathBuf>,
+    declared_notes: Notes,
+    reader: Reader,
+    sink: S,
+    changes: ChangeQueue,
+    wake: Receiver<()>,
+    pending: Pending,
+    /// Delivery reports being applied (reused buffer).
+    acks: Vec<Ack>,
+    source: Box<dyn ChangeSource>,
+    watched_dirs: HashSet<PathBuf>,
+    writer: Writer,
+    /// [`Registry::generation`] of the last checkpoint handed to the writer.
+    saved: Option<u64>,
+    stopping: Arc<AtomicBool>,
+    read_errors: RateLimit,
+    open_errors: RateLimit,
+}
+
+impl<S: Sink> Pipeline<S> {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "wiring of the loop's parts, called once"
+    )]
+    pub fn new(
+        cfg: Config,
+        metrics: Arc<Metrics>,
+        store: Store,
+        restored: HashMap<FileKey, Entry>,
+        sink: S,
+        changes: ChangeQueue,
+        wake: Receiver<()>,
+        source: Box<dyn ChangeSource>,
+        stopping: Arc<AtomicBool>,
+    ) -> std::io::Result<Pipeline<S>> {
+        let ctx = MetaContext {
+            topic: cfg.topic.clone(),
+            node: cfg.node_name.clone(),
+            pods: None,
+            labels: cfg.pod_labels.clone(),
+            annotations: cfg.pod_annotations.clone(),
+            policy: crate::discover::Policy {
+                output: cfg.format,
+                ship: cfg.ship,
+                prefixes: cfg.declaration_prefixes.clone(),
+                topic_allow: cfg.topic_allow.clone(),
+            },
+        };
+        let reader = Reader::new(READ_BUF, cfg.max_record_bytes + 256);
+        Ok(Pipeline {
+            writer: Writer::start(store, metrics.clone())?,
+            cfg,
+            metrics,
+            ctx,
+            files: Registry::default(),
+            schedule: Schedule::default(),
+            memory: Memory::new(restored),
+            pods: PodGate::new(false),
+            pods_seen: 0,
+            pod_rescan: RescanThrottle::default(),
+            declared_signature: 0,
+            noted: HashSet::new(),
+            declared_notes: Notes::default(),
+            reader,
+            sink,
+            changes,
+            wake,
+            pending: Pending::default(),
+            acks: Vec::new(),
+            source,
+            watched_dirs: HashSet::new(),
+            saved: None,
+            stopping,
+            read_errors: RateLimit::new(Duration::from_secs(10)),
+            open_errors: RateLimit::new(Duration::from_secs(10)),
+        })
+    }
+
+    /// Takes pod metadata from `pods` (the Kubernetes list-watch).
+    pub fn with_pods(mut self, pods: Arc<PodCache>) -> Self {
+        self.ctx.pods = Some(pods);
+        self.pods = PodGate::new(true);
+        self
+    }
+
+    /// Runs until `stopping` is set, then shuts down in order.
+    pub fn run(mut self) {
+        self.rescan();
+        let now = Instant::now();
+        let mut timers = Timers {
+            sweep: now + self.cfg.sweep_interval,
+            rescan: now + RESCAN_INTERVAL,
+            checkpoint: now + self.cfg.checkpoint_interval,
+        };
+        while !self.stopping.load(Ordering::Relaxed) {
+            self.metrics.beat();
+            self.refresh_pods();
+            self.take_changes();
+            self.apply_acks();
+            self.read_dirty();
+            self.sink.turn();
+            self.run_timers(&mut timers);
+            // Every turn (unless waiting for budget), directories whose
+            // write reports were coalesced off are re-armed and their files
+            // read once more, so one busy file never hides another's writes.
+            let rearmed = !self.schedule.waits_for_budget() && self.rearm();
+            if rearmed
+                || self.schedule.has_dirty()
+                || (self.schedule.waits_for_budget() && self.sink.has_budget())
+            {
+                continue;
+            }
+            self.sleep(&timers);
+        }
+        self.shutdown();
+    }
+
+    fn run_timers(&mut self, t: &mut Timers) {
+        let now = Instant::now();
+        if now >= t.sweep {
+            self.sweep();
+            t.sweep = now + self.cfg.sweep_interval;
+        }
+        let pod_rescan = self.pod_rescan.take_due(now);
+        let pod_wait_over = self.pods.deadline().is_some_and(|d| now >= d);
+        if now >= t.rescan || pod_rescan || pod_wait_over {
+            self.rescan();
+            t.rescan = now + RESCAN_INTERVAL;
+        }
+        if now >= t.checkpoint {
+            self.apply_acks();
+            self.checkpoint();
+            t.checkpoint = now + self.cfg.checkpoint_interval;
+        }
+    }
+
+    /// Sleeps until a change, a delivery report, shutdown or the next timer.
+    /// An idle agent sleeps until the sweep: the checkpoint timer only
+    /// counts while there is progress to persist (or records in flight,
+    /// whose reports only wake the loop when it waits for budget).
+    fn sleep(&mut self, t: &Timers) {
+        self.apply_acks();
+        self.sink.eager_acks(self.schedule.waits_for_budget());
+        let progress =
+            self.saved != Some(self.files.generation()) || self.sink.inflight_bytes() > 0;
+        let deadline = [
+            Some(t.sweep),
+            Some(t.rescan),
+            self.pods.deadline(),
+            self.pod_rescan.deadline(),
+            self.sink.deadline(),
+            progress.then_some(t.checkpoint),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("the sweep is always due");
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let _ = self.wake.recv_timeout(timeout);
+    }
+
+    /// When the pod cache changed: re-renders the metadata of the files
+    /// whose pod changed, and asks for a rescan where files wait for their
+    /// pod or the in-container files pods declare changed (not for every
+    /// pod status update).
+    fn refresh_pods(&mut self) {
+        let Some(cache) = &self.ctx.pods else { return };
+        let generation = cache.generation();
+        if generation == self.pods_seen {
+            return;
+        }
+        self.pods_seen = generation;
+        let signature = crate::discover::declared::signature(&cache.live_pods(), &self.ctx);
+        if signature != self.declared_signature || self.pods.has_waiting() {
+            self.declared_signature = signature;
+            self.pod_rescan.request();
+        }
+        for f in self.files.iter_mut() {
+            let pod = self.ctx.pod_of(&f.meta.origin);
+            let same = match (&pod, &f.meta.pod_info) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            // A deleted pod's entry expires after its grace period: its
+            // files keep the metadata they had.
+            if same || pod.is_none() {
+                continue;
+            }
+            let meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
+            if meta.suppressed != f.meta.suppressed {
+                let why = if meta.excluded {
+                    "opted out by bpftail.io/exclude"
+                } else {
+                    "no longer declared (--ship declared)"
+                };
+                if meta.suppressed {
+                    tracing::info!(path = %f.path.display(), why, "stopped shipping this log; its lines are read and discarded");
+                } else {
+                    tracing::info!(path = %f.path.display(), "shipping this log again");
+                }
+            }
+            f.meta = meta;
+        }
+    }
+
+    fn take_changes(&mut self) {
+        self.changes.take(&mut self.pending);
+        let mut rescan = self.pending.rescan;
+        if self.pending.all_files {
+            for id in self.files.ids() {
+                self.schedule.mark(id);
+            }
+        }
+        for key in &self.pending.keys {
+            if let Some(id) = self.files.by_key(key) {
+                self.schedule.mark(id);
+            }
+        }
+        for path in &self.pending.written {
+            match self.files.by_path(path) {
+                Some(id) => self.schedule.mark(id),
+                // A log file we have not discovered yet (its create event
+                // is coalesced with the write). Writes to other files (a
+                // rotation being compressed) are no news.
+                None => {
+                    rescan |= path
+                        .file_name()
+                        .is_some_and(crate::discover::is_live_log_name)
+                }
+            }
+        }
+        if rescan {
+            self.rescan();
+        }
+    }
+
+    /// Lets the change source report writes again where it coalesced them
+    /// off, and reads once more the files of the directories it re-armed
+    /// (what was written just before the re-arm). True if it re-armed any.
+    fn rearm(&mut self) -> bool {
+        let dirs = self.source.rearm();
+        if dirs.is_empty() {
+            return false;
+        }
+        for f in self.files.iter() {
+            if f.path.parent().is_some_and(|p| dirs.iter().any(|d| d == p)) {
+                self.schedule.mark(f.id);
+            }
+        }
+        self.schedule.has_dirty()
+    }
+
+    fn apply_acks(&mut self) {
+        let mut acks = std::mem::take(&mut self.acks);
+        self.sink.take_acks(&mut acks);
+        for &ack in &acks {
+            self.apply_ack(ack);
+        }
+        self.acks = acks;
+    }
+
+    fn apply_ack(&mut self, ack: Ack) {
+        let Some(f) = self.files.get_mut(ack.file) else {
+            return; // closed since
+        };
+        let seq = ack.seq_near(f.acks.base());
+        let seqs = seq..seq + u64::from(ack.count);
+        match ack.outcome {
+            Outcome::Delivered | Outcome::Dropped => {
+                let before = f.acks.committed();
+                for s in seqs {
+                    f.acks.acked(s);
+                }
+                if f.acks.committed() != before {
+                    self.files.touch();
+                }
+            }
+            Outcome::Retry => {
+                if seqs.into_iter().any(|s| f.acks.is_current(s)) {
+                    // Read again from the acknowledged prefix; what was sent
+                    // after it may arrive twice (at-least-once).
+                    let at = f.acks.committed();
+                    f.restart_at(at);
+                    self.schedule.mark(ack.file);
+                }
+            }
+        }
+    }
+
+    fn read_dirty(&mut self) {
+        if self.sink.has_budget() {
+            self.schedule.release_backlog();
+        }
+        // One pass over the files dirty now: a file with more to read goes
+        // to the back, and the loop's other phases (acks, timers) get their
+        // turn even while the reader is behind.
+        for _ in 0..self.schedule.dirty_len() {
+            let Some(id) = self.schedule.next_file() else {
+                break;
+            };
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            // Lines of one container stream keep their order across a
+            // rotation: a rotated file is read to its end before the file
+            // that replaced it.
+            let mut end = ReadEnd::Eof;
+            for pred in self.files.predecessors(id) {
+                end = self.read_one(pred, u64::MAX);
+                if matches!(end, ReadEnd::Budget) {
+                    break;
+                }
+            }
+            if !matches!(end, ReadEnd::Budget) {
+                end = self.read_one(id, READ_QUOTA);
+            }
+            if self.schedule.after_read(id, &end) == Next::Stop {
+                return;
+            }
+        }
+    }
+
+    fn read_one(&mut self, id: FileId, quota: u64) -> ReadEnd {
+        let Some(f) = self.files.get_mut(id) else {
+            return ReadEnd::Eof;
+        };
+        let before = position(f);
+        let end = if f.meta.suppressed {
+            let mut discard = Discard::default();
+            let end = self.reader.read(f, &mut discard, &self.metrics, quota);
+            discard.settle(f, &self.metrics);
+            end
+        } else {
+            self.reader.read(f, &mut self.sink, &self.metrics, quota)
+        };
+        if let ReadEnd::Error(e) = &end {
+            self.metrics.read_errors.inc();
+            let path = f.path.display().to_string();
+            self.read_errors
+                .log(|suppressed| tracing::warn!(path, error = %e, suppressed, "read failed"));
+        }
+        // A short file's fingerprint grows with it, up to MAX_LEN bytes.
+        if (f.fingerprint.len as u64) < f.read_offset
+            && !f.fingerprint.is_complete()
+            && let Ok(fp) = Fingerprint::read(&f.file, Fingerprint::MAX_LEN)
+        {
+            f.fingerprint = fp;
+        }
+        if position(f) != before {
+            self.files.touch();
+        }
+        end
+    }
+
+    /// Changes a file's status (counting a rotation once), and reads it.
+    fn set_status(&mut self, id: FileId, status: FileStatus) {
+        let Some(f) = self.files.get_mut(id) else {
+            return;
+        };
+        if f.status == status {
+            return;
+        }
+        if lifecycle::counts_rotation(status, f) {
+            self.metrics.rotations.inc();
+            f.rotation_counted = true;
+        }
+        tracing::debug!(path = %f.path.display(), from = ?f.status, to = ?status, "file status");
+        f.last_activity = Instant::now();
+        self.files.set_status(id, status);
+        self.schedule.mark(id);
+    }
+
+    /// The slow safety net: finds what change events missed, flushes
+    /// records stuck at EOF, closes drained files.
+    fn sweep(&mut self) {
+        self.source.sweep();
+        let now = Instant::now();
+        let (mut lag, mut close, mut rescan, mut moved) = (0, Vec::new(), false, false);
+        // Unread bytes while reading is not held back by the budget: the
+        // change source missed a write (or it is a few ms old).
+        let freely = !self.schedule.waits_for_budget() && self.sink.has_budget();
+        for f in self.files.iter_mut() {
+            let Ok(md) = f.file.metadata() else { continue };
+            let size = md.len();
+            let ctime = (md.ctime(), md.ctime_nsec());
+            let look = lifecycle::look(f, size, ctime, now, self.cfg.partial_flush, freely);
+            if look.unread {
+                self.schedule.mark(f.id);
+            }
+            if look.missed_write {
+                self.source.missed(f.key);
+            }
+            lag += size.saturating_sub(f.acks.committed());
+            tracing::trace!(path = %f.path.display(), size, read = f.read_offset, committed = f.acks.committed(), in_flight = f.acks.in_flight(), "sweep");
+            // Unchanged size and ctime since the last sweep: not written,
+            // truncated, renamed or unlinked meanwhile (all set ctime); the
+            // 30 s rescan still looks at every path.
+            if f.status == FileStatus::Live && look.changed {
+                match std::fs::metadata(&f.path) {
+                    Ok(p) if p.dev() == f.key.dev && p.ino() == f.key.ino => {
+                        if f.check_replaced(&self.metrics) {
+                            tracing::info!(path = %f.path.display(), "file truncated or replaced in place; reading it from the start");
+                            self.schedule.mark(f.id);
+                            moved = true;
+                        }
+                    }
+                    _ => rescan = true,
+                }
+            }
+            if look.flush {
+                let before = position(f);
+                if f.meta.suppressed {
+                    let mut discard = Discard::default();
+                    self.reader.flush_tail(f, size, &mut discard, &self.metrics);
+                    discard.settle(f, &self.metrics);
+                } else {
+                    self.reader
+                        .flush_tail(f, size, &mut self.sink, &self.metrics);
+                }
+                moved |= position(f) != before;
+            }
+            if lifecycle::may_close(f, size, look.quiet) {
+                close.push(f.id);
+            }
+        }
+        if moved {
+            self.files.touch();
+        }
+        for id in close {
+            self.close(id);
+        }
+        self.metrics.checkpoint_lag_bytes.set(lag);
+        self.metrics.files_watched.set(self.files.len() as u64);
+        if rescan || self.memory.waits_for_size() {
+            self.rescan();
+        }
+    }
+
+    fn close(&mut self, id: FileId) {
+        let Some(f) = self.files.remove(id) else {
+            return;
+        };
+        tracing::debug!(path = %f.path.display(), "closing drained file");
+        if f.status == FileStatus::Rotated {
+            self.memory.closed_rotated(entry(&f));
+        }
+        self.source.unwatch_file(f.key);
+    }
+
+    fn snapshot(&self) -> Vec<Entry> {
+        self.files
+            .iter()
+            .map(entry)
+            .chain(self.memory.shipped().cloned())
+            .collect()
+    }
+
+    fn checkpoint(&mut self) {
+        let generation = self.files.generation();
+        if self.saved == Some(generation) {
+            return;
+        }
+        if self.writer.offer(self.snapshot()) {
+            self.saved = Some(generation);
+        }
+    }
+
+    /// Stop reading → flush the producer → write the checkpoint. Returns
+    /// the sink.
+    fn shutdown(mut self) -> S {
+        tracing::info!("shutting down: flushing the producer");
+        // `stopping` is set: the sink hands on every open batch.
+        self.sink.turn();
+        let flushed = self.sink.flush(self.cfg.shutdown_timeout);
+        self.apply_acks();
+        if !flushed {
+            tracing::warn!(
+                inflight_bytes = self.sink.inflight_bytes(),
+                "Kafka did not acknowledge everything in time; the rest is sent again at the next start"
+            );
+        }
+        let entries = self.snapshot();
+        match self.writer.finish() {
+            Some(store) => match store.save(entries) {
+                Ok(()) => tracing::info!(files = self.files.len(), "checkpoint written"),
+                Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
+            },
+            None => tracing::error!("checkpoint writer died; final checkpoint not written"),
+        }
+        self.sink
+    }
+}

@@ -1,0 +1,364 @@
+//! Full discovery: list the log directories, follow what is new, notice
+//! renames and disappearances, keep the change source watching every log
+//! directory. What to do with each file found is decided in
+//! [`crate::files`]; this is the I/O around it (stat, open).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Pipeline;
+use crate::checkpoint::{Entry, FileKey, Fingerprint};
+use crate::config::ShipMode;
+use crate::discover::declared::{self, Roots};
+use crate::discover::{self, FileMeta, Found, Scan};
+use crate::files::identity::OnDisk;
+use crate::files::lifecycle::{Admit, Start};
+use crate::files::pods::{self, Gate};
+use crate::files::{FileId, StreamId};
+use crate::sink::Sink;
+use crate::tail::{FileStatus, TailedFile};
+
+/// How many times a scan lists again when it found a new live file (see
+/// [`Pipeline::apply_scan`]).
+const RELISTS: usize = 4;
+/// How many times a listing is repeated while it finds directories not
+/// watched yet.
+const WATCH_PASSES: usize = 3;
+
+fn key_of(md: &std::fs::Metadata) -> FileKey {
+    FileKey {
+        dev: md.dev(),
+        ino: md.ino(),
+    }
+}
+
+fn status_of(found: &Found) -> FileStatus {
+    if found.rotated {
+        FileStatus::Rotated
+    } else {
+        FileStatus::Live
+    }
+}
+
+/// What a found path is: its metadata, and for an in-container file the
+/// file itself (opened beneath its volume only, and identified by what was
+/// opened: its path may lead elsewhere). `None`: gone, or not a regular
+/// file (a FIFO or device where a log should be: opening it could block).
+fn stat_found(found: &Found) -> Option<(Option<File>, std::fs::Metadata)> {
+    let preopened = match &found.confined {
+        Some(c) => match c.open() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!(path = %found.path.display(), error = %e, "in-container file not opened");
+                return None;
+            }
+        },
+        None => None,
+    };
+    let md = match &preopened {
+        Some(f) => f.metadata().ok()?,
+        None => std::fs::metadata(&found.path).ok()?,
+    };
+    md.is_file().then_some((preopened, md))
+}
+
+impl<S: Sink> Pipeline<S> {
+    /// Full discovery: opens new files, notices renames and disappearances.
+    pub(super) fn rescan(&mut self) {
+        let scan = self.list();
+        self.apply_scan(scan);
+    }
+
+    /// Lists the log directories, watching each before trusting the listing.
+    pub(super) fn list(&mut self) -> Scan {
+        let mut scan = Scan::default();
+        // Watch new directories before trusting the listing, then list again
+        // so nothing created in between is missed.
+        for _ in 0..WATCH_PASSES {
+            scan = Scan::default();
+            discover::scan_docker_dir(&self.cfg.docker_dir, &mut scan);
+            discover::scan_pods_dir(&self.cfg.pods_dir, &mut scan);
+            self.scan_declared(&mut scan);
+            let mut added = false;
+            for dir in &scan.dirs {
+                // Idempotent; renews a watch the kernel dropped (a
+                // directory deleted and made again at the same path).
+                match self.source.watch_dir(dir) {
+                    Ok(new) => {
+                        added |= new;
+                        if !self.watched_dirs.contains(dir) {
+                            self.watched_dirs.insert(dir.clone());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; the sweep covers it")
+                    }
+                }
+            }
+            if !added {
+                break;
+            }
+        }
+        let present: HashSet<&PathBuf> = scan.dirs.iter().collect();
+        let gone: Vec<PathBuf> = self
+            .watched_dirs
+            .iter()
+            .filter(|d| !present.contains(d))
+            .cloned()
+            .collect();
+        for d in gone {
+            self.source.unwatch_dir(&d);
+            self.watched_dirs.remove(&d);
+        }
+        for (path, e) in &scan.errors {
+            tracing::warn!(path = %path.display(), error = %e, "cannot list directory");
+        }
+        scan
+    }
+
+    /// In-container files that pods declare; a declaration that cannot be
+    /// followed is logged and counted once.
+    fn scan_declared(&mut self, scan: &mut Scan) {
+        let Some(cache) = self.ctx.pods.clone() else {
+            return;
+        };
+        let roots = Roots {
+            kubelet_pods_dir: &self.cfg.kubelet_pods_dir,
+            allow_hostpath: &self.cfg.allow_hostpath,
+        };
+        let found = declared::scan(&cache.live_pods(), &self.ctx, &roots);
+        self.declared_notes.report(&found, &self.metrics);
+        scan.files.extend(found.files);
+        scan.dirs.extend(found.dirs);
+    }
+
+    /// Follows what a listing found and retires what it no longer holds.
+    pub(super) fn apply_scan(&mut self, mut scan: Scan) {
+        // Whether the pod list had arrived before this scan looked at files.
+        let complete = self.ctx.pods.as_ref().is_none_or(|c| c.synced());
+        let mut seen = HashSet::new();
+        let mut present = HashSet::new();
+        let mut listed = HashSet::new();
+        for pass in 0.. {
+            seen.clear();
+            listed.clear();
+            let mut new_live = false;
+            for found in std::mem::take(&mut scan.files) {
+                listed.insert(found.path.clone());
+                let live = !found.rotated;
+                if let Some((id, new)) = self.track(found, &mut present) {
+                    seen.insert(id);
+                    new_live |= new && live;
+                }
+            }
+            // A live file first seen now may have been created after its
+            // directory was listed (a path is stat'ed after the listing): a
+            // file rotated just before it was created would then be missing
+            // from the listing, and read after its successor. A listing
+            // made now holds every rename that preceded the new file.
+            if !new_live || pass == RELISTS {
+                break;
+            }
+            scan = self.list();
+        }
+        let shipped = self.memory.shipped().count();
+        let files = &self.files;
+        self.memory
+            .after_scan(&present, |k| files.by_key(k).is_some(), complete);
+        if self.memory.shipped().count() != shipped {
+            self.files.touch();
+        }
+        self.pods.after_scan(&listed, Instant::now());
+        self.noted.retain(|p| listed.contains(p));
+        let vanished: Vec<FileId> = self
+            .files
+            .iter()
+            .filter(|f| !seen.contains(&f.id) && f.status != FileStatus::Gone)
+            .map(|f| f.id)
+            .collect();
+        for id in vanished {
+            // Drain what the open descriptor still holds, then close.
+            self.set_status(id, FileStatus::Gone);
+        }
+        #[cfg(debug_assertions)]
+        self.files.check_settled();
+        self.metrics.files_watched.set(self.files.len() as u64);
+    }
+
+    /// Follows a discovered file; returns its id if it is being read, and
+    /// whether it was opened just now.
+    fn track(
+        &mut self,
+        mut found: Found,
+        present: &mut HashSet<FileKey>,
+    ) -> Option<(FileId, bool)> {
+        let (preopened, md) = stat_found(&found)?;
+        let key = key_of(&md);
+        present.insert(key);
+        if let Some(id) = self.files.by_key(&key) {
+            if self.files.rename(id, found.path.clone()) {
+                if let Some(f) = self.files.get_mut(id) {
+                    f.last_activity = Instant::now();
+                }
+                self.schedule.mark(id);
+            }
+            self.set_status(id, status_of(&found));
+            return Some((id, false));
+        }
+        let Admit::Consider(restored) = self.memory.admit(key, found.rotated) else {
+            return None;
+        };
+        if !self.pod_allows(&found, restored.is_some()) {
+            // A checkpointed file keeps its checkpoint while it waits.
+            if let Some(e) = restored {
+                self.memory.keep(key, e);
+            }
+            return None;
+        }
+        let meta = self
+            .ctx
+            .render(std::mem::take(&mut found.origin), found.format);
+        // A checkpointed file is followed even if it is not to be shipped
+        // now (its lines are read and discarded), so it keeps its place.
+        if !self.ships(&found.path, &meta) && restored.is_none() {
+            return None;
+        }
+        let id = self.open_new(&found, preopened, meta, restored)?;
+        Some((id, true))
+    }
+
+    /// Whether a file may be opened now, as far as its pod goes
+    /// ([`crate::files::pods`]).
+    fn pod_allows(&mut self, found: &Found, checkpointed: bool) -> bool {
+        let facts = pods::Found {
+            pod_known: self.ctx.pod_of(&found.origin).is_some(),
+            needs_declaration: self.ctx.policy.ship == ShipMode::Declared
+                && found.origin.env.is_empty(),
+            checkpointed,
+            rotated: found.rotated,
+        };
+        match self.pods.check(&found.path, facts, Instant::now()) {
+            Gate::Open => true,
+            Gate::Wait => false,
+            Gate::OpenWithoutPod => {
+                self.metrics.files_without_pod.inc();
+                tracing::info!(path = %found.path.display(), "pod not known to the API yet; shipping with the metadata the path gives");
+                true
+            }
+        }
+    }
+
+    /// Opens a file not followed yet and starts following it where
+    /// [`crate::files::lifecycle::Memory::start`] says.
+    fn open_new(
+        &mut self,
+        found: &Found,
+        preopened: Option<File>,
+        meta: FileMeta,
+        restored: Option<Entry>,
+    ) -> Option<FileId> {
+        let file = match preopened {
+            Some(f) => f,
+            None => self.open(&found.path)?,
+        };
+        // Identity of what was opened, not of what was stat'ed before.
+        let md = file.metadata().ok().filter(|m| m.is_file())?;
+        let key = key_of(&md);
+        if self.files.by_key(&key).is_some() {
+            return None;
+        }
+        let restored = restored.or_else(|| self.memory.claim(key));
+        let stream = StreamId::of(&meta.origin);
+        let looks = OnDisk::new(&file, md.len(), self.files.of_stream(&stream).collect());
+        let start = self
+            .memory
+            .start(key, restored.as_ref(), found.rotated, &looks);
+        drop(looks);
+        let (offset, late_rotation) = match start {
+            Start::At(offset) => (offset, false),
+            Start::Replaced => {
+                tracing::info!(path = %found.path.display(), "checkpointed inode now holds another file; reading it from the start");
+                (0, false)
+            }
+            Start::LateRotation => (0, true),
+            Start::Later => return None,
+        };
+        let fingerprint =
+            Fingerprint::read(&file, Fingerprint::MAX_LEN).unwrap_or(Fingerprint::of(b""));
+        let max_record = self.cfg.max_record_bytes;
+        let path = found.path.clone();
+        let id = self.files.insert(|id| {
+            let mut f = TailedFile::new(id, key, file, path, Arc::new(meta), offset, max_record);
+            f.fingerprint = fingerprint;
+            f.status = status_of(found);
+            f.found_rotated = found.rotated;
+            f.rotation_counted = late_rotation;
+            f.size_seen = md.len();
+            f
+        })?;
+        if late_rotation {
+            self.metrics.rotations.inc();
+        }
+        tracing::debug!(path = %found.path.display(), offset, id, rotated = found.rotated, "following file");
+        // Watched before the first read: a write after this is reported, one
+        // before it is seen by that read.
+        self.source.watch_file(key);
+        self.schedule.mark(id);
+        Some(id)
+    }
+
+    /// Opens a log file to read it, without updating its access time and
+    /// without blocking; counts and logs a failure.
+    fn open(&mut self, path: &Path) -> Option<File> {
+        let opened = File::options()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOATIME | libc::O_NONBLOCK)
+            .open(path)
+            .or_else(|_| File::open(path));
+        match opened {
+            Ok(f) => Some(f),
+            Err(e) => {
+                self.metrics.open_errors.inc();
+                let path = path.display().to_string();
+                self.open_errors.log(|suppressed| tracing::warn!(path, error = %e, suppressed, "cannot open log file"));
+                None
+            }
+        }
+    }
+
+    /// Whether a file is shipped (not opted out; declared if only declared
+    /// containers ship). Refused declarations and skipped files are logged
+    /// and counted once per path.
+    fn ships(&mut self, path: &Path, meta: &FileMeta) -> bool {
+        let skip = meta.skip_reason(self.ctx.policy.ship);
+        if !self.noted.insert(path.to_owned()) {
+            return skip.is_none();
+        }
+        let p = path.display().to_string();
+        // Declarations of pods known to the API are reported by
+        // scan_declared, once per declaration.
+        if meta.pod_info.is_none() {
+            for r in &meta.refused {
+                self.metrics.declarations_refused.inc();
+                tracing::warn!(path = p, declaration = %r.name, reason = %r.reason, "log declaration refused");
+            }
+        }
+        if meta.bad_tags > 0 {
+            self.metrics.tags_dropped.add(meta.bad_tags as u64);
+            tracing::warn!(
+                path = p,
+                dropped = meta.bad_tags,
+                "garbage tags in a log declaration dropped (use k=v,k2=v2)"
+            );
+        }
+        if let Some(why) = skip {
+            self.metrics.files_skipped.inc();
+            tracing::info!(path = p, why, "not shipping this log");
+        }
+        skip.is_none()
+    }
+}
