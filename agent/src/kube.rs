@@ -376,6 +376,7 @@ pub async fn watch(
             _ = expiry.tick() => {
                 if cache.expire(Instant::now(), settings.grace) {
                     metrics.kube_pods.set(cache.len() as u64);
+                    metrics.kube_generation.set(cache.generation());
                     changed();
                 }
                 continue;
@@ -425,6 +426,7 @@ pub async fn watch(
         };
         if changes {
             metrics.kube_pods.set(cache.len() as u64);
+            metrics.kube_generation.set(cache.generation());
             metrics.kube_synced.set(u64::from(cache.synced()));
             changed();
         }

@@ -99,6 +99,10 @@ pub struct Metrics {
     pub read_errors: Counter,
     pub open_errors: Counter,
     pub files_watched: Gauge,
+    /// Full discoveries and sweeps done by the data loop (tests wait for
+    /// one to pass instead of sleeping).
+    pub scans: Counter,
+    pub sweeps: Counter,
     /// The Kafka client's in-flight budget, set once by the client: read
     /// for `bpftail_inflight_bytes`.
     pub inflight: std::sync::OnceLock<Arc<crate::sink::Budget>>,
@@ -121,6 +125,11 @@ pub struct Metrics {
     pub kube_watch_errors: Counter,
     pub kube_pods: Gauge,
     pub kube_synced: Gauge,
+    /// [`crate::kube::PodCache::generation`] after the last change, and
+    /// the generation the data loop last applied to the files' metadata:
+    /// once they are equal, every pod change so far is in the records.
+    pub kube_generation: Gauge,
+    pub kube_generation_applied: Gauge,
     /// `_format=json` lines that were not one JSON object (shipped as the message).
     pub json_lines_invalid: Counter,
     /// Declarations refused (bad name, value, format, topic; topic not
@@ -166,6 +175,16 @@ impl Metrics {
                 "# HELP bpftail_{name} {help}\n# TYPE bpftail_{name} counter\nbpftail_{name} {v}"
             );
         };
+        c(
+            "scans_total",
+            "Full discoveries of the log directories done.",
+            self.scans.get(),
+        );
+        c(
+            "sweeps_total",
+            "Sweeps (a look at every open file) done.",
+            self.sweeps.get(),
+        );
         c(
             "lines_read_total",
             "Physical lines read from log files.",
@@ -379,6 +398,16 @@ impl Metrics {
             "kube_synced",
             "1 once the pod list has been received from the Kubernetes API.",
             self.kube_synced.get(),
+        );
+        g(
+            "kube_generation",
+            "Changes of the pod list received from the Kubernetes API (a counter of the pod cache).",
+            self.kube_generation.get(),
+        );
+        g(
+            "kube_generation_applied",
+            "The kube_generation whose metadata the followed files carry.",
+            self.kube_generation_applied.get(),
         );
         g(
             "files_watched",

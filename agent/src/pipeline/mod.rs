@@ -324,6 +324,7 @@ impl<S: Sink> Pipeline<S> {
             }
             f.meta = meta;
         }
+        self.metrics.kube_generation_applied.set(generation);
     }
 
     fn take_changes(&mut self) {
@@ -496,8 +497,12 @@ impl<S: Sink> Pipeline<S> {
     /// The slow safety net: finds what change events missed, flushes
     /// records stuck at EOF, closes drained files.
     fn sweep(&mut self) {
+        self.sweep_at(Instant::now());
+    }
+
+    /// [`Pipeline::sweep`] as if it were `now` (tests move time on).
+    fn sweep_at(&mut self, now: Instant) {
         self.source.sweep();
-        let now = Instant::now();
         let (mut lag, mut close, mut rescan, mut moved) = (0, Vec::new(), false, false);
         // Unread bytes while reading is not held back by the budget: the
         // change source missed a write (or it is a few ms old).
@@ -557,6 +562,7 @@ impl<S: Sink> Pipeline<S> {
         if rescan || self.memory.waits_for_size() {
             self.rescan();
         }
+        self.metrics.sweeps.inc();
     }
 
     fn close(&mut self, id: FileId) {

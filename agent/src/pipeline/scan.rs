@@ -187,6 +187,7 @@ impl<S: Sink> Pipeline<S> {
         #[cfg(debug_assertions)]
         self.files.check_settled();
         self.metrics.files_watched.set(self.files.len() as u64);
+        self.metrics.scans.inc();
     }
 
     /// Follows a discovered file; returns its id if it is being read, and

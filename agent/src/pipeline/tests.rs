@@ -166,10 +166,12 @@ fn drain(p: &mut Pipeline<&mut ModelSink>) {
             break;
         }
     }
-    std::thread::sleep(Duration::from_millis(2));
-    p.sweep();
-    std::thread::sleep(Duration::from_millis(2));
-    p.sweep();
+    // Time moves on (past `partial_flush`) between two sweeps: records
+    // stuck at EOF are flushed by the first, drained files close at the
+    // second.
+    let later = std::time::Instant::now() + Duration::from_secs(3600);
+    p.sweep_at(later);
+    p.sweep_at(later + Duration::from_secs(3600));
 }
 
 fn checkpoint_now(p: &Pipeline<&mut ModelSink>, data: &Path) {
