@@ -365,252 +365,80 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let brokers = args.brokers.or(file.brokers).ok_or_else(|| {
-            invalid(
-                "brokers",
-                "no Kafka brokers given: set --brokers HOST:PORT, BPFTAIL_BROKERS or `brokers` in the config file",
-            )
-        })?;
-        if brokers
-            .split(',')
-            .any(|b| b.trim().is_empty() || !b.contains(':'))
-        {
-            return Err(invalid(
-                "brokers",
-                format!("{brokers:?} is not a list of HOST:PORT separated by commas"),
-            ));
+        // A setting: the flag (or its environment variable), else the
+        // file's, else the default.
+        macro_rules! pick {
+            ($field:ident, $default:expr) => {
+                args.$field.or(file.$field).unwrap_or_else(|| $default)
+            };
         }
-        let topic = TopicTemplate::parse(
-            &args
-                .topic
-                .or(file.topic)
-                .unwrap_or_else(|| "k8s-logs".into()),
-        )?;
-
-        let mut kafka_options = file.kafka_options;
-        for kv in &args.kafka_options {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| invalid("kafka-option", format!("{kv:?} is not KEY=VALUE")))?;
-            if k.trim().is_empty() {
-                return Err(invalid("kafka-option", format!("{kv:?} has an empty key")));
-            }
-            kafka_options.insert(k.trim().to_owned(), v.to_owned());
+        // A duration in milliseconds, greater than 0.
+        macro_rules! millis {
+            ($field:ident, $default:expr, $setting:literal) => {
+                match pick!($field, $default) {
+                    0 => Err(invalid($setting, "must be greater than 0")),
+                    v => Ok(Duration::from_millis(v)),
+                }
+            };
         }
-        for reserved in ["bootstrap.servers", "compression.type", "compression.codec"] {
-            if kafka_options.contains_key(reserved) {
-                return Err(invalid(
-                    "kafka-option",
-                    format!(
-                        "{reserved} is set by --brokers/--compression; use those flags instead"
-                    ),
-                ));
-            }
-        }
-
-        let kafka_client = args
-            .kafka_client
-            .or(file.kafka_client)
-            .unwrap_or(KafkaClient::Native);
-
-        let watcher = args.watcher.or(file.watcher).unwrap_or(WatcherKind::Auto);
-        let ebpf_tick_ms = args.ebpf_tick_ms.or(file.ebpf_tick_ms).unwrap_or(40);
-        if !(1..=1000).contains(&ebpf_tick_ms) {
-            return Err(invalid(
-                "ebpf-tick-ms",
-                format!("{ebpf_tick_ms} is outside 1..=1000"),
-            ));
-        }
-        let ebpf_max_files = args.ebpf_max_files.or(file.ebpf_max_files).unwrap_or(16384);
-        if !(16..=1 << 20).contains(&ebpf_max_files) {
-            return Err(invalid(
-                "ebpf-max-files",
-                format!("{ebpf_max_files} is outside 16..=1048576"),
-            ));
-        }
-
-        let metrics_addr = match args
-            .metrics_addr
-            .or(file.metrics_addr)
-            .unwrap_or_else(|| "127.0.0.1:9808".into())
-        {
-            s if s == "off" || s.is_empty() => None,
-            s => Some(s.parse::<SocketAddr>().map_err(|e| {
-                invalid(
-                    "metrics-addr",
-                    format!("{s:?} is not IP:PORT ({e}); use \"off\" to disable"),
-                )
-            })?),
-        };
-
-        let max_record_bytes = args
-            .max_record_bytes
-            .or(file.max_record_bytes)
-            .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
-        if !(1024..=64 << 20).contains(&max_record_bytes) {
-            return Err(invalid(
-                "max-record-bytes",
-                format!("{max_record_bytes} is outside 1024..=67108864"),
-            ));
-        }
-        let max_inflight_bytes = args
-            .max_inflight_bytes
-            .or(file.max_inflight_bytes)
-            .unwrap_or(2 << 20);
+        let max_inflight_bytes = pick!(max_inflight_bytes, 2 << 20);
         if max_inflight_bytes < 64 * 1024 {
             return Err(invalid(
                 "max-inflight-bytes",
                 format!("{max_inflight_bytes} is below the minimum of 65536"),
             ));
         }
-
-        let ms = |v: Option<u64>, f: Option<u64>, default: u64, name: &'static str| {
-            let v = v.or(f).unwrap_or(default);
-            if v == 0 {
-                Err(invalid(name, "must be greater than 0"))
-            } else {
-                Ok(Duration::from_millis(v))
-            }
-        };
-
-        let node_name = match args.node_name.or(file.node_name) {
-            Some(n) => n,
-            None => std::env::var("NODE_NAME")
-                .ok()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(hostname),
-        };
-
         let cfg = Config {
-            pods_dir: args
-                .pods_dir
-                .or(file.pods_dir)
-                .unwrap_or_else(|| "/var/log/pods".into()),
-            docker_dir: args
-                .docker_dir
-                .or(file.docker_dir)
-                .unwrap_or_else(|| "/var/lib/docker/containers".into()),
-            brokers,
-            topic,
-            format: args.format.or(file.format).unwrap_or(OutputFormat::Json),
-            compression: args
-                .compression
-                .or(file.compression)
-                .unwrap_or(Compression::None),
-            kafka_client,
-            kafka_options,
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| "/var/lib/bpftail".into()),
-            watcher,
-            ebpf_attach: args
-                .ebpf_attach
-                .or(file.ebpf_attach)
-                .unwrap_or(EbpfAttach::Auto),
-            ebpf_tick: Duration::from_millis(ebpf_tick_ms),
-            ebpf_max_files,
-            poll_interval: ms(
-                args.poll_interval_ms,
-                file.poll_interval_ms,
-                250,
-                "poll-interval-ms",
-            )?,
-            node_name,
-            kube: args.kube.or(file.kube).unwrap_or(KubeMode::Auto),
-            ship: args.ship.or(file.ship).unwrap_or(ShipMode::All),
-            declaration_prefixes: {
-                let raw = args
-                    .declaration_prefixes
-                    .or(file.declaration_prefixes)
-                    .unwrap_or_else(|| "aliyun".into());
-                let list: Vec<String> = raw
-                    .split(',')
-                    .map(|p| p.trim().to_owned())
-                    .filter(|p| !p.is_empty())
-                    .collect();
-                if let Some(bad) = list
-                    .iter()
-                    .find(|p| !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
-                {
-                    return Err(invalid(
-                        "declaration-prefixes",
-                        format!(
-                            "{bad:?}: a prefix is letters, digits and '_' (as in aliyun_logs_<name>)"
-                        ),
-                    ));
-                }
-                list
-            },
-            topic_allow: Globs::parse(
-                "topic-allow",
-                &args
-                    .topic_allow
-                    .or(file.topic_allow)
-                    .unwrap_or_else(|| "*".into()),
-            )?,
-            kubelet_pods_dir: args
-                .kubelet_pods_dir
-                .or(file.kubelet_pods_dir)
-                .unwrap_or_else(|| "/var/lib/kubelet/pods".into()),
-            allow_hostpath: Globs::parse(
-                "allow-hostpath",
-                &args
-                    .allow_hostpath
-                    .or(file.allow_hostpath)
-                    .unwrap_or_default(),
-            )?,
-            pod_labels: Globs::parse(
-                "pod-labels",
-                &args
-                    .pod_labels
-                    .or(file.pod_labels)
-                    .unwrap_or_else(|| "*".into()),
-            )?,
+            pods_dir: pick!(pods_dir, "/var/log/pods".into()),
+            docker_dir: pick!(docker_dir, "/var/lib/docker/containers".into()),
+            brokers: brokers(args.brokers.or(file.brokers))?,
+            topic: TopicTemplate::parse(&pick!(topic, "k8s-logs".into()))?,
+            format: pick!(format, OutputFormat::Json),
+            compression: pick!(compression, Compression::None),
+            kafka_client: pick!(kafka_client, KafkaClient::Native),
+            kafka_options: kafka_options(file.kafka_options, &args.kafka_options)?,
+            data_dir: pick!(data_dir, "/var/lib/bpftail".into()),
+            watcher: pick!(watcher, WatcherKind::Auto),
+            ebpf_attach: pick!(ebpf_attach, EbpfAttach::Auto),
+            ebpf_tick: Duration::from_millis(within(
+                "ebpf-tick-ms",
+                pick!(ebpf_tick_ms, 40),
+                1..=1000,
+            )?),
+            ebpf_max_files: within(
+                "ebpf-max-files",
+                pick!(ebpf_max_files, 16384).into(),
+                16..=1 << 20,
+            )? as u32,
+            poll_interval: millis!(poll_interval_ms, 250, "poll-interval-ms")?,
+            node_name: node_name(args.node_name.or(file.node_name)),
+            kube: pick!(kube, KubeMode::Auto),
+            ship: pick!(ship, ShipMode::All),
+            declaration_prefixes: declaration_prefixes(&pick!(
+                declaration_prefixes,
+                "aliyun".into()
+            ))?,
+            topic_allow: Globs::parse("topic-allow", &pick!(topic_allow, "*".into()))?,
+            kubelet_pods_dir: pick!(kubelet_pods_dir, "/var/lib/kubelet/pods".into()),
+            allow_hostpath: Globs::parse("allow-hostpath", &pick!(allow_hostpath, String::new()))?,
+            pod_labels: Globs::parse("pod-labels", &pick!(pod_labels, "*".into()))?,
             pod_annotations: Globs::parse(
                 "pod-annotations",
-                &args
-                    .pod_annotations
-                    .or(file.pod_annotations)
-                    .unwrap_or_default(),
+                &pick!(pod_annotations, String::new()),
             )?,
-            deleted_pod_grace: ms(
-                args.deleted_pod_grace_ms,
-                file.deleted_pod_grace_ms,
-                300_000,
-                "deleted-pod-grace-ms",
-            )?,
-            metrics_addr,
-            max_record_bytes,
+            deleted_pod_grace: millis!(deleted_pod_grace_ms, 300_000, "deleted-pod-grace-ms")?,
+            metrics_addr: metrics_addr(pick!(metrics_addr, "127.0.0.1:9808".into()))?,
+            max_record_bytes: within(
+                "max-record-bytes",
+                pick!(max_record_bytes, DEFAULT_MAX_RECORD_BYTES) as u64,
+                1024..=64 << 20,
+            )? as usize,
             max_inflight_bytes,
-            checkpoint_interval: ms(
-                args.checkpoint_interval_ms,
-                file.checkpoint_interval_ms,
-                1000,
-                "checkpoint-interval-ms",
-            )?,
-            sweep_interval: ms(
-                args.sweep_interval_ms,
-                file.sweep_interval_ms,
-                5000,
-                "sweep-interval-ms",
-            )?,
-            partial_flush: ms(
-                args.partial_flush_ms,
-                file.partial_flush_ms,
-                5000,
-                "partial-flush-ms",
-            )?,
-            shutdown_timeout: ms(
-                args.shutdown_timeout_ms,
-                file.shutdown_timeout_ms,
-                10_000,
-                "shutdown-timeout-ms",
-            )?,
-            log_format: args
-                .log_format
-                .or(file.log_format)
-                .unwrap_or(LogFormat::Text),
+            checkpoint_interval: millis!(checkpoint_interval_ms, 1000, "checkpoint-interval-ms")?,
+            sweep_interval: millis!(sweep_interval_ms, 5000, "sweep-interval-ms")?,
+            partial_flush: millis!(partial_flush_ms, 5000, "partial-flush-ms")?,
+            shutdown_timeout: millis!(shutdown_timeout_ms, 10_000, "shutdown-timeout-ms")?,
+            log_format: pick!(log_format, LogFormat::Text),
         };
         // The native client refuses settings it does not implement: say so
         // now, before anything starts.
@@ -626,6 +454,112 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// The node's name: `--node-name`, else `NODE_NAME`, else the host name.
+fn node_name(flag: Option<String>) -> String {
+    match flag {
+        Some(n) => n,
+        None => std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(hostname),
+    }
+}
+
+/// `--brokers`: a comma-separated list of HOST:PORT.
+fn brokers(value: Option<String>) -> Result<String, ConfigError> {
+    let brokers = value.ok_or_else(|| {
+        invalid(
+            "brokers",
+            "no Kafka brokers given: set --brokers HOST:PORT, BPFTAIL_BROKERS or `brokers` in the config file",
+        )
+    })?;
+    if brokers
+        .split(',')
+        .any(|b| b.trim().is_empty() || !b.contains(':'))
+    {
+        return Err(invalid(
+            "brokers",
+            format!("{brokers:?} is not a list of HOST:PORT separated by commas"),
+        ));
+    }
+    Ok(brokers)
+}
+
+/// `--kafka-option KEY=VALUE` over the file's `[kafka_options]`; the
+/// settings other flags own are refused.
+fn kafka_options(
+    mut options: BTreeMap<String, String>,
+    flags: &[String],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    for kv in flags {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| invalid("kafka-option", format!("{kv:?} is not KEY=VALUE")))?;
+        if k.trim().is_empty() {
+            return Err(invalid("kafka-option", format!("{kv:?} has an empty key")));
+        }
+        options.insert(k.trim().to_owned(), v.to_owned());
+    }
+    for reserved in ["bootstrap.servers", "compression.type", "compression.codec"] {
+        if options.contains_key(reserved) {
+            return Err(invalid(
+                "kafka-option",
+                format!("{reserved} is set by --brokers/--compression; use those flags instead"),
+            ));
+        }
+    }
+    Ok(options)
+}
+
+/// `value` if it is within `range`.
+fn within(
+    setting: &'static str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            setting,
+            format!("{value} is outside {}..={}", range.start(), range.end()),
+        ))
+    }
+}
+
+/// `--metrics-addr`: IP:PORT, or `off`.
+fn metrics_addr(value: String) -> Result<Option<SocketAddr>, ConfigError> {
+    if value == "off" || value.is_empty() {
+        return Ok(None);
+    }
+    value.parse::<SocketAddr>().map(Some).map_err(|e| {
+        invalid(
+            "metrics-addr",
+            format!("{value:?} is not IP:PORT ({e}); use \"off\" to disable"),
+        )
+    })
+}
+
+/// `--declaration-prefixes`: comma-separated names made of letters, digits
+/// and `_`.
+fn declaration_prefixes(raw: &str) -> Result<Vec<String>, ConfigError> {
+    let list: Vec<String> = raw
+        .split(',')
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if let Some(bad) = list
+        .iter()
+        .find(|p| !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    {
+        return Err(invalid(
+            "declaration-prefixes",
+            format!("{bad:?}: a prefix is letters, digits and '_' (as in aliyun_logs_<name>)"),
+        ));
+    }
+    Ok(list)
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {

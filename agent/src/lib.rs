@@ -112,56 +112,57 @@ impl DataParts {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then shuts down in order.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    let store = Store::open(&cfg.data_dir)?;
-    let restored = match store.load() {
-        Ok(r) => r,
+/// The positions of the last checkpoint. A corrupt checkpoint is moved
+/// aside: losing the positions means resending, never losing lines.
+fn load_checkpoints(
+    cfg: &Config,
+    store: &Store,
+) -> anyhow::Result<std::collections::HashMap<checkpoint::FileKey, checkpoint::Entry>> {
+    match store.load() {
+        Ok(r) => Ok(r),
         Err(e @ CheckpointError::Corrupt { .. }) => {
-            // Losing the positions means resending, never losing lines.
             let aside = cfg.data_dir.join("checkpoints.json.corrupt");
             let _ = std::fs::rename(cfg.data_dir.join("checkpoints.json"), &aside);
             tracing::error!(error = %e, moved_to = %aside.display(), "starting without checkpoints: files are read from the start");
-            Default::default()
+            Ok(Default::default())
         }
-        Err(e) => return Err(e.into()),
-    };
-    let stopping = Arc::new(AtomicBool::new(false));
-    // The data loop sleeps on this channel; changes and delivery reports wake it.
-    let (wake_tx, wake) = crossbeam_channel::bounded(1);
-    let wakes = (wake_tx.clone(), wake.clone());
-    let sink = match cfg.kafka_client {
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Starts the Kafka client `--kafka-client` names.
+fn start_client(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+    stopping: &Arc<AtomicBool>,
+    wakes: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
+) -> anyhow::Result<Client> {
+    Ok(match cfg.kafka_client {
         config::KafkaClient::Native => Client::Native(Box::new(kafka::NativeSink::new(
-            &cfg,
+            cfg,
             metrics.clone(),
             stopping.clone(),
             wakes,
         )?)),
         config::KafkaClient::Rdkafka => Client::Rdkafka(sink::rdkafka::RdkafkaSink::new(
-            &cfg,
+            cfg,
             metrics.clone(),
             stopping.clone(),
             wakes,
         )?),
-    };
+    })
+}
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .context("starting the control-plane runtime")?;
-    let listener = match cfg.metrics_addr {
-        Some(addr) => Some(
-            runtime
-                .block_on(tokio::net::TcpListener::bind(addr))
-                .with_context(|| format!("metrics-addr: cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
-
-    let queue = ChangeQueue::new(wake_tx);
-    let started = watch::start(cfg.watcher, &watch_options(&cfg), &queue, &metrics)
+/// Starts the change source `--watcher` names (or the first usable one).
+fn start_watcher(
+    cfg: &Config,
+    queue: &ChangeQueue,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Box<dyn watch::ChangeSource>> {
+    let started = watch::start(cfg.watcher, &watch_options(cfg), queue, metrics)
         .map_err(|e| anyhow::anyhow!("watcher {}: {e}", cfg.watcher.as_str()))?;
     for (kind, why) in &started.skipped {
         tracing::warn!(watcher = %kind.as_str(), reason = %why, "change-detection backend unusable; trying the next");
@@ -177,14 +178,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             "auto does not use the eBPF sys_exit tracepoint hook (it would slow every syscall on this node); --watcher ebpf forces it"
         );
     }
-    let source = started.source;
     // Starting the eBPF watcher parsed the kernel's BTF (tens of MB, freed
     // since): hand those pages back to the system now.
     // SAFETY: mi_collect has no preconditions.
     unsafe { libmimalloc_sys::mi_collect(true) };
-    let _ = metrics.watcher.set(started.detail.clone());
-    // Pod metadata: the list-watch runs on the control-plane runtime.
-    let kube_client = match cfg.kube {
+    let _ = metrics.watcher.set(started.detail);
+    Ok(started.source)
+}
+
+/// The Kubernetes API client, unless `--kube off` or no configuration.
+fn kube_client(cfg: &Config, runtime: &tokio::runtime::Runtime) -> Option<::kube::Client> {
+    let client = match cfg.kube {
         KubeMode::Off => None,
         KubeMode::Auto => match runtime.block_on(kube::client()) {
             Ok(c) => Some(c),
@@ -194,25 +198,56 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             }
         },
     };
-    let pods = kube_client
-        .as_ref()
-        .map(|_| Arc::new(kube::PodCache::default()));
-    if pods.is_none() && cfg.ship == config::ShipMode::Declared {
+    if client.is_none() && cfg.ship == config::ShipMode::Declared {
         tracing::warn!(
             "--ship declared without the Kubernetes API: CRI logs' declarations come from the API, so only Docker logs (declared in their env or labels) are shipped"
         );
     }
+    client
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then shuts down in order.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let store = Store::open(&cfg.data_dir)?;
+    let restored = load_checkpoints(&cfg, &store)?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    // The data loop sleeps on this channel; changes and delivery reports wake it.
+    let (wake_tx, wake) = crossbeam_channel::bounded(1);
+    let sink = start_client(&cfg, &metrics, &stopping, (wake_tx.clone(), wake.clone()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the control-plane runtime")?;
+    let listener = match cfg.metrics_addr {
+        Some(addr) => Some(
+            runtime
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("metrics-addr: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let queue = ChangeQueue::new(wake_tx);
+    let source = start_watcher(&cfg, &queue, &metrics)?;
+    // Pod metadata: the list-watch runs on the control-plane runtime.
+    let kube_client = kube_client(&cfg, &runtime);
+    let pods = kube_client
+        .as_ref()
+        .map(|_| Arc::new(kube::PodCache::default()));
     tracing::info!(
-        watcher = %started.detail,
+        watcher = %metrics.watcher.get().map_or("", |w| w.as_str()),
         pods_dir = %cfg.pods_dir.display(),
         docker_dir = %cfg.docker_dir.display(),
         brokers = %cfg.brokers,
         node = %cfg.node_name,
         "bpftail starting"
     );
-
     let stall = cfg.sweep_interval * 3 + Duration::from_secs(30);
-    let (node_name, deleted_pod_grace) = (cfg.node_name.clone(), cfg.deleted_pod_grace);
+    let settings = kube::WatchSettings {
+        node: cfg.node_name.clone(),
+        grace: cfg.deleted_pod_grace,
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let parts = DataParts {
         cfg,
@@ -230,38 +265,34 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         Client::Native(s) => parts.spawn(*s)?,
         Client::Rdkafka(s) => parts.spawn(s)?,
     };
-
     runtime.block_on(async {
         if let Some(listener) = listener {
             tokio::spawn(metrics::serve(listener, metrics.clone(), stall));
         }
         if let (Some(client), Some(pods)) = (kube_client, pods) {
-            let settings = kube::WatchSettings {
-                node: node_name,
-                grace: deleted_pod_grace,
-            };
             let queue = queue.clone();
-            tokio::spawn(kube::watch(
-                client,
-                settings,
-                pods,
-                metrics.clone(),
-                move || queue.wake(),
-            ));
+            let wake = move || queue.wake();
+            tokio::spawn(kube::watch(client, settings, pods, metrics.clone(), wake));
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-            _ = done_rx => tracing::error!("data loop ended unexpectedly"),
-        }
-        anyhow::Ok(())
+        until_signal(done_rx).await
     })?;
     stopping.store(true, Ordering::Relaxed);
     queue.wake();
     data.join()
         .map_err(|_| anyhow::anyhow!("data loop panicked"))?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for SIGTERM, SIGINT, or the data loop's end.
+async fn until_signal(done: tokio::sync::oneshot::Receiver<()>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+        _ = done => tracing::error!("data loop ended unexpectedly"),
+    }
     Ok(())
 }

@@ -168,203 +168,16 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut c = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP bpftail_{name} {help}\n# TYPE bpftail_{name} counter\nbpftail_{name} {v}"
-            );
-        };
-        c(
-            "scans_total",
-            "Full discoveries of the log directories done.",
-            self.scans.get(),
-        );
-        c(
-            "sweeps_total",
-            "Sweeps (a look at every open file) done.",
-            self.sweeps.get(),
-        );
-        c(
-            "lines_read_total",
-            "Physical lines read from log files.",
-            self.lines_read.get(),
-        );
-        c(
-            "bytes_read_total",
-            "Bytes read from log files.",
-            self.bytes_read.get(),
-        );
-        c(
-            "records_sent_total",
-            "Records handed to the Kafka producer.",
-            self.records_sent.get(),
-        );
-        c(
-            "records_delivered_total",
-            "Records acknowledged by Kafka.",
-            self.records_delivered.get(),
-        );
-        c(
-            "bytes_delivered_total",
-            "Record value bytes acknowledged by Kafka.",
-            self.bytes_delivered.get(),
-        );
-        c(
-            "records_truncated_total",
-            "Records cut at the maximum record size.",
-            self.truncated.get(),
-        );
-        c(
-            "lines_malformed_total",
-            "Lines not in their file's format, shipped raw.",
-            self.malformed.get(),
-        );
-        c(
-            "invalid_utf8_total",
-            "Messages with invalid UTF-8 (replaced by U+FFFD in --format json).",
-            self.invalid_utf8.get(),
-        );
-        c(
-            "records_partial_flushed_total",
-            "Records delivered without their end (file ended inside them).",
-            self.partial_flushed.get(),
-        );
-        c(
-            "bytes_skipped_total",
-            "Bytes dropped from lines longer than the maximum.",
-            self.bytes_skipped.get(),
-        );
-        c(
-            "file_truncations_total",
-            "Files found shorter than the read offset (copytruncate).",
-            self.truncations.get(),
-        );
-        c(
-            "file_rotations_total",
-            "Files renamed away from their path (rotation).",
-            self.rotations.get(),
-        );
-        c(
-            "read_errors_total",
-            "Failed reads of log files.",
-            self.read_errors.get(),
-        );
-        c(
-            "open_errors_total",
-            "Log files that could not be opened.",
-            self.open_errors.get(),
-        );
-        c(
-            "checkpoint_writes_total",
-            "Checkpoints persisted.",
-            self.checkpoint_writes.get(),
-        );
-        c(
-            "checkpoint_errors_total",
-            "Checkpoint writes that failed.",
-            self.checkpoint_errors.get(),
-        );
-        c(
-            "watcher_overflows_total",
-            "Change-source overflows (followed by a full rescan).",
-            self.watcher_overflows.get(),
-        );
-        c(
-            "watcher_wakeups_total",
-            "Wakeups of the change-source thread to handle kernel events.",
-            self.watcher_wakeups.get(),
-        );
-        c(
-            "ebpf_hook_hits_total",
-            "Write-family syscalls (or VFS writes) seen by the eBPF hook.",
-            self.ebpf_hook_hits.get(),
-        );
-        c(
-            "ebpf_watched_writes_total",
-            "Writes to watched files seen by the eBPF hook.",
-            self.ebpf_watched_writes.get(),
-        );
-        c(
-            "ebpf_events_total",
-            "Events the eBPF hook put in its ring buffer.",
-            self.ebpf_events.get(),
-        );
-        c(
-            "ebpf_drops_total",
-            "Events the eBPF hook could not deliver (each makes the agent read every file).",
-            self.ebpf_drops.get(),
-        );
-        c(
-            "ebpf_recursion_misses_total",
-            "Hook runs the kernel skipped (another run in progress on that CPU); each makes the agent read every file.",
-            self.ebpf_misses.get(),
-        );
-        c(
-            "kube_events_total",
-            "Pod list-watch events received from the Kubernetes API.",
-            self.kube_events.get(),
-        );
-        c(
-            "kube_watch_errors_total",
-            "Pod list-watch errors (each retried with backoff).",
-            self.kube_watch_errors.get(),
-        );
-        c(
-            "json_lines_invalid_total",
-            "Lines declared JSON (_format=json) that were not one JSON object; shipped as the message.",
-            self.json_lines_invalid.get(),
-        );
-        c(
-            "declarations_refused_total",
-            "Log declarations refused (bad name, value, format or topic; topic outside --topic-allow), per file opened.",
-            self.declarations_refused.get(),
-        );
-        c(
-            "declaration_tags_dropped_total",
-            "Garbage entries in declaration tags, dropped.",
-            self.tags_dropped.get(),
-        );
-        c(
-            "records_suppressed_total",
-            "Records read and discarded: their file's container was opted out (or undeclared) while it was followed.",
-            self.records_suppressed.get(),
-        );
-        c(
-            "files_skipped_total",
-            "Log files not shipped: opted out (bpftail.io/exclude) or undeclared with --ship declared.",
-            self.files_skipped.get(),
-        );
-        c(
-            "files_without_pod_total",
-            "Log files opened while their pod was not known (records carry the metadata their path gives until it is).",
-            self.files_without_pod.get(),
-        );
-        c(
-            "kafka_requests_total",
-            "Produce requests sent by the native Kafka client.",
-            self.kafka_requests.get(),
-        );
-        c(
-            "kafka_batches_total",
-            "Record batches acknowledged by Kafka (native client).",
-            self.kafka_batches.get(),
-        );
-        c(
-            "kafka_request_errors_total",
-            "Kafka requests that got no valid response (connection refused or lost, timeout, invalid frame); retried.",
-            self.kafka_request_errors.get(),
-        );
-        c(
-            "kafka_partition_errors_total",
-            "Partition errors in produce responses (retried, or the batch refused for good).",
-            self.kafka_partition_errors.get(),
-        );
-        c(
-            "kafka_metadata_requests_total",
-            "Metadata requests sent by the native Kafka client.",
-            self.kafka_metadata_requests.get(),
-        );
+        let mut out = String::with_capacity(8192);
+        for (kind, table) in [("counter", COUNTERS), ("gauge", GAUGES)] {
+            for (name, help, value) in table {
+                let _ = writeln!(
+                    out,
+                    "# HELP bpftail_{name} {help}\n# TYPE bpftail_{name} {kind}\nbpftail_{name} {}",
+                    value(self)
+                );
+            }
+        }
         if let Some(w) = self.watcher.get() {
             let _ = writeln!(
                 out,
@@ -383,55 +196,240 @@ impl Metrics {
                 kind.kind()
             );
         }
-        let mut g = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP bpftail_{name} {help}\n# TYPE bpftail_{name} gauge\nbpftail_{name} {v}"
-            );
-        };
-        g(
-            "kube_pods",
-            "Pods of this node in the metadata cache (deleted ones within their grace period included).",
-            self.kube_pods.get(),
-        );
-        g(
-            "kube_synced",
-            "1 once the pod list has been received from the Kubernetes API.",
-            self.kube_synced.get(),
-        );
-        g(
-            "kube_generation",
-            "Changes of the pod list received from the Kubernetes API (a counter of the pod cache).",
-            self.kube_generation.get(),
-        );
-        g(
-            "kube_generation_applied",
-            "The kube_generation whose metadata the followed files carry.",
-            self.kube_generation_applied.get(),
-        );
-        g(
-            "files_watched",
-            "Log files open and followed.",
-            self.files_watched.get(),
-        );
-        g(
-            "ebpf_unwatched_files",
-            "Files the eBPF map had no room for (polled every second instead).",
-            self.ebpf_unwatched_files.get(),
-        );
-        g(
-            "inflight_bytes",
-            "Bytes produced and not yet acknowledged (budget accounting).",
-            self.inflight.get().map_or(0, |b| b.used()),
-        );
-        g(
-            "checkpoint_lag_bytes",
-            "Bytes on disk not yet acknowledged, over all files.",
-            self.checkpoint_lag_bytes.get(),
-        );
         out
     }
 }
+
+/// One exported metric: name (after `bpftail_`), help, value.
+type Row = (&'static str, &'static str, fn(&Metrics) -> u64);
+
+const COUNTERS: &[Row] = &[
+    (
+        "scans_total",
+        "Full discoveries of the log directories done.",
+        |m| m.scans.get(),
+    ),
+    (
+        "sweeps_total",
+        "Sweeps (a look at every open file) done.",
+        |m| m.sweeps.get(),
+    ),
+    (
+        "lines_read_total",
+        "Physical lines read from log files.",
+        |m| m.lines_read.get(),
+    ),
+    ("bytes_read_total", "Bytes read from log files.", |m| {
+        m.bytes_read.get()
+    }),
+    (
+        "records_sent_total",
+        "Records handed to the Kafka producer.",
+        |m| m.records_sent.get(),
+    ),
+    (
+        "records_delivered_total",
+        "Records acknowledged by Kafka.",
+        |m| m.records_delivered.get(),
+    ),
+    (
+        "bytes_delivered_total",
+        "Record value bytes acknowledged by Kafka.",
+        |m| m.bytes_delivered.get(),
+    ),
+    (
+        "records_truncated_total",
+        "Records cut at the maximum record size.",
+        |m| m.truncated.get(),
+    ),
+    (
+        "lines_malformed_total",
+        "Lines not in their file's format, shipped raw.",
+        |m| m.malformed.get(),
+    ),
+    (
+        "invalid_utf8_total",
+        "Messages with invalid UTF-8 (replaced by U+FFFD in --format json).",
+        |m| m.invalid_utf8.get(),
+    ),
+    (
+        "records_partial_flushed_total",
+        "Records delivered without their end (file ended inside them).",
+        |m| m.partial_flushed.get(),
+    ),
+    (
+        "bytes_skipped_total",
+        "Bytes dropped from lines longer than the maximum.",
+        |m| m.bytes_skipped.get(),
+    ),
+    (
+        "file_truncations_total",
+        "Files found shorter than the read offset (copytruncate).",
+        |m| m.truncations.get(),
+    ),
+    (
+        "file_rotations_total",
+        "Files renamed away from their path (rotation).",
+        |m| m.rotations.get(),
+    ),
+    ("read_errors_total", "Failed reads of log files.", |m| {
+        m.read_errors.get()
+    }),
+    (
+        "open_errors_total",
+        "Log files that could not be opened.",
+        |m| m.open_errors.get(),
+    ),
+    ("checkpoint_writes_total", "Checkpoints persisted.", |m| {
+        m.checkpoint_writes.get()
+    }),
+    (
+        "checkpoint_errors_total",
+        "Checkpoint writes that failed.",
+        |m| m.checkpoint_errors.get(),
+    ),
+    (
+        "watcher_overflows_total",
+        "Change-source overflows (followed by a full rescan).",
+        |m| m.watcher_overflows.get(),
+    ),
+    (
+        "watcher_wakeups_total",
+        "Wakeups of the change-source thread to handle kernel events.",
+        |m| m.watcher_wakeups.get(),
+    ),
+    (
+        "ebpf_hook_hits_total",
+        "Write-family syscalls (or VFS writes) seen by the eBPF hook.",
+        |m| m.ebpf_hook_hits.get(),
+    ),
+    (
+        "ebpf_watched_writes_total",
+        "Writes to watched files seen by the eBPF hook.",
+        |m| m.ebpf_watched_writes.get(),
+    ),
+    (
+        "ebpf_events_total",
+        "Events the eBPF hook put in its ring buffer.",
+        |m| m.ebpf_events.get(),
+    ),
+    (
+        "ebpf_drops_total",
+        "Events the eBPF hook could not deliver (each makes the agent read every file).",
+        |m| m.ebpf_drops.get(),
+    ),
+    (
+        "ebpf_recursion_misses_total",
+        "Hook runs the kernel skipped (another run in progress on that CPU); each makes the agent read every file.",
+        |m| m.ebpf_misses.get(),
+    ),
+    (
+        "kube_events_total",
+        "Pod list-watch events received from the Kubernetes API.",
+        |m| m.kube_events.get(),
+    ),
+    (
+        "kube_watch_errors_total",
+        "Pod list-watch errors (each retried with backoff).",
+        |m| m.kube_watch_errors.get(),
+    ),
+    (
+        "json_lines_invalid_total",
+        "Lines declared JSON (_format=json) that were not one JSON object; shipped as the message.",
+        |m| m.json_lines_invalid.get(),
+    ),
+    (
+        "declarations_refused_total",
+        "Log declarations refused (bad name, value, format or topic; topic outside --topic-allow), per file opened.",
+        |m| m.declarations_refused.get(),
+    ),
+    (
+        "declaration_tags_dropped_total",
+        "Garbage entries in declaration tags, dropped.",
+        |m| m.tags_dropped.get(),
+    ),
+    (
+        "records_suppressed_total",
+        "Records read and discarded: their file's container was opted out (or undeclared) while it was followed.",
+        |m| m.records_suppressed.get(),
+    ),
+    (
+        "files_skipped_total",
+        "Log files not shipped: opted out (bpftail.io/exclude) or undeclared with --ship declared.",
+        |m| m.files_skipped.get(),
+    ),
+    (
+        "files_without_pod_total",
+        "Log files opened while their pod was not known (records carry the metadata their path gives until it is).",
+        |m| m.files_without_pod.get(),
+    ),
+    (
+        "kafka_requests_total",
+        "Produce requests sent by the native Kafka client.",
+        |m| m.kafka_requests.get(),
+    ),
+    (
+        "kafka_batches_total",
+        "Record batches acknowledged by Kafka (native client).",
+        |m| m.kafka_batches.get(),
+    ),
+    (
+        "kafka_request_errors_total",
+        "Kafka requests that got no valid response (connection refused or lost, timeout, invalid frame); retried.",
+        |m| m.kafka_request_errors.get(),
+    ),
+    (
+        "kafka_partition_errors_total",
+        "Partition errors in produce responses (retried, or the batch refused for good).",
+        |m| m.kafka_partition_errors.get(),
+    ),
+    (
+        "kafka_metadata_requests_total",
+        "Metadata requests sent by the native Kafka client.",
+        |m| m.kafka_metadata_requests.get(),
+    ),
+];
+
+const GAUGES: &[Row] = &[
+    (
+        "kube_pods",
+        "Pods of this node in the metadata cache (deleted ones within their grace period included).",
+        |m| m.kube_pods.get(),
+    ),
+    (
+        "kube_synced",
+        "1 once the pod list has been received from the Kubernetes API.",
+        |m| m.kube_synced.get(),
+    ),
+    (
+        "kube_generation",
+        "Changes of the pod list received from the Kubernetes API (a counter of the pod cache).",
+        |m| m.kube_generation.get(),
+    ),
+    (
+        "kube_generation_applied",
+        "The kube_generation whose metadata the followed files carry.",
+        |m| m.kube_generation_applied.get(),
+    ),
+    ("files_watched", "Log files open and followed.", |m| {
+        m.files_watched.get()
+    }),
+    (
+        "ebpf_unwatched_files",
+        "Files the eBPF map had no room for (polled every second instead).",
+        |m| m.ebpf_unwatched_files.get(),
+    ),
+    (
+        "inflight_bytes",
+        "Bytes produced and not yet acknowledged (budget accounting).",
+        |m| m.inflight.get().map_or(0, |b| b.used()),
+    ),
+    (
+        "checkpoint_lag_bytes",
+        "Bytes on disk not yet acknowledged, over all files.",
+        |m| m.checkpoint_lag_bytes.get(),
+    ),
+];
 
 /// Logs at most once per period; counts what it suppressed in between.
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::{Found, MetaContext, Origin, volumes};
 use crate::config::Globs;
 use crate::declare;
-use crate::kube::PodInfo;
+use crate::kube::{ContainerInfo, PodInfo};
 use crate::metrics::Metrics;
 use crate::tail::decode::Format;
 
@@ -85,88 +85,98 @@ pub fn scan(pods: &[Arc<PodInfo>], ctx: &MetaContext, roots: &Roots<'_>) -> Decl
             if declare::excluded(&c.name, annotations) {
                 continue;
             }
-            let origin = Origin {
-                namespace: pod.namespace.clone(),
-                pod: pod.name.clone(),
+            scan_container(pod, c, ctx, roots, &mut out);
+            out.containers.insert(ContainerRef {
                 pod_uid: pod.uid.clone(),
                 container: c.name.clone(),
-                ..Default::default()
-            };
-            let at = ContainerRef {
-                pod_uid: pod.uid.clone(),
-                container: c.name.clone(),
-            };
-            let note = |declaration: &str, problem, path: &str, reason: String| Note {
-                key: NoteKey {
-                    container: at.clone(),
-                    declaration: declaration.to_owned(),
-                    problem,
-                },
-                namespace: pod.namespace.clone(),
-                pod: pod.name.clone(),
-                path: path.to_owned(),
-                reason,
-            };
-            let declared = ctx.declared(&origin, Some(pod));
-            for r in &declared.refused {
-                out.notes
-                    .push(note(&r.name, Problem::Refused, "", r.reason.clone()));
-            }
-            for d in &declared.declarations {
-                let declare::Source::Path(glob) = &d.source else {
-                    continue;
-                };
-                let resolved =
-                    volumes::resolve(glob, pod, c, roots.kubelet_pods_dir, roots.allow_hostpath);
-                let listing = match resolved {
-                    Ok(r) => volumes::list_matches(&r),
-                    Err(reason) => {
-                        let reason = reason.to_string();
-                        out.notes
-                            .push(note(&d.name, Problem::Unresolvable, glob, reason));
-                        continue;
-                    }
-                };
-                let listing = match listing {
-                    Ok(l) => l,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                        out.notes
-                            .push(note(&d.name, Problem::NoOpenat2, glob, e.to_string()));
-                        continue;
-                    }
-                    Err(e) => {
-                        // e.g. the volume's directory is not made yet.
-                        tracing::debug!(declaration = %d.name, error = %e, "cannot list a declared volume");
-                        continue;
-                    }
-                };
-                if listing.truncated {
-                    let reason = format!(
-                        "more than {} files or {} entries",
-                        volumes::MAX_MATCHES,
-                        volumes::MAX_ENTRIES
-                    );
-                    out.notes
-                        .push(note(&d.name, Problem::TooManyFiles, glob, reason));
-                }
-                out.dirs.extend(listing.dirs);
-                for f in listing.files {
-                    out.files.push(Found {
-                        path: f.base.join(&f.rel),
-                        origin: Origin {
-                            declaration: Some(d.name.clone()),
-                            ..origin.clone()
-                        },
-                        format: Format::Raw,
-                        rotated: false,
-                        confined: Some(f),
-                    });
-                }
-            }
-            out.containers.insert(at);
+            });
         }
     }
     out
+}
+
+/// The declared files of one container.
+fn scan_container(
+    pod: &PodInfo,
+    c: &ContainerInfo,
+    ctx: &MetaContext,
+    roots: &Roots<'_>,
+    out: &mut DeclaredScan,
+) {
+    let origin = Origin {
+        namespace: pod.namespace.clone(),
+        pod: pod.name.clone(),
+        pod_uid: pod.uid.clone(),
+        container: c.name.clone(),
+        ..Default::default()
+    };
+    let note = |declaration: &str, problem, path: &str, reason: String| Note {
+        key: NoteKey {
+            container: ContainerRef {
+                pod_uid: pod.uid.clone(),
+                container: c.name.clone(),
+            },
+            declaration: declaration.to_owned(),
+            problem,
+        },
+        namespace: pod.namespace.clone(),
+        pod: pod.name.clone(),
+        path: path.to_owned(),
+        reason,
+    };
+    let declared = ctx.declared(&origin, Some(pod));
+    for r in &declared.refused {
+        out.notes
+            .push(note(&r.name, Problem::Refused, "", r.reason.clone()));
+    }
+    for d in &declared.declarations {
+        let declare::Source::Path(glob) = &d.source else {
+            continue;
+        };
+        let listing =
+            match volumes::resolve(glob, pod, c, roots.kubelet_pods_dir, roots.allow_hostpath) {
+                Ok(r) => volumes::list_matches(&r),
+                Err(reason) => {
+                    let reason = reason.to_string();
+                    out.notes
+                        .push(note(&d.name, Problem::Unresolvable, glob, reason));
+                    continue;
+                }
+            };
+        let listing = match listing {
+            Ok(l) => l,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                out.notes
+                    .push(note(&d.name, Problem::NoOpenat2, glob, e.to_string()));
+                continue;
+            }
+            Err(e) => {
+                // e.g. the volume's directory is not made yet.
+                tracing::debug!(declaration = %d.name, error = %e, "cannot list a declared volume");
+                continue;
+            }
+        };
+        if listing.truncated {
+            let reason = format!(
+                "more than {} files or {} entries",
+                volumes::MAX_MATCHES,
+                volumes::MAX_ENTRIES
+            );
+            out.notes
+                .push(note(&d.name, Problem::TooManyFiles, glob, reason));
+        }
+        out.dirs.extend(listing.dirs);
+        out.files.extend(listing.files.into_iter().map(|f| Found {
+            path: f.base.join(&f.rel),
+            origin: Origin {
+                declaration: Some(d.name.clone()),
+                ..origin.clone()
+            },
+            format: Format::Raw,
+            rotated: false,
+            confined: Some(f),
+        }));
+    }
 }
 
 /// A hash of every in-container path the live `pods` declare: a rescan

@@ -146,10 +146,6 @@ pub struct Origin {
     pub docker_name: String,
 }
 
-fn json_str(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
-}
-
 impl MetaContext {
     /// The pod a file belongs to, if the cache knows it: by the uid in a
     /// CRI path, else by a Docker log's container id.
@@ -263,169 +259,38 @@ impl MetaContext {
             None if o.pod_uid.is_empty() => o.container_id.clone(),
             None => format!("{}/{}", o.pod_uid, o.container),
         };
-        let mut json = String::new();
-        let mut headers: Vec<(Box<str>, Box<str>)> = Vec::new();
-        let logpilot = self.policy.output == OutputFormat::Logpilot;
-        if logpilot {
-            // log-pilot's fields: its consumers keep working.
-            let docker_container = if !o.docker_name.is_empty() {
-                o.docker_name.clone()
-            } else if o.container_id.is_empty() {
-                // As kubelet's dockershim named containers.
-                format!(
-                    "k8s_{}_{}_{}_{}_{}",
-                    o.container, pod_name, namespace, o.pod_uid, o.attempt
-                )
-            } else {
-                o.container.clone()
-            };
-            let index = route.as_ref().map_or(&*stdout, |r| r.name.as_str());
-            for (k, v) in [
-                ("k8s_pod", pod_name.as_str()),
-                ("k8s_pod_namespace", &namespace),
-                ("k8s_container_name", &o.container),
-                ("k8s_node_name", &self.node),
-                ("docker_container", &docker_container),
-                ("topic", &stdout),
-                ("index", index),
-            ] {
-                json.push_str(&format!(",\"{k}\":{}", json_str(v)));
-            }
-        } else {
-            for (k, v) in [
-                ("namespace", &namespace),
-                ("pod", &pod_name),
-                ("container", &o.container),
-                ("node", &self.node),
-            ] {
-                json.push_str(&format!(",\"{k}\":{}", json_str(v)));
-            }
-        }
-        let mut bad_tags = declared.bad_tags;
-        if let Some(r) = &route
-            && !r.tags.is_empty()
-        {
-            if logpilot {
-                // Tags are top-level fields, as log-pilot sends them; one
-                // named like a field above is dropped.
-                const RESERVED: [&str; 10] = [
-                    "@timestamp",
-                    "message",
-                    "stream",
-                    "k8s_pod",
-                    "k8s_pod_namespace",
-                    "k8s_container_name",
-                    "k8s_node_name",
-                    "docker_container",
-                    "topic",
-                    "index",
-                ];
-                for (k, v) in &r.tags {
-                    if RESERVED.contains(&k.as_str()) {
-                        bad_tags += 1;
-                        continue;
-                    }
-                    json.push_str(&format!(",{}:{}", json_str(k), json_str(v)));
-                }
-            } else {
-                json.push_str(",\"tags\":{");
-                for (i, (k, v)) in r.tags.iter().enumerate() {
-                    if i > 0 {
-                        json.push(',');
-                    }
-                    json.push_str(&format!("{}:{}", json_str(k), json_str(v)));
-                }
-                json.push('}');
-            }
-            for (k, v) in &r.tags {
-                headers.push((format!("tag.{k}").into(), v.as_str().into()));
-            }
-        }
-        // Pod metadata (log-pilot's records have none: not in logpilot).
-        let mut pod_json = String::new();
-        if let Some(p) = &pod {
-            let c = p.container(&o.container);
-            let image = c.map_or("", |c| c.image.as_str());
-            let id = match c {
-                Some(c) if !c.id.is_empty() => c.id.as_str(),
-                _ => o.container_id.as_str(),
-            };
-            for (k, v) in [
-                ("pod_uid", p.uid.as_str()),
-                ("container_id", id),
-                ("image", image),
-            ] {
-                if !v.is_empty() {
-                    pod_json.push_str(&format!(",\"{k}\":{}", json_str(v)));
-                    headers.push((k.into(), v.into()));
-                }
-            }
-            if let Some((kind, name)) = &p.owner {
-                pod_json.push_str(&format!(
-                    ",\"owner\":{{\"kind\":{},\"name\":{}}}",
-                    json_str(kind),
-                    json_str(name)
-                ));
-                headers.push(("owner_kind".into(), kind.as_str().into()));
-                headers.push(("owner_name".into(), name.as_str().into()));
-            }
-            for (member, prefix, map, globs) in [
-                ("labels", "label.", &p.labels, &self.labels),
-                (
-                    "annotations",
-                    "annotation.",
-                    &p.annotations,
-                    &self.annotations,
-                ),
-            ] {
-                let chosen: Vec<_> = map.iter().filter(|(k, _)| globs.matches(k)).collect();
-                if chosen.is_empty() {
-                    continue;
-                }
-                pod_json.push_str(&format!(",\"{member}\":{{"));
-                for (i, (k, v)) in chosen.into_iter().enumerate() {
-                    if i > 0 {
-                        pod_json.push(',');
-                    }
-                    pod_json.push_str(&format!("{}:{}", json_str(k), json_str(v)));
-                    headers.push((format!("{prefix}{k}").into(), v.as_str().into()));
-                }
-                pod_json.push('}');
-            }
-        }
-        if !logpilot {
-            json.push_str(&pod_json);
-        }
-        let mut kafka_headers = Vec::new();
-        for (k, v) in [
-            ("namespace", namespace.as_str()),
-            ("pod", pod_name.as_str()),
-            ("container", o.container.as_str()),
-            ("node", self.node.as_str()),
-        ]
-        .into_iter()
-        .chain(headers.iter().map(|(k, v)| (&**k, &**v)))
-        {
-            crate::kafka::batch::put_header(&mut kafka_headers, k.as_bytes(), v.as_bytes());
-        }
+        let parts = crate::sink::render::file_parts(
+            self.policy.output,
+            &crate::sink::render::Subject {
+                namespace: &namespace,
+                pod: &pod_name,
+                node: &self.node,
+                origin: &o,
+                topic: &stdout,
+                route: route.as_ref(),
+                pod_info: pod.as_deref(),
+                labels: &self.labels,
+                annotations: &self.annotations,
+            },
+        );
         FileMeta {
-            kafka_header_count: 4 + headers.len(),
-            kafka_headers: kafka_headers.into(),
+            kafka_header_count: parts.kafka_header_count,
+            kafka_headers: parts.kafka_headers,
             namespace,
             pod: pod_name,
             container: o.container.clone(),
             format,
             key: key.into_bytes().into(),
             topics: [stdout, stderr],
-            json_members: json.into_bytes().into(),
-            headers,
+            json_members: parts.json_members,
+            headers: parts.headers,
             origin: o,
             pod_info: pod,
             suppressed: excluded || (self.policy.ship == ShipMode::Declared && route.is_none()),
             route,
             excluded,
             refused: declared.refused,
-            bad_tags,
+            bad_tags: declared.bad_tags + parts.dropped_tags,
         }
     }
 }
