@@ -13,6 +13,7 @@ pub mod config;
 pub mod declare;
 pub mod discover;
 pub mod files;
+pub mod fs;
 pub mod kafka;
 pub mod kube;
 pub mod metrics;

@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::fs::ReadAt;
+
 /// Identity of an open file: device and inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileKey {
@@ -58,8 +60,7 @@ impl Fingerprint {
     }
 
     /// Reads and hashes the first bytes of `file` (up to `len` of them).
-    pub fn read(file: &File, len: usize) -> std::io::Result<Fingerprint> {
-        use std::os::unix::fs::FileExt;
+    pub fn read<R: ReadAt + ?Sized>(file: &R, len: usize) -> std::io::Result<Fingerprint> {
         let mut buf = [0u8; Self::MAX_LEN];
         let want = len.min(Self::MAX_LEN);
         let mut got = 0;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use crate::config::{Globs, OutputFormat, ShipMode, TopicTemplate, TopicVars};
 use crate::declare::{self, Declaration, Declared, LineFormat, Refusal};
+use crate::fs::Fs;
 use crate::kube::{PodCache, PodInfo};
 use crate::tail::decode::{Format, Stream};
 
@@ -348,8 +349,8 @@ pub fn is_live_log_name(name: &std::ffi::OsStr) -> bool {
         .is_some_and(|n| parse_cri_file(n) == Some(false) || n.ends_with("-json.log"))
 }
 
-fn read_dir_sorted(dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
-    let rd = match std::fs::read_dir(dir) {
+fn read_dir_sorted(fs: &Fs, dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
+    let names = match fs.read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => {
@@ -357,9 +358,12 @@ fn read_dir_sorted(dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
             return Vec::new();
         }
     };
-    let mut out: Vec<(String, PathBuf)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+    let mut out: Vec<(String, PathBuf)> = names
+        .into_iter()
+        .filter_map(|n| {
+            let path = dir.join(&n);
+            Some((n.into_string().ok()?, path))
+        })
         .collect();
     out.sort();
     out
@@ -367,25 +371,25 @@ fn read_dir_sorted(dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
 
 /// Lists the CRI log files under `root`; a container's rotations come in name
 /// order, which is age order (kubelet suffixes a timestamp).
-pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
-    if !root.is_dir() {
+pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
+    if !fs.is_dir(root) {
         return;
     }
     scan.dirs.push(root.to_owned());
-    for (name, pod_dir) in read_dir_sorted(root, scan) {
+    for (name, pod_dir) in read_dir_sorted(fs, root, scan) {
         let Some((ns, pod, uid)) = parse_pod_dir(&name) else {
             continue;
         };
-        if !pod_dir.is_dir() {
+        if !fs.is_dir(&pod_dir) {
             continue;
         }
         scan.dirs.push(pod_dir.clone());
-        for (container, cdir) in read_dir_sorted(&pod_dir, scan) {
-            if !cdir.is_dir() {
+        for (container, cdir) in read_dir_sorted(fs, &pod_dir, scan) {
+            if !fs.is_dir(&cdir) {
                 continue;
             }
             scan.dirs.push(cdir.clone());
-            for (fname, path) in read_dir_sorted(&cdir, scan) {
+            for (fname, path) in read_dir_sorted(fs, &cdir, scan) {
                 let Some(rotated) = parse_cri_file(&fname) else {
                     continue;
                 };
@@ -414,17 +418,18 @@ pub fn scan_pods_dir(root: &Path, scan: &mut Scan) {
 }
 
 /// Lists Docker json-file logs under `root`, rotations oldest first.
-pub fn scan_docker_dir(root: &Path, scan: &mut Scan) {
-    if !root.is_dir() {
+/// (Its `config.v2.json` is read from the operating system's file system.)
+pub fn scan_docker_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
+    if !fs.is_dir(root) {
         return;
     }
     scan.dirs.push(root.to_owned());
-    for (id, cdir) in read_dir_sorted(root, scan) {
-        if !cdir.is_dir() {
+    for (id, cdir) in read_dir_sorted(fs, root, scan) {
+        if !fs.is_dir(&cdir) {
             continue;
         }
         let log_name = format!("{id}-json.log");
-        let files: Vec<(PathBuf, bool)> = read_dir_sorted(&cdir, scan)
+        let files: Vec<(PathBuf, bool)> = read_dir_sorted(fs, &cdir, scan)
             .into_iter()
             .filter_map(|(fname, path)| match fname.strip_prefix(&log_name) {
                 Some("") => Some((path, false)),
@@ -543,7 +548,7 @@ mod tests {
         }
         std::fs::create_dir_all(root.path().join("not-a-pod-dir/app")).unwrap();
         let mut scan = Scan::default();
-        scan_pods_dir(root.path(), &mut scan);
+        scan_pods_dir(&Fs::Os, root.path(), &mut scan);
         let names: Vec<(String, bool)> = scan
             .files
             .iter()
@@ -588,8 +593,8 @@ mod tests {
     #[test]
     fn missing_roots_are_not_errors() {
         let mut scan = Scan::default();
-        scan_pods_dir(Path::new("/nonexistent/bpftail"), &mut scan);
-        scan_docker_dir(Path::new("/nonexistent/bpftail"), &mut scan);
+        scan_pods_dir(&Fs::Os, Path::new("/nonexistent/bpftail"), &mut scan);
+        scan_docker_dir(&Fs::Os, Path::new("/nonexistent/bpftail"), &mut scan);
         assert!(scan.files.is_empty() && scan.errors.is_empty() && scan.dirs.is_empty());
     }
 
@@ -609,7 +614,7 @@ mod tests {
         )
         .unwrap();
         let mut scan = Scan::default();
-        scan_docker_dir(root.path(), &mut scan);
+        scan_docker_dir(&Fs::Os, root.path(), &mut scan);
         assert_eq!(scan.files.len(), 2);
         let o = &scan.files[0].origin;
         assert_eq!(

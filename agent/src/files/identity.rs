@@ -13,10 +13,10 @@
 //! one read).
 
 use std::cell::OnceCell;
-use std::fs::File;
 
 use crate::checkpoint::{Entry, Fingerprint};
 use crate::files::lifecycle::Looks;
+use crate::fs::{Handle, ReadAt};
 use crate::tail::TailedFile;
 
 /// Fingerprint and read offset of a file before each of its last
@@ -47,8 +47,7 @@ impl Truncations {
 
 /// The first bytes of `file`, up to [`Fingerprint::MAX_LEN`] (fewer if it
 /// is shorter, or cannot be read).
-pub fn head(file: &File) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
+pub fn head<R: ReadAt + ?Sized>(file: &R) -> Vec<u8> {
     let mut buf = vec![0u8; Fingerprint::MAX_LEN];
     let mut got = 0;
     while got < buf.len() {
@@ -125,7 +124,7 @@ pub fn maybe_copy(copy_head: &[u8], len: u64, siblings: &[Sibling<'_>]) -> bool 
 /// disk when asked: its first bytes, and those of the followed files of
 /// its stream.
 pub struct OnDisk<'a> {
-    file: &'a File,
+    file: &'a Handle,
     len: u64,
     siblings: Vec<&'a TailedFile>,
     head: OnceCell<Vec<u8>>,
@@ -133,7 +132,7 @@ pub struct OnDisk<'a> {
 }
 
 impl<'a> OnDisk<'a> {
-    pub fn new(file: &'a File, len: u64, siblings: Vec<&'a TailedFile>) -> OnDisk<'a> {
+    pub fn new(file: &'a Handle, len: u64, siblings: Vec<&'a TailedFile>) -> OnDisk<'a> {
         OnDisk {
             file,
             len,

@@ -27,7 +27,6 @@ mod scan;
 mod tests;
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +43,7 @@ use crate::files::lifecycle::{self, Memory};
 use crate::files::pods::{PodGate, RescanThrottle};
 use crate::files::schedule::{Next, Schedule};
 use crate::files::{FileId, Registry};
+use crate::fs::Fs;
 use crate::kube::PodCache;
 use crate::metrics::{Metrics, RateLimit};
 use crate::sink::{Ack, Outcome, Sink};
@@ -108,6 +108,7 @@ struct Timers {
 
 pub struct Pipeline<S: Sink> {
     cfg: Config,
+    fs: Fs,
     metrics: Arc<Metrics>,
     ctx: MetaContext,
     files: Registry,
@@ -172,6 +173,7 @@ impl<S: Sink> Pipeline<S> {
         Ok(Pipeline {
             writer: Writer::start(store, metrics.clone())?,
             cfg,
+            fs: Fs::Os,
             metrics,
             ctx,
             files: Registry::default(),
@@ -202,6 +204,13 @@ impl<S: Sink> Pipeline<S> {
     pub fn with_pods(mut self, pods: Arc<PodCache>) -> Self {
         self.ctx.pods = Some(pods);
         self.pods = PodGate::new(true);
+        self
+    }
+
+    /// Works on `fs` instead of the operating system's file system.
+    #[cfg(test)]
+    fn with_fs(mut self, fs: Fs) -> Self {
+        self.fs = fs;
         self
     }
 
@@ -508,10 +517,9 @@ impl<S: Sink> Pipeline<S> {
         // change source missed a write (or it is a few ms old).
         let freely = !self.schedule.waits_for_budget() && self.sink.has_budget();
         for f in self.files.iter_mut() {
-            let Ok(md) = f.file.metadata() else { continue };
-            let size = md.len();
-            let ctime = (md.ctime(), md.ctime_nsec());
-            let look = lifecycle::look(f, size, ctime, now, self.cfg.partial_flush, freely);
+            let Ok(st) = f.file.stat() else { continue };
+            let size = st.len;
+            let look = lifecycle::look(f, size, st.ctime, now, self.cfg.partial_flush, freely);
             if look.unread {
                 self.schedule.mark(f.id);
             }
@@ -524,8 +532,8 @@ impl<S: Sink> Pipeline<S> {
             // truncated, renamed or unlinked meanwhile (all set ctime); the
             // 30 s rescan still looks at every path.
             if f.status == FileStatus::Live && look.changed {
-                match std::fs::metadata(&f.path) {
-                    Ok(p) if p.dev() == f.key.dev && p.ino() == f.key.ino => {
+                match self.fs.stat(&f.path) {
+                    Ok(p) if p.dev == f.key.dev && p.ino == f.key.ino => {
                         if f.check_replaced(&self.metrics) {
                             tracing::info!(path = %f.path.display(), "file truncated or replaced in place; reading it from the start");
                             self.schedule.mark(f.id);

@@ -4,8 +4,6 @@
 //! [`crate::files`]; this is the I/O around it (stat, open).
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +17,7 @@ use crate::files::identity::OnDisk;
 use crate::files::lifecycle::{Admit, Start};
 use crate::files::pods::{self, Gate};
 use crate::files::{FileId, StreamId};
+use crate::fs::{Fs, Handle, Stat};
 use crate::sink::Sink;
 use crate::tail::{FileStatus, TailedFile};
 
@@ -29,10 +28,10 @@ const RELISTS: usize = 4;
 /// watched yet.
 const WATCH_PASSES: usize = 3;
 
-fn key_of(md: &std::fs::Metadata) -> FileKey {
+fn key_of(st: &Stat) -> FileKey {
     FileKey {
-        dev: md.dev(),
-        ino: md.ino(),
+        dev: st.dev,
+        ino: st.ino,
     }
 }
 
@@ -48,10 +47,10 @@ fn status_of(found: &Found) -> FileStatus {
 /// file itself (opened beneath its volume only, and identified by what was
 /// opened: its path may lead elsewhere). `None`: gone, or not a regular
 /// file (a FIFO or device where a log should be: opening it could block).
-fn stat_found(found: &Found) -> Option<(Option<File>, std::fs::Metadata)> {
+fn stat_found(fs: &Fs, found: &Found) -> Option<(Option<Handle>, Stat)> {
     let preopened = match &found.confined {
         Some(c) => match c.open() {
-            Ok(f) => Some(f),
+            Ok(f) => Some(Handle::from(f)),
             Err(e) => {
                 tracing::debug!(path = %found.path.display(), error = %e, "in-container file not opened");
                 return None;
@@ -59,11 +58,11 @@ fn stat_found(found: &Found) -> Option<(Option<File>, std::fs::Metadata)> {
         },
         None => None,
     };
-    let md = match &preopened {
-        Some(f) => f.metadata().ok()?,
-        None => std::fs::metadata(&found.path).ok()?,
+    let st = match &preopened {
+        Some(f) => f.stat().ok()?,
+        None => fs.stat(&found.path).ok()?,
     };
-    md.is_file().then_some((preopened, md))
+    st.is_file.then_some((preopened, st))
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -80,8 +79,8 @@ impl<S: Sink> Pipeline<S> {
         // so nothing created in between is missed.
         for _ in 0..WATCH_PASSES {
             scan = Scan::default();
-            discover::scan_docker_dir(&self.cfg.docker_dir, &mut scan);
-            discover::scan_pods_dir(&self.cfg.pods_dir, &mut scan);
+            discover::scan_docker_dir(&self.fs, &self.cfg.docker_dir, &mut scan);
+            discover::scan_pods_dir(&self.fs, &self.cfg.pods_dir, &mut scan);
             self.scan_declared(&mut scan);
             let mut added = false;
             for dir in &scan.dirs {
@@ -197,8 +196,8 @@ impl<S: Sink> Pipeline<S> {
         mut found: Found,
         present: &mut HashSet<FileKey>,
     ) -> Option<(FileId, bool)> {
-        let (preopened, md) = stat_found(&found)?;
-        let key = key_of(&md);
+        let (preopened, st) = stat_found(&self.fs, &found)?;
+        let key = key_of(&st);
         present.insert(key);
         if let Some(id) = self.files.by_key(&key) {
             if self.files.rename(id, found.path.clone()) {
@@ -258,7 +257,7 @@ impl<S: Sink> Pipeline<S> {
     fn open_new(
         &mut self,
         found: &Found,
-        preopened: Option<File>,
+        preopened: Option<Handle>,
         meta: FileMeta,
         restored: Option<Entry>,
     ) -> Option<FileId> {
@@ -267,14 +266,14 @@ impl<S: Sink> Pipeline<S> {
             None => self.open(&found.path)?,
         };
         // Identity of what was opened, not of what was stat'ed before.
-        let md = file.metadata().ok().filter(|m| m.is_file())?;
-        let key = key_of(&md);
+        let st = file.stat().ok().filter(|s| s.is_file)?;
+        let key = key_of(&st);
         if self.files.by_key(&key).is_some() {
             return None;
         }
         let restored = restored.or_else(|| self.memory.claim(key));
         let stream = StreamId::of(&meta.origin);
-        let looks = OnDisk::new(&file, md.len(), self.files.of_stream(&stream).collect());
+        let looks = OnDisk::new(&file, st.len, self.files.of_stream(&stream).collect());
         let start = self
             .memory
             .start(key, restored.as_ref(), found.rotated, &looks);
@@ -298,7 +297,7 @@ impl<S: Sink> Pipeline<S> {
             f.status = status_of(found);
             f.found_rotated = found.rotated;
             f.rotation_counted = late_rotation;
-            f.size_seen = md.len();
+            f.size_seen = st.len;
             f
         })?;
         if late_rotation {
@@ -312,15 +311,10 @@ impl<S: Sink> Pipeline<S> {
         Some(id)
     }
 
-    /// Opens a log file to read it, without updating its access time and
-    /// without blocking; counts and logs a failure.
-    fn open(&mut self, path: &Path) -> Option<File> {
-        let opened = File::options()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOATIME | libc::O_NONBLOCK)
-            .open(path)
-            .or_else(|_| File::open(path));
-        match opened {
+    /// Opens a log file to read it ([`Fs::open`]); counts and logs a
+    /// failure.
+    fn open(&mut self, path: &Path) -> Option<Handle> {
+        match self.fs.open(path) {
             Ok(f) => Some(f),
             Err(e) => {
                 self.metrics.open_errors.inc();

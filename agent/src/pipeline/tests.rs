@@ -1,6 +1,7 @@
 //! Model-based: random sequences of writes, rotations, copytruncates,
 //! deletions, transient delivery failures and restarts (clean and
-//! crash) against real files, checked against what was written.
+//! crash), checked against what was written. The same model runs on the
+//! simulated file system (fast: thousands of seeds) and on real files.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -15,6 +16,8 @@ use crate::config::{
     Compression, EbpfAttach, KubeMode, LogFormat, OutputFormat, TopicTemplate, WatcherKind,
 };
 use crate::discover::FileMeta;
+use crate::fs::Fs;
+use crate::fs::sim::{self, SimFs};
 use crate::tail::RecordSink;
 use crate::tail::decode::Record;
 use crate::watch::PollSource;
@@ -124,7 +127,87 @@ fn config(pods: &Path, data: &Path) -> Config {
     }
 }
 
-fn pipeline<'a>(cfg: &Config, sink: &'a mut ModelSink) -> Pipeline<&'a mut ModelSink> {
+/// Where the model's containers write: real files or the simulated file
+/// system.
+#[derive(Clone)]
+enum World {
+    Real,
+    Sim(Arc<SimFs>),
+}
+
+/// A log file open for appending.
+enum Out {
+    Real(std::fs::File),
+    Sim(sim::Writer),
+}
+
+impl Out {
+    fn write_all(&mut self, buf: &[u8]) {
+        match self {
+            Out::Real(f) => f.write_all(buf).unwrap(),
+            Out::Sim(w) => w.append(buf),
+        }
+    }
+    fn set_len(&self, len: u64) {
+        match self {
+            Out::Real(f) => f.set_len(len).unwrap(),
+            Out::Sim(w) => w.set_len(len),
+        }
+    }
+}
+
+impl World {
+    fn fs(&self) -> Fs {
+        match self {
+            World::Real => Fs::Os,
+            World::Sim(s) => Fs::Sim(s.clone()),
+        }
+    }
+    fn create_dir_all(&self, p: &Path) {
+        match self {
+            World::Real => std::fs::create_dir_all(p).unwrap(),
+            World::Sim(s) => s.create_dir_all(p),
+        }
+    }
+    fn append(&self, p: &Path) -> Out {
+        match self {
+            World::Real => Out::Real(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap(),
+            ),
+            World::Sim(s) => Out::Sim(s.append(p)),
+        }
+    }
+    fn rename(&self, from: &Path, to: &Path) {
+        match self {
+            World::Real => std::fs::rename(from, to).unwrap(),
+            World::Sim(s) => s.rename(from, to),
+        }
+    }
+    fn remove(&self, p: &Path) {
+        match self {
+            World::Real => std::fs::remove_file(p).unwrap(),
+            World::Sim(s) => s.remove(p),
+        }
+    }
+    fn copy(&self, from: &Path, to: &Path) {
+        match self {
+            World::Real => {
+                std::fs::copy(from, to).unwrap();
+            }
+            World::Sim(s) => s.copy(from, to),
+        }
+    }
+}
+
+fn pipeline<'a>(
+    cfg: &Config,
+    sink: &'a mut ModelSink,
+    world: &World,
+) -> Pipeline<&'a mut ModelSink> {
     let store = Store::open(&cfg.data_dir).unwrap();
     let restored = store.load().unwrap();
     let (tx, rx) = crossbeam_channel::bounded(1);
@@ -139,7 +222,8 @@ fn pipeline<'a>(cfg: &Config, sink: &'a mut ModelSink) -> Pipeline<&'a mut Model
         Box::new(PollSource),
         Arc::new(AtomicBool::new(false)),
     )
-    .unwrap();
+    .unwrap()
+    .with_fs(world.fs());
     p.rescan();
     p
 }
@@ -156,7 +240,7 @@ fn drain(p: &mut Pipeline<&mut ModelSink>) {
         p.read_dirty();
         p.apply_acks();
         let caught_up = p.files.iter().all(|f| {
-            f.file.metadata().is_ok_and(|m| m.len() <= f.read_offset) && f.acks.in_flight() == 0
+            f.file.stat().is_ok_and(|m| m.len <= f.read_offset) && f.acks.in_flight() == 0
         });
         if caught_up
             && !p.schedule.waits_for_budget()
@@ -179,8 +263,9 @@ fn checkpoint_now(p: &Pipeline<&mut ModelSink>, data: &Path) {
 }
 
 struct Container {
+    world: World,
     dir: PathBuf,
-    file: std::fs::File,
+    file: Out,
     written: u64,
     rotations: u32,
 }
@@ -197,44 +282,46 @@ impl Container {
             .unwrap();
             self.written += 1;
         }
-        self.file.write_all(&buf).unwrap();
+        self.file.write_all(&buf);
     }
     /// kubelet's rotation: rename to `0.log.<n>`, reopen `0.log`.
     fn rotate(&mut self) {
         self.rotations += 1;
-        std::fs::rename(
-            self.dir.join("0.log"),
-            self.dir
+        self.world.rename(
+            &self.dir.join("0.log"),
+            &self
+                .dir
                 .join(format!("0.log.20261125-{:06}", self.rotations)),
-        )
-        .unwrap();
+        );
         self.reopen();
     }
 
     fn reopen(&mut self) {
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("0.log"))
-            .unwrap();
+        self.file = self.world.append(&self.dir.join("0.log"));
     }
 }
 
-fn run_model(seed: u64, steps: usize) {
-    let tmp = tempfile::tempdir().unwrap();
-    let pods = tmp.path().join("pods");
+fn run_model(world: &World, seed: u64, steps: usize) {
+    // The checkpoint store is on disk in both worlds: in memory (tmpfs,
+    // where fsync costs nothing) for the simulated one where there is one.
+    let tmp = match world {
+        World::Sim(_) => tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()),
+        World::Real => tempfile::tempdir(),
+    }
+    .unwrap();
+    let pods = match world {
+        World::Real => tmp.path().join("pods"),
+        World::Sim(_) => PathBuf::from("/sim/pods"),
+    };
     let data = tmp.path().join("data");
     let cfg = config(&pods, &data);
     let mut containers: Vec<Container> = (0..2)
         .map(|c| {
             let dir = pods.join(format!("ns_pod{c}_uid{c}/app"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("0.log"))
-                .unwrap();
+            world.create_dir_all(&dir);
+            let file = world.append(&dir.join("0.log"));
             Container {
+                world: world.clone(),
                 dir,
                 file,
                 written: 0,
@@ -255,7 +342,7 @@ fn run_model(seed: u64, steps: usize) {
     let mut resent_allowed = seed % 2 == 1;
     let mut actions = Vec::new();
     {
-        let mut p = pipeline(&cfg, &mut sink);
+        let mut p = pipeline(&cfg, &mut sink, world);
         for _ in 0..steps {
             let c = (next(&rng) % 2) as usize;
             let action = next(&rng) % 10;
@@ -274,15 +361,15 @@ fn run_model(seed: u64, steps: usize) {
                     drain(&mut p);
                     k.rotations += 1;
                     let copy = k.dir.join(format!("0.log.20261125-{:06}", k.rotations));
-                    std::fs::File::create(&copy).unwrap();
+                    drop(world.append(&copy));
                     p.rescan();
-                    std::fs::copy(k.dir.join("0.log"), &copy).unwrap();
-                    k.file.set_len(0).unwrap();
+                    world.copy(&k.dir.join("0.log"), &copy);
+                    k.file.set_len(0);
                 }
                 7 => {
                     // Delete once bpftail holds the file open, recreate.
                     drain(&mut p);
-                    std::fs::remove_file(k.dir.join("0.log")).unwrap();
+                    world.remove(&k.dir.join("0.log"));
                     k.reopen();
                 }
                 8 => drain(&mut p),
@@ -297,7 +384,7 @@ fn run_model(seed: u64, steps: usize) {
                     } else {
                         p.shutdown()
                     };
-                    p = pipeline(&cfg, sink);
+                    p = pipeline(&cfg, sink, world);
                     if crash {
                         checkpoint_now(&p, &data);
                     }
@@ -365,14 +452,25 @@ fn run_model(seed: u64, steps: usize) {
     }
 }
 
-#[test]
-fn model_writes_rotations_truncations_deletions_failures_and_restarts_lose_nothing() {
-    let seeds: u64 = std::env::var("BPFTAIL_MODEL_SEEDS")
+/// Seeds to run: `BPFTAIL_MODEL_SEEDS`, else `default`.
+fn seeds(default: u64) -> u64 {
+    std::env::var("BPFTAIL_MODEL_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-    for seed in 1..=seeds {
-        run_model(seed, 60);
+        .unwrap_or(default)
+}
+
+#[test]
+fn model_on_the_simulated_file_system_loses_nothing() {
+    for seed in 1..=seeds(200) {
+        run_model(&World::Sim(SimFs::new()), seed, 60);
+    }
+}
+
+#[test]
+fn model_on_real_files_loses_nothing() {
+    for seed in 1..=seeds(40).min(200) {
+        run_model(&World::Real, seed, 60);
     }
 }
 
@@ -383,9 +481,11 @@ fn a_file_rotated_while_its_directory_was_listed_is_read_before_its_successor() 
     let data = tmp.path().join("data");
     let cfg = config(&pods, &data);
     let dir = pods.join("ns_pod0_uid0/app");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = std::fs::File::create(dir.join("0.log")).unwrap();
+    let world = &World::Real;
+    world.create_dir_all(&dir);
+    let file = world.append(&dir.join("0.log"));
     let mut k = Container {
+        world: world.clone(),
         dir,
         file,
         written: 0,
@@ -401,7 +501,7 @@ fn a_file_rotated_while_its_directory_was_listed_is_read_before_its_successor() 
         fail_one_in: 0,
     };
     {
-        let mut p = pipeline(&cfg, &mut sink);
+        let mut p = pipeline(&cfg, &mut sink, world);
         k.write(0, 10);
         drain(&mut p);
         // The directory is listed (it holds 0.log); before that path is
@@ -434,6 +534,7 @@ fn model_seeds_that_once_failed() {
     // read (it was too short to fingerprint and waited forever).
     // 343: the same, read only after its successor (out of order).
     for seed in [56, 343] {
-        run_model(seed, 60);
+        run_model(&World::Real, seed, 60);
+        run_model(&World::Sim(SimFs::new()), seed, 60);
     }
 }

@@ -17,8 +17,6 @@
 
 pub mod decode;
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +25,7 @@ use crate::checkpoint::{AckTracker, FileKey, Fingerprint};
 use crate::discover::FileMeta;
 use crate::files::StreamId;
 use crate::files::identity::{self, Truncations};
+use crate::fs::{Handle, ReadAt};
 use crate::metrics::Metrics;
 use decode::{Decoder, Line, Record};
 
@@ -48,7 +47,7 @@ pub struct TailedFile {
     /// in its delivery report.
     pub id: u32,
     pub key: FileKey,
-    pub file: File,
+    pub file: Handle,
     pub path: PathBuf,
     pub meta: Arc<FileMeta>,
     /// The container stream it belongs to (its rotations share it).
@@ -85,7 +84,7 @@ impl TailedFile {
     pub fn new(
         id: u32,
         key: FileKey,
-        file: File,
+        file: Handle,
         path: PathBuf,
         meta: Arc<FileMeta>,
         offset: u64,
@@ -133,10 +132,10 @@ impl TailedFile {
         if self.found_rotated {
             return false;
         }
-        let Ok(md) = self.file.metadata() else {
+        let Ok(st) = self.file.stat() else {
             return false;
         };
-        let replaced = identity::replaced(md.len(), self.read_offset, self.fingerprint, |n| {
+        let replaced = identity::replaced(st.len, self.read_offset, self.fingerprint, |n| {
             Fingerprint::read(&self.file, n).ok()
         });
         if replaced {
@@ -408,6 +407,7 @@ pub mod testing {
     use super::*;
     use crate::config::TopicTemplate;
     use crate::discover::{MetaContext, Origin};
+    use std::fs::File;
 
     /// A file of no pod (reading `/dev/null`) with the given identity.
     pub fn tailed_file(id: u32, key: FileKey, path: PathBuf) -> TailedFile {
@@ -423,7 +423,7 @@ pub mod testing {
         TailedFile::new(
             id,
             key,
-            File::open("/dev/null").unwrap(),
+            File::open("/dev/null").unwrap().into(),
             path,
             meta,
             0,
@@ -438,6 +438,7 @@ mod tests {
     use super::*;
     use crate::config::TopicTemplate;
     use crate::discover::{MetaContext, Origin};
+    use std::fs::File;
 
     #[derive(Default)]
     struct VecSink {
@@ -469,7 +470,7 @@ mod tests {
         TailedFile::new(
             1,
             FileKey { dev: 0, ino: 0 },
-            File::open(path).unwrap(),
+            File::open(path).unwrap().into(),
             path.to_owned(),
             Arc::new(ctx.render(Origin::default(), format)),
             0,
