@@ -218,12 +218,18 @@ pub struct Hook {
     max_files: u32,
 }
 
-/// `bpf(cmd, attr, sizeof attr)`. `attr` is a `#[repr(C)]` prefix of
-/// `union bpf_attr` (the kernel zero-fills the rest); any buffer it points
-/// to must outlive the call.
-fn bpf<T>(cmd: aya_obj::generated::bpf_cmd, attr: &T) -> libc::c_long {
-    // SAFETY: the kernel reads size_of::<T>() bytes of `attr`, which is
-    // valid for the call; pointers inside it are the caller's promise.
+/// `bpf(cmd, attr, sizeof attr)`.
+///
+/// # Safety
+///
+/// `attr` must be a `#[repr(C)]` prefix of `union bpf_attr` laid out as
+/// `cmd` expects (the kernel zero-fills the rest), and every address it
+/// holds must point to memory that is valid for what `cmd` does with it
+/// (read or written, of the size the attribute gives) until the call
+/// returns. An fd the call creates is the caller's to close.
+unsafe fn bpf<T>(cmd: aya_obj::generated::bpf_cmd, attr: &T) -> libc::c_long {
+    // SAFETY: the kernel reads size_of::<T>() bytes of `attr`, a valid
+    // reference for the call; what it points to is the caller's promise.
     unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -250,8 +256,9 @@ fn may_use_bpf() -> Result<(), Unusable> {
         value_size: 4,
         max_entries: 1,
     };
-    // The returned fd is closed below.
-    let fd = bpf(aya_obj::generated::bpf_cmd::BPF_MAP_CREATE, &attr);
+    // SAFETY: `MapCreate` is the first four fields of the BPF_MAP_CREATE
+    // attributes and holds no pointers. The returned fd is closed below.
+    let fd = unsafe { bpf(aya_obj::generated::bpf_cmd::BPF_MAP_CREATE, &attr) };
     if fd < 0 {
         let e = std::io::Error::last_os_error();
         return Err(Unusable(format!(
@@ -530,8 +537,11 @@ fn recursion_misses(programs: &[OwnedFd]) -> u64 {
                 info_len: std::mem::size_of_val(&info) as u32,
                 info: &mut info as *mut _ as u64,
             };
-            // `info` outlives the call.
-            let r = bpf(aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr);
+            // SAFETY: `InfoAttr` is the `info` member of `union bpf_attr`
+            // for BPF_OBJ_GET_INFO_BY_FD; its `info` points to `info`, a
+            // local of `info_len` bytes that outlives the call and that the
+            // kernel fills.
+            let r = unsafe { bpf(aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr) };
             if r == 0 { info.recursion_misses } else { 0 }
         })
         .sum()
