@@ -31,7 +31,7 @@
 //! (with the tracepoints); the safety sweep covers those.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, FExit, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use super::btf::Btf;
 use super::{ChangeQueue, ChangeSource, InotifySource, Pending, pace};
@@ -218,7 +219,7 @@ pub struct Hook {
     max_files: u32,
 }
 
-/// `bpf(cmd, attr, sizeof attr)`.
+/// `bpf(cmd, attr, sizeof attr)`. By hand: rustix has no `bpf` wrapper.
 ///
 /// # Safety
 ///
@@ -479,6 +480,7 @@ impl Flags {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = entries as usize;
         let bytes = (len * 8).div_ceil(page) * page;
+        // libc, not rustix: rustix's mmap is just as unsafe.
         // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
         // the size against the array's. Checked for MAP_FAILED below.
         let ptr = unsafe {
@@ -695,16 +697,10 @@ impl EbpfSource {
             also_polled: Vec::new(),
         }));
         let ring = hook.ring.take().expect("ring buffer taken once");
-        // SAFETY: plain syscall; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(Unusable(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let wake = Arc::new(
+            rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
+                .map_err(|e| Unusable(format!("eventfd: {}", std::io::Error::from(e))))?,
+        );
         let counters = Arc::new(Mutex::new(
             hook.counters.take().expect("counters taken once"),
         ));
@@ -823,9 +819,9 @@ const MISSES_TO_POLL: u32 = 3;
 
 /// Wakes the reader (it may be asleep with nothing to poll).
 fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes from a local to our eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    // Fails only when the counter is about to overflow: the reader is
+    // awake then anyway.
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
 fn publish(metrics: &Metrics, c: Counters) {
@@ -858,15 +854,20 @@ const LINGER_EVERY: Duration = Duration::from_millis(50);
 /// Skipped runs make the loop read every file, at most this often.
 const MISS_READ_EVERY: Duration = Duration::from_millis(100);
 
-fn millis_until(t: Instant) -> i32 {
-    t.saturating_duration_since(Instant::now())
+/// The time left until `t`, in whole milliseconds (as `poll(2)` takes it).
+fn timeout_until(t: Instant) -> Timespec {
+    let ms = t
+        .saturating_duration_since(Instant::now())
         .as_millis()
-        .min(i32::MAX as u128) as i32
+        .min(i32::MAX as u128) as i64;
+    Timespec {
+        tv_sec: ms / 1000,
+        tv_nsec: (ms % 1000) * 1_000_000,
+    }
 }
 
 impl Reader {
     fn run(mut self) {
-        let fd = self.ring.as_raw_fd();
         let mut batch = Pending::default();
         // Slots reported in the previous pass: cleared in the next one.
         let mut reported: Vec<(u32, FileKey)> = Vec::new();
@@ -896,33 +897,30 @@ impl Reader {
             if has_overflow {
                 wake_at(next_poll);
             }
-            let timeout = deadline.map_or(-1, millis_until);
-            let mut pfds = [
-                libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfds for the duration of the call.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) };
-            if n > 0 && pfds[1].revents & libc::POLLIN != 0 {
-                let mut v = 0u64;
-                // SAFETY: reading 8 bytes into a local from our eventfd.
-                unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            let timeout = deadline.map(timeout_until);
+            let polled = {
+                let mut pfds = [
+                    PollFd::new(&self.ring, PollFlags::IN),
+                    PollFd::new(&*self.wake, PollFlags::IN),
+                ];
+                rustix::event::poll(&mut pfds, timeout.as_ref())
+                    .map(|n| n > 0 && pfds[1].revents().contains(PollFlags::IN))
+            };
+            match polled {
+                Ok(true) => {
+                    // Resets the eventfd's counter; nothing to do if that
+                    // fails (it stays readable: one more pass).
+                    let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
                 }
-                tracing::error!(error = %e, "polling the eBPF ring buffer failed; falling back to the safety sweep");
-                return;
+                Ok(false) => {}
+                Err(e) => {
+                    let e = std::io::Error::from(e);
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    tracing::error!(error = %e, "polling the eBPF ring buffer failed; falling back to the safety sweep");
+                    return;
+                }
             }
             // Events gather in the ring buffer meanwhile.
             pace(&mut last_pass, self.tick);
