@@ -53,7 +53,7 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
             attach,
             max_files: cfg.ebpf_max_files,
             tick: cfg.ebpf_tick,
-            ring_bytes: 256 * 1024,
+            ring_bytes: crate::watch::ebpf::RING_BYTES,
             sabotage,
         },
         poll_interval: cfg.poll_interval,

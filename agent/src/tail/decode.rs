@@ -66,6 +66,12 @@ pub struct Line<'a> {
     pub cut: bool,
 }
 
+/// A record or scratch buffer whose capacity grew past this (a huge record
+/// went through it) is freed once that record is done, instead of being kept
+/// for the next one: a file's decoder holds at most this much between
+/// records.
+const SHRINK_ABOVE: usize = 64 * 1024;
+
 /// A record being reassembled from chunks.
 #[derive(Debug, Default)]
 struct Pending {
@@ -97,7 +103,7 @@ impl Pending {
     /// Forgets the record, giving back memory a huge record left behind.
     fn reset(&mut self) {
         self.start = None;
-        if self.msg.capacity() > 64 * 1024 {
+        if self.msg.capacity() > SHRINK_ABOVE {
             self.msg = Vec::new();
         }
     }
@@ -248,7 +254,7 @@ impl Decoder {
                 p.reset();
             }
         }
-        if self.scratch.capacity() > 64 * 1024 {
+        if self.scratch.capacity() > SHRINK_ABOVE {
             self.scratch = Vec::new();
         }
     }

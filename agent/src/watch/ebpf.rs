@@ -57,6 +57,10 @@ use shared::{
     PROG_TP_BTF, WriteEvent,
 };
 
+/// The default size of the ring buffer in bytes: the one the eBPF object
+/// is built with (`agent-ebpf/src/shared.rs`, which both sides include).
+pub const RING_BYTES: u32 = shared::RING_BYTES;
+
 // SAFETY: `#[repr(C)]`, integers only, padding spelled out as a field:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for FileId {}
@@ -115,7 +119,7 @@ impl Default for Options {
             attach: Attach::ALL.to_vec(),
             max_files: 16384,
             tick: Duration::from_millis(10),
-            ring_bytes: 256 * 1024,
+            ring_bytes: RING_BYTES,
             sabotage: false,
         }
     }
@@ -1071,6 +1075,15 @@ mod tests {
         fn quiet(&self) {
             while !self.reported(Duration::from_millis(100), None).is_empty() {}
         }
+    }
+
+    #[test]
+    fn the_embedded_object_is_built_with_the_agents_ring_buffer_size() {
+        // Catches an object left over from a build of other sources.
+        let object = OBJECT.expect("this bpftail carries its eBPF object");
+        let obj = aya_obj::Object::parse(object).unwrap();
+        let events = obj.maps.get(MAP_EVENTS).expect("an EVENTS map");
+        assert_eq!(events.max_entries(), RING_BYTES);
     }
 
     #[test]
