@@ -275,6 +275,10 @@ fn may_use_bpf() -> Result<(), Unusable> {
     Ok(())
 }
 
+/// `EbpfLoader::override_global`'s last argument: the load fails if the
+/// object has no such global (a renamed one is an error, not a no-op).
+const MUST_EXIST: bool = true;
+
 /// Loads the program and attaches it the first way in `opts.attach` that
 /// the kernel accepts. The error says why each way failed.
 pub fn load(opts: &Options) -> Result<Hook, Unusable> {
@@ -294,9 +298,9 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     let aya_btf =
         aya::Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF (aya): {e}")))?;
     for g in &globals {
-        loader.override_global(g.name, &g.bytes[..g.len], true);
+        loader.override_global(g.name, &g.bytes[..g.len], MUST_EXIST);
     }
-    loader.override_global("SABOTAGE", &sabotage[..], true);
+    loader.override_global("SABOTAGE", &sabotage[..], MUST_EXIST);
     let entries = opts.max_files.max(1);
     loader.map_max_entries(MAP_WATCHED, entries);
     loader.map_max_entries(MAP_FLAGS, entries);

@@ -320,9 +320,17 @@ pub fn start(
 /// read, one after it makes a new event. Nothing is missed.
 pub struct InotifySource {
     shared: Arc<InotifyShared>,
-    /// Whether writes are reported (`IN_MODIFY`), or only entries changing.
-    writes: bool,
+    reports: Reports,
     by_path: HashMap<PathBuf, WatchDescriptor>,
+}
+
+/// What an [`InotifySource`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reports {
+    /// Writes (`IN_MODIFY`) and entries changing.
+    WritesAndEntries,
+    /// Entries appearing, vanishing and renamed only.
+    EntriesOnly,
 }
 
 struct InotifyShared {
@@ -351,7 +359,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl InotifySource {
     /// Starts the reader thread.
     pub fn start(queue: ChangeQueue, metrics: Arc<Metrics>) -> std::io::Result<InotifySource> {
-        InotifySource::start_with(queue, metrics, true)
+        InotifySource::start_with(queue, metrics, Reports::WritesAndEntries)
     }
 
     /// Entries appearing, vanishing and renamed only: for backends that
@@ -360,13 +368,13 @@ impl InotifySource {
         queue: ChangeQueue,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<InotifySource> {
-        InotifySource::start_with(queue, metrics, false)
+        InotifySource::start_with(queue, metrics, Reports::EntriesOnly)
     }
 
     fn start_with(
         queue: ChangeQueue,
         metrics: Arc<Metrics>,
-        writes: bool,
+        reports: Reports,
     ) -> std::io::Result<InotifySource> {
         let inotify = Inotify::init()?;
         let shared = Arc::new(InotifyShared {
@@ -380,7 +388,7 @@ impl InotifySource {
             .spawn(move || read_events(inotify, thread_shared, queue, metrics))?;
         Ok(InotifySource {
             shared,
-            writes,
+            reports,
             by_path: HashMap::new(),
         })
     }
@@ -465,7 +473,10 @@ impl ChangeSource for InotifySource {
         {
             return Ok(false);
         }
-        let mask = if self.writes { ARMED } else { DISARMED };
+        let mask = match self.reports {
+            Reports::WritesAndEntries => ARMED,
+            Reports::EntriesOnly => DISARMED,
+        };
         let wd = lock(&self.shared.watches).add(dir, mask)?;
         lock(&self.shared.dirs).insert(wd.clone(), dir.to_owned());
         self.by_path.insert(dir.to_owned(), wd);
