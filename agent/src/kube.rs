@@ -24,7 +24,7 @@ use ::kube::runtime::watcher;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RateLimit};
 
 /// What bpftail keeps of a pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -365,8 +365,9 @@ pub async fn watch(
             .max(Duration::from_secs(1)),
     );
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error_log: Option<Instant> = None;
-    let mut suppressed = 0u64;
+    // One line per 30 s at most: an unreachable API server retries with
+    // backoff, and must not flood the log.
+    let error_log = RateLimit::new(Duration::from_secs(30));
     loop {
         let event = tokio::select! {
             e = stream.next() => match e {
@@ -386,15 +387,9 @@ pub async fn watch(
             Ok(e) => e,
             Err(e) => {
                 metrics.kube_watch_errors.inc();
-                // One line per 30 s at most: an unreachable API server
-                // retries with backoff, and must not flood the log.
-                if last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30)) {
+                error_log.log(|suppressed| {
                     tracing::warn!(error = %e, suppressed, "pod watch failed; retrying with backoff (logs keep flowing with the metadata their paths give)");
-                    last_error_log = Some(now);
-                    suppressed = 0;
-                } else {
-                    suppressed += 1;
-                }
+                });
                 continue;
             }
         };
