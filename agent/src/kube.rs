@@ -334,11 +334,22 @@ pub struct WatchSettings {
     pub grace: Duration,
 }
 
+/// Why there is no API client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No usable in-cluster config or kubeconfig.
+    #[error(transparent)]
+    Config(#[from] ::kube::config::InferConfigError),
+    /// The config was found but no client could be built from it.
+    #[error(transparent)]
+    Client(#[from] ::kube::Error),
+}
+
 /// Connects to the API server (in-cluster config, else `KUBECONFIG` or
 /// `~/.kube/config`).
-pub async fn client() -> Result<::kube::Client, String> {
-    let config = ::kube::Config::infer().await.map_err(|e| e.to_string())?;
-    ::kube::Client::try_from(config).map_err(|e| e.to_string())
+pub async fn client() -> Result<::kube::Client, ClientError> {
+    let config = ::kube::Config::infer().await?;
+    Ok(::kube::Client::try_from(config)?)
 }
 
 /// Lists and watches the node's pods into `cache` until the runtime stops;

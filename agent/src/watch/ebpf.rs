@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, FExit, RawTracePoint};
+use aya::programs::{BtfTracePoint, FExit, ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
@@ -312,7 +312,8 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     let mut reasons = Vec::new();
     let mut chosen = None;
     for &attach in &opts.attach {
-        match attach_one(&mut ebpf, attach, &aya_btf).map_err(|e| e.replace('\n', " ")) {
+        match attach_one(&mut ebpf, attach, &aya_btf).map_err(|e| e.to_string().replace('\n', " "))
+        {
             Ok(()) => {
                 chosen = Some(attach);
                 break;
@@ -383,7 +384,7 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
 }
 
 /// Tries every attachment on its own: whether it loads and attaches here.
-pub fn probe() -> Vec<(Attach, Result<(), String>)> {
+pub fn probe() -> Vec<(Attach, Result<(), Unusable>)> {
     Attach::ALL
         .iter()
         .map(|&a| {
@@ -393,7 +394,7 @@ pub fn probe() -> Vec<(Attach, Result<(), String>)> {
                 ring_bytes: 4096,
                 ..Options::default()
             };
-            (a, load(&opts).map(drop).map_err(|e| e.0))
+            (a, load(&opts).map(drop))
         })
         .collect()
 }
@@ -403,34 +404,53 @@ pub fn embedded() -> bool {
     OBJECT.is_some()
 }
 
+/// Why one attachment could not be made.
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error("no program {0}")]
+    NoProgram(&'static str),
+    /// The program is not of the type the attachment needs.
+    #[error("{0}")]
+    ProgramType(ProgramError),
+    #[error("load: {0}")]
+    Load(ProgramError),
+    #[error("attach: {0}")]
+    Attach(ProgramError),
+    /// Loading the fexit program for this kernel function failed.
+    #[error("load {0}: {1}")]
+    LoadFexit(&'static str, ProgramError),
+    #[error("attach {0}: {1}")]
+    AttachFexit(&'static str, ProgramError),
+}
+
 /// Loads and attaches the program(s) of one attachment; on failure,
 /// unloads whatever part of it had loaded.
-fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), String> {
-    fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), AttachError> {
+    fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
     where
-        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
     {
         ebpf.program_mut(name)
-            .ok_or_else(|| format!("no program {name}"))?
+            .ok_or(AttachError::NoProgram(name))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| e.to_string())
+            .map_err(AttachError::ProgramType)
     }
     match attach {
         Attach::TpBtf => {
             let p: &mut BtfTracePoint = prog(ebpf, PROG_TP_BTF)?;
-            p.load("sys_exit", btf).map_err(|e| format!("load: {e}"))?;
+            p.load("sys_exit", btf).map_err(AttachError::Load)?;
             if let Err(e) = p.attach() {
                 let _ = p.unload();
-                return Err(format!("attach: {e}"));
+                return Err(AttachError::Attach(e));
             }
             Ok(())
         }
         Attach::RawTp => {
             let p: &mut RawTracePoint = prog(ebpf, PROG_RAW_TP)?;
-            p.load().map_err(|e| format!("load: {e}"))?;
+            p.load().map_err(AttachError::Load)?;
             if let Err(e) = p.attach("sys_exit") {
                 let _ = p.unload();
-                return Err(format!("attach: {e}"));
+                return Err(AttachError::Attach(e));
             }
             Ok(())
         }
@@ -440,11 +460,11 @@ fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), Str
             for (name, function) in FEXIT_PROGRAMS {
                 let r = prog::<FExit>(ebpf, name).and_then(|p| {
                     p.load(function, btf)
-                        .map_err(|e| format!("load {function}: {e}"))?;
+                        .map_err(|e| AttachError::LoadFexit(function, e))?;
                     done.push(name);
                     p.attach()
                         .map(|_| ())
-                        .map_err(|e| format!("attach {function}: {e}"))
+                        .map_err(|e| AttachError::AttachFexit(function, e))
                 });
                 if let Err(e) = r {
                     result = Err(e);

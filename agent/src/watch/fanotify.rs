@@ -297,12 +297,23 @@ fn parse(
     }
 }
 
+/// Why fanotify is unusable here: the call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("fanotify_init: {0}")]
+    Init(std::io::Error),
+    #[error("fanotify_mark: {0}")]
+    Mark(std::io::Error),
+    #[error("name_to_handle_at: {0}")]
+    Handle(std::io::Error),
+}
+
 /// Whether fanotify with directory FID reporting works here.
-pub fn probe() -> Result<(), String> {
-    let fd = init().map_err(|e| format!("fanotify_init: {e}"))?;
+pub fn probe() -> Result<(), ProbeError> {
+    let fd = init().map_err(ProbeError::Init)?;
     let dir = std::env::temp_dir();
-    mark(&fd, libc::FAN_MARK_ADD, &dir).map_err(|e| format!("fanotify_mark: {e}"))?;
-    handle_of(&dir).map_err(|e| format!("name_to_handle_at: {e}"))?;
+    mark(&fd, libc::FAN_MARK_ADD, &dir).map_err(ProbeError::Mark)?;
+    handle_of(&dir).map_err(ProbeError::Handle)?;
     Ok(())
 }
 
