@@ -33,7 +33,7 @@ use aya_ebpf::programs::{BtfTracePointContext, FExitContext, RawTracePointContex
 
 use shared::{
     CLEAN, COUNTER_DROPS, COUNTER_EVENTS, COUNTER_HITS, COUNTER_SLOTS, COUNTER_WATCHED, FileId,
-    PENDING, WriteEvent,
+    PENDING, RING_BYTES, WriteEvent,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when the agent adds a file.
@@ -51,8 +51,9 @@ static WATCHED: HashMap<FileId, u32> = HashMap::with_max_entries(16384, NO_PREAL
 #[map]
 static FLAGS: Array<u64> = Array::with_max_entries(16384, MMAPABLE);
 
+/// Sized by the agent at load time as well; the default is shared with it.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

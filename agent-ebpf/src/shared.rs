@@ -37,6 +37,11 @@ pub const COUNTER_SLOTS: u32 = 4;
 pub const CLEAN: u64 = 0;
 pub const PENDING: u64 = 1;
 
+/// The size of the `EVENTS` ring buffer in bytes (a power of two, at least
+/// a page). The object is built with it, and the agent sets it again when it
+/// loads the object (`watch::ebpf::RING_BYTES`, `Options::ring_bytes`).
+pub const RING_BYTES: u32 = 256 * 1024;
+
 /// Names the agent uses to find the maps and programs in the object.
 pub const MAP_WATCHED: &str = "WATCHED";
 pub const MAP_FLAGS: &str = "FLAGS";

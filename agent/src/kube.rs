@@ -24,7 +24,7 @@ use ::kube::runtime::watcher;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RateLimit};
 
 /// What bpftail keeps of a pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -334,11 +334,22 @@ pub struct WatchSettings {
     pub grace: Duration,
 }
 
+/// Why there is no API client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No usable in-cluster config or kubeconfig.
+    #[error(transparent)]
+    Config(#[from] ::kube::config::InferConfigError),
+    /// The config was found but no client could be built from it.
+    #[error(transparent)]
+    Client(#[from] ::kube::Error),
+}
+
 /// Connects to the API server (in-cluster config, else `KUBECONFIG` or
 /// `~/.kube/config`).
-pub async fn client() -> Result<::kube::Client, String> {
-    let config = ::kube::Config::infer().await.map_err(|e| e.to_string())?;
-    ::kube::Client::try_from(config).map_err(|e| e.to_string())
+pub async fn client() -> Result<::kube::Client, ClientError> {
+    let config = ::kube::Config::infer().await?;
+    Ok(::kube::Client::try_from(config)?)
 }
 
 /// Lists and watches the node's pods into `cache` until the runtime stops;
@@ -365,8 +376,9 @@ pub async fn watch(
             .max(Duration::from_secs(1)),
     );
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error_log: Option<Instant> = None;
-    let mut suppressed = 0u64;
+    // One line per 30 s at most: an unreachable API server retries with
+    // backoff, and must not flood the log.
+    let error_log = RateLimit::new(Duration::from_secs(30));
     loop {
         let event = tokio::select! {
             e = stream.next() => match e {
@@ -387,15 +399,9 @@ pub async fn watch(
             Ok(e) => e,
             Err(e) => {
                 metrics.kube_watch_errors.inc();
-                // One line per 30 s at most: an unreachable API server
-                // retries with backoff, and must not flood the log.
-                if last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30)) {
+                error_log.log(|suppressed| {
                     tracing::warn!(error = %e, suppressed, "pod watch failed; retrying with backoff (logs keep flowing with the metadata their paths give)");
-                    last_error_log = Some(now);
-                    suppressed = 0;
-                } else {
-                    suppressed += 1;
-                }
+                });
                 continue;
             }
         };

@@ -44,18 +44,25 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
         EbpfAttach::TpBtf => vec![Attach::TpBtf],
         EbpfAttach::RawTp => vec![Attach::RawTp],
     };
-    // Test instrumentation: the hook drops every event, as if its ring
-    // buffer were always full (the agent must still lose nothing).
-    let sabotage = std::env::var_os("BPFTAIL_TEST_EBPF_SABOTAGE").is_some_and(|v| v == "1");
-    if sabotage {
-        tracing::warn!("BPFTAIL_TEST_EBPF_SABOTAGE=1: the eBPF hook drops every event");
-    }
+    // Test instrumentation, compiled in only with the `test-hooks` feature
+    // (the end-to-end tests' build): the hook drops every event, as if its
+    // ring buffer were always full (the agent must still lose nothing).
+    #[cfg(feature = "test-hooks")]
+    let sabotage = {
+        let on = std::env::var_os("BPFTAIL_TEST_EBPF_SABOTAGE").is_some_and(|v| v == "1");
+        if on {
+            tracing::warn!("BPFTAIL_TEST_EBPF_SABOTAGE=1: the eBPF hook drops every event");
+        }
+        on
+    };
+    #[cfg(not(feature = "test-hooks"))]
+    let sabotage = false;
     WatchOptions {
         ebpf: Options {
             attach,
             max_files: cfg.ebpf_max_files,
             tick: cfg.ebpf_tick,
-            ring_bytes: 256 * 1024,
+            ring_bytes: crate::watch::ebpf::RING_BYTES,
             sabotage,
         },
         poll_interval: cfg.poll_interval,

@@ -280,20 +280,28 @@ fn validate_manifests() -> Result<()> {
         .arg(root().join("deploy/bpftail.yaml")))
 }
 
+/// The agent's test hooks (environment variables the end-to-end tests set,
+/// read only by a build with this feature; see agent/Cargo.toml). Every
+/// test and lint run enables it, so they share one build.
+const TEST_FEATURES: [&str; 2] = ["--features", "bpftail/test-hooks"];
+
 fn test(rest: &[String]) -> Result<()> {
     // Unit tests first (fast), then the end-to-end tests one at a time: each
     // starts its own broker and pushes 800,000 lines through it.
     run(cargo()
         .args(["test", "--workspace", "--lib", "--bins"])
+        .args(TEST_FEATURES)
         .args(rest))?;
     run(cargo()
         .args(["test", "-p", "bpftail", "--test", "*"])
+        .args(TEST_FEATURES)
         .args(rest)
         .args(["--", "--test-threads=1"]))?;
     // The data-path suite again with librdkafka as the Kafka client (the
     // agents it starts read BPFTAIL_KAFKA_CLIENT): both clients pass it.
     run(cargo()
         .args(["test", "-p", "bpftail", "--test", "e2e"])
+        .args(TEST_FEATURES)
         .args(rest)
         .args(["--", "--test-threads=1"])
         .env("BPFTAIL_KAFKA_CLIENT", "rdkafka"))
@@ -305,14 +313,10 @@ fn lint() -> Result<()> {
         .args(["fmt", "--check", "--manifest-path"])
         .arg(root().join("agent-ebpf/Cargo.toml")))?;
     validate_manifests()?;
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))
+    run(cargo()
+        .args(["clippy", "--workspace", "--all-targets"])
+        .args(TEST_FEATURES)
+        .args(["--", "-D", "warnings"]))
 }
 
 fn demo(rest: &[String]) -> Result<()> {

@@ -17,12 +17,14 @@
 //! - Bounded: a declaration matches at most [`MAX_MATCHES`] files and lists
 //!   at most [`MAX_ENTRIES`] directory entries per scan.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use crate::config::{Globs, glob_match};
 use crate::kube::{ContainerInfo, PodInfo, VolumeSource};
@@ -80,18 +82,11 @@ fn cstr(p: &Path) -> std::io::Result<CString> {
 /// symlink).
 fn open_dir(path: &Path) -> std::io::Result<OwnedFd> {
     let c = cstr(path)?;
-    // SAFETY: a valid C string; the returned fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(rustix::fs::open(
+        c.as_c_str(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?)
 }
 
 /// `openat2(dir, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
@@ -101,50 +96,29 @@ pub fn openat2(dir: &OwnedFd, rel: &Path, flags: libc::c_int) -> std::io::Result
     } else {
         rel
     })?;
-    // SAFETY: open_how is plain data; all-zero is its valid "no options".
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = flags as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: valid fd, C string and open_how of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    Ok(rustix::fs::openat2(
+        dir,
+        c.as_c_str(),
+        OFlags::from_bits_retain(flags as libc::c_uint),
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )?)
 }
 
 /// Names of the entries of an open directory (not `.`/`..`), at most `max`.
+/// A read error ends the listing early, as the end of the directory does.
 fn list(dir: OwnedFd, max: usize) -> std::io::Result<Vec<Vec<u8>>> {
-    // SAFETY: fdopendir takes ownership of the fd on success.
-    let d = unsafe { libc::fdopendir(dir.as_raw_fd()) };
-    if d.is_null() {
-        return Err(std::io::Error::last_os_error());
-    }
-    std::mem::forget(dir); // closedir closes it
+    let mut d = rustix::fs::Dir::new(dir)?;
     let mut out = Vec::new();
-    loop {
-        // SAFETY: d is a valid DIR*; entries are read before the next call.
-        let e = unsafe { libc::readdir64(d) };
-        if e.is_null() || out.len() >= max {
+    while let Some(Ok(e)) = d.read() {
+        if out.len() >= max {
             break;
         }
-        // SAFETY: d_name is NUL-terminated.
-        let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes();
+        let name = e.file_name().to_bytes();
         if name != b"." && name != b".." {
             out.push(name.to_vec());
         }
     }
-    // SAFETY: d came from fdopendir and is closed once.
-    unsafe { libc::closedir(d) };
     Ok(out)
 }
 

@@ -66,6 +66,12 @@ pub struct Line<'a> {
     pub cut: bool,
 }
 
+/// A record or scratch buffer whose capacity grew past this (a huge record
+/// went through it) is freed once that record is done, instead of being kept
+/// for the next one: a file's decoder holds at most this much between
+/// records.
+const SHRINK_ABOVE: usize = 64 * 1024;
+
 /// A record being reassembled from chunks.
 #[derive(Debug, Default)]
 struct Pending {
@@ -97,7 +103,7 @@ impl Pending {
     /// Forgets the record, giving back memory a huge record left behind.
     fn reset(&mut self) {
         self.start = None;
-        if self.msg.capacity() > 64 * 1024 {
+        if self.msg.capacity() > SHRINK_ABOVE {
             self.msg = Vec::new();
         }
     }
@@ -141,20 +147,14 @@ impl Decoder {
     /// Decodes one physical line, calling `emit` for each completed record.
     pub fn decode<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, mut emit: E) {
         match self.format {
-            Format::Raw => emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut, false)),
+            Format::Raw => emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut)),
             Format::Cri => self.decode_cri(line, &mut emit),
             Format::DockerJson => self.decode_docker(line, &mut emit),
         }
     }
 
-    fn whole<'a>(
-        &self,
-        msg: &'a [u8],
-        time: &'a [u8],
-        stream: Stream,
-        cut: bool,
-        malformed: bool,
-    ) -> Record<'a> {
+    /// A record that is one whole line's message.
+    fn whole<'a>(&self, msg: &'a [u8], time: &'a [u8], stream: Stream, cut: bool) -> Record<'a> {
         let truncated = cut || msg.len() > self.max_record;
         Record {
             time,
@@ -162,13 +162,21 @@ impl Decoder {
             msg: &msg[..msg.len().min(self.max_record)],
             partial: false,
             truncated,
-            malformed,
+            malformed: false,
+        }
+    }
+
+    /// A line that is not in the file's format, shipped as it is.
+    fn malformed<'a>(&self, line: &Line<'a>) -> Record<'a> {
+        Record {
+            malformed: true,
+            ..self.whole(line.bytes, b"", Stream::Stdout, line.cut)
         }
     }
 
     fn decode_cri<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, emit: &mut E) {
         let Some((time, stream, full, msg)) = parse_cri(line.bytes) else {
-            emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut, true));
+            emit(self.malformed(&line));
             return;
         };
         // A line the reader had to cut ends its record: the rest is skipped.
@@ -177,7 +185,7 @@ impl Decoder {
         let p = &mut self.pending[stream as usize];
         match (p.start.is_some(), full) {
             (false, true) => {
-                let rec = self.whole(msg, time, stream, line.cut, false);
+                let rec = self.whole(msg, time, stream, line.cut);
                 emit(rec);
             }
             (false, false) => {
@@ -209,7 +217,7 @@ impl Decoder {
             parse_docker(line.bytes, &mut self.scratch)
         };
         let Some(DockerFields { time, stream }) = parsed else {
-            emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut, true));
+            emit(self.malformed(&line));
             return;
         };
         let complete = self.scratch.last() == Some(&b'\n');
@@ -248,7 +256,7 @@ impl Decoder {
                 p.reset();
             }
         }
-        if self.scratch.capacity() > 64 * 1024 {
+        if self.scratch.capacity() > SHRINK_ABOVE {
             self.scratch = Vec::new();
         }
     }

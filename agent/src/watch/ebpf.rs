@@ -31,15 +31,16 @@
 //! (with the tracepoints); the safety sweep covers those.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, FExit, RawTracePoint};
+use aya::programs::{BtfTracePoint, FExit, ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use super::btf::Btf;
 use super::{ChangeQueue, ChangeSource, InotifySource, Pending, pace};
@@ -55,6 +56,10 @@ use shared::{
     FEXIT_PROGRAMS, FileId, MAP_COUNTERS, MAP_EVENTS, MAP_FLAGS, MAP_WATCHED, PROG_RAW_TP,
     PROG_TP_BTF, WriteEvent,
 };
+
+/// The default size of the ring buffer in bytes: the one the eBPF object
+/// is built with (`agent-ebpf/src/shared.rs`, which both sides include).
+pub const RING_BYTES: u32 = shared::RING_BYTES;
 
 // SAFETY: `#[repr(C)]`, integers only, padding spelled out as a field:
 // every bit pattern is a valid value.
@@ -114,7 +119,7 @@ impl Default for Options {
             attach: Attach::ALL.to_vec(),
             max_files: 16384,
             tick: Duration::from_millis(10),
-            ring_bytes: 256 * 1024,
+            ring_bytes: RING_BYTES,
             sabotage: false,
         }
     }
@@ -218,12 +223,18 @@ pub struct Hook {
     max_files: u32,
 }
 
-/// `bpf(cmd, attr, sizeof attr)`. `attr` is a `#[repr(C)]` prefix of
-/// `union bpf_attr` (the kernel zero-fills the rest); any buffer it points
-/// to must outlive the call.
-fn bpf<T>(cmd: aya_obj::generated::bpf_cmd, attr: &T) -> libc::c_long {
-    // SAFETY: the kernel reads size_of::<T>() bytes of `attr`, which is
-    // valid for the call; pointers inside it are the caller's promise.
+/// `bpf(cmd, attr, sizeof attr)`. By hand: rustix has no `bpf` wrapper.
+///
+/// # Safety
+///
+/// `attr` must be a `#[repr(C)]` prefix of `union bpf_attr` laid out as
+/// `cmd` expects (the kernel zero-fills the rest), and every address it
+/// holds must point to memory that is valid for what `cmd` does with it
+/// (read or written, of the size the attribute gives) until the call
+/// returns. An fd the call creates is the caller's to close.
+unsafe fn bpf<T>(cmd: aya_obj::generated::bpf_cmd, attr: &T) -> libc::c_long {
+    // SAFETY: the kernel reads size_of::<T>() bytes of `attr`, a valid
+    // reference for the call; what it points to is the caller's promise.
     unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -250,8 +261,9 @@ fn may_use_bpf() -> Result<(), Unusable> {
         value_size: 4,
         max_entries: 1,
     };
-    // The returned fd is closed below.
-    let fd = bpf(aya_obj::generated::bpf_cmd::BPF_MAP_CREATE, &attr);
+    // SAFETY: `MapCreate` is the first four fields of the BPF_MAP_CREATE
+    // attributes and holds no pointers. The returned fd is closed below.
+    let fd = unsafe { bpf(aya_obj::generated::bpf_cmd::BPF_MAP_CREATE, &attr) };
     if fd < 0 {
         let e = std::io::Error::last_os_error();
         return Err(Unusable(format!(
@@ -262,6 +274,10 @@ fn may_use_bpf() -> Result<(), Unusable> {
     unsafe { libc::close(fd as libc::c_int) };
     Ok(())
 }
+
+/// `EbpfLoader::override_global`'s last argument: the load fails if the
+/// object has no such global (a renamed one is an error, not a no-op).
+const MUST_EXIST: bool = true;
 
 /// Loads the program and attaches it the first way in `opts.attach` that
 /// the kernel accepts. The error says why each way failed.
@@ -282,9 +298,9 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     let aya_btf =
         aya::Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF (aya): {e}")))?;
     for g in &globals {
-        loader.override_global(g.name, &g.bytes[..g.len], true);
+        loader.override_global(g.name, &g.bytes[..g.len], MUST_EXIST);
     }
-    loader.override_global("SABOTAGE", &sabotage[..], true);
+    loader.override_global("SABOTAGE", &sabotage[..], MUST_EXIST);
     let entries = opts.max_files.max(1);
     loader.map_max_entries(MAP_WATCHED, entries);
     loader.map_max_entries(MAP_FLAGS, entries);
@@ -296,7 +312,8 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     let mut reasons = Vec::new();
     let mut chosen = None;
     for &attach in &opts.attach {
-        match attach_one(&mut ebpf, attach, &aya_btf).map_err(|e| e.replace('\n', " ")) {
+        match attach_one(&mut ebpf, attach, &aya_btf).map_err(|e| e.to_string().replace('\n', " "))
+        {
             Ok(()) => {
                 chosen = Some(attach);
                 break;
@@ -367,7 +384,7 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
 }
 
 /// Tries every attachment on its own: whether it loads and attaches here.
-pub fn probe() -> Vec<(Attach, Result<(), String>)> {
+pub fn probe() -> Vec<(Attach, Result<(), Unusable>)> {
     Attach::ALL
         .iter()
         .map(|&a| {
@@ -377,7 +394,7 @@ pub fn probe() -> Vec<(Attach, Result<(), String>)> {
                 ring_bytes: 4096,
                 ..Options::default()
             };
-            (a, load(&opts).map(drop).map_err(|e| e.0))
+            (a, load(&opts).map(drop))
         })
         .collect()
 }
@@ -387,34 +404,53 @@ pub fn embedded() -> bool {
     OBJECT.is_some()
 }
 
+/// Why one attachment could not be made.
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error("no program {0}")]
+    NoProgram(&'static str),
+    /// The program is not of the type the attachment needs.
+    #[error("{0}")]
+    ProgramType(ProgramError),
+    #[error("load: {0}")]
+    Load(ProgramError),
+    #[error("attach: {0}")]
+    Attach(ProgramError),
+    /// Loading the fexit program for this kernel function failed.
+    #[error("load {0}: {1}")]
+    LoadFexit(&'static str, ProgramError),
+    #[error("attach {0}: {1}")]
+    AttachFexit(&'static str, ProgramError),
+}
+
 /// Loads and attaches the program(s) of one attachment; on failure,
 /// unloads whatever part of it had loaded.
-fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), String> {
-    fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), AttachError> {
+    fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
     where
-        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
     {
         ebpf.program_mut(name)
-            .ok_or_else(|| format!("no program {name}"))?
+            .ok_or(AttachError::NoProgram(name))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| e.to_string())
+            .map_err(AttachError::ProgramType)
     }
     match attach {
         Attach::TpBtf => {
             let p: &mut BtfTracePoint = prog(ebpf, PROG_TP_BTF)?;
-            p.load("sys_exit", btf).map_err(|e| format!("load: {e}"))?;
+            p.load("sys_exit", btf).map_err(AttachError::Load)?;
             if let Err(e) = p.attach() {
                 let _ = p.unload();
-                return Err(format!("attach: {e}"));
+                return Err(AttachError::Attach(e));
             }
             Ok(())
         }
         Attach::RawTp => {
             let p: &mut RawTracePoint = prog(ebpf, PROG_RAW_TP)?;
-            p.load().map_err(|e| format!("load: {e}"))?;
+            p.load().map_err(AttachError::Load)?;
             if let Err(e) = p.attach("sys_exit") {
                 let _ = p.unload();
-                return Err(format!("attach: {e}"));
+                return Err(AttachError::Attach(e));
             }
             Ok(())
         }
@@ -424,11 +460,11 @@ fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), Str
             for (name, function) in FEXIT_PROGRAMS {
                 let r = prog::<FExit>(ebpf, name).and_then(|p| {
                     p.load(function, btf)
-                        .map_err(|e| format!("load {function}: {e}"))?;
+                        .map_err(|e| AttachError::LoadFexit(function, e))?;
                     done.push(name);
                     p.attach()
                         .map(|_| ())
-                        .map_err(|e| format!("attach {function}: {e}"))
+                        .map_err(|e| AttachError::AttachFexit(function, e))
                 });
                 if let Err(e) = r {
                     result = Err(e);
@@ -472,6 +508,7 @@ impl Flags {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = entries as usize;
         let bytes = (len * 8).div_ceil(page) * page;
+        // libc, not rustix: rustix's mmap is just as unsafe.
         // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
         // the size against the array's. Checked for MAP_FAILED below.
         let ptr = unsafe {
@@ -530,8 +567,11 @@ fn recursion_misses(programs: &[OwnedFd]) -> u64 {
                 info_len: std::mem::size_of_val(&info) as u32,
                 info: &mut info as *mut _ as u64,
             };
-            // `info` outlives the call.
-            let r = bpf(aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr);
+            // SAFETY: `InfoAttr` is the `info` member of `union bpf_attr`
+            // for BPF_OBJ_GET_INFO_BY_FD; its `info` points to `info`, a
+            // local of `info_len` bytes that outlives the call and that the
+            // kernel fills.
+            let r = unsafe { bpf(aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr) };
             if r == 0 { info.recursion_misses } else { 0 }
         })
         .sum()
@@ -685,16 +725,10 @@ impl EbpfSource {
             also_polled: Vec::new(),
         }));
         let ring = hook.ring.take().expect("ring buffer taken once");
-        // SAFETY: plain syscall; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(Unusable(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let wake = Arc::new(
+            rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
+                .map_err(|e| Unusable(format!("eventfd: {}", std::io::Error::from(e))))?,
+        );
         let counters = Arc::new(Mutex::new(
             hook.counters.take().expect("counters taken once"),
         ));
@@ -813,9 +847,9 @@ const MISSES_TO_POLL: u32 = 3;
 
 /// Wakes the reader (it may be asleep with nothing to poll).
 fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes from a local to our eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    // Fails only when the counter is about to overflow: the reader is
+    // awake then anyway.
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
 fn publish(metrics: &Metrics, c: Counters) {
@@ -848,15 +882,20 @@ const LINGER_EVERY: Duration = Duration::from_millis(50);
 /// Skipped runs make the loop read every file, at most this often.
 const MISS_READ_EVERY: Duration = Duration::from_millis(100);
 
-fn millis_until(t: Instant) -> i32 {
-    t.saturating_duration_since(Instant::now())
+/// The time left until `t`, in whole milliseconds (as `poll(2)` takes it).
+fn timeout_until(t: Instant) -> Timespec {
+    let ms = t
+        .saturating_duration_since(Instant::now())
         .as_millis()
-        .min(i32::MAX as u128) as i32
+        .min(i32::MAX as u128) as i64;
+    Timespec {
+        tv_sec: ms / 1000,
+        tv_nsec: (ms % 1000) * 1_000_000,
+    }
 }
 
 impl Reader {
     fn run(mut self) {
-        let fd = self.ring.as_raw_fd();
         let mut batch = Pending::default();
         // Slots reported in the previous pass: cleared in the next one.
         let mut reported: Vec<(u32, FileKey)> = Vec::new();
@@ -886,33 +925,30 @@ impl Reader {
             if has_overflow {
                 wake_at(next_poll);
             }
-            let timeout = deadline.map_or(-1, millis_until);
-            let mut pfds = [
-                libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfds for the duration of the call.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) };
-            if n > 0 && pfds[1].revents & libc::POLLIN != 0 {
-                let mut v = 0u64;
-                // SAFETY: reading 8 bytes into a local from our eventfd.
-                unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            let timeout = deadline.map(timeout_until);
+            let polled = {
+                let mut pfds = [
+                    PollFd::new(&self.ring, PollFlags::IN),
+                    PollFd::new(&*self.wake, PollFlags::IN),
+                ];
+                rustix::event::poll(&mut pfds, timeout.as_ref())
+                    .map(|n| n > 0 && pfds[1].revents().contains(PollFlags::IN))
+            };
+            match polled {
+                Ok(true) => {
+                    // Resets the eventfd's counter; nothing to do if that
+                    // fails (it stays readable: one more pass).
+                    let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
                 }
-                tracing::error!(error = %e, "polling the eBPF ring buffer failed; falling back to the safety sweep");
-                return;
+                Ok(false) => {}
+                Err(e) => {
+                    let e = std::io::Error::from(e);
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    tracing::error!(error = %e, "polling the eBPF ring buffer failed; falling back to the safety sweep");
+                    return;
+                }
             }
             // Events gather in the ring buffer meanwhile.
             pace(&mut last_pass, self.tick);
@@ -1063,6 +1099,15 @@ mod tests {
         fn quiet(&self) {
             while !self.reported(Duration::from_millis(100), None).is_empty() {}
         }
+    }
+
+    #[test]
+    fn the_embedded_object_is_built_with_the_agents_ring_buffer_size() {
+        // Catches an object left over from a build of other sources.
+        let object = OBJECT.expect("this bpftail carries its eBPF object");
+        let obj = aya_obj::Object::parse(object).unwrap();
+        let events = obj.maps.get(MAP_EVENTS).expect("an EVENTS map");
+        assert_eq!(events.max_entries(), RING_BYTES);
     }
 
     #[test]

@@ -98,6 +98,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A fanotify group as this backend uses it.
+///
+/// fanotify_init, fanotify_mark and name_to_handle_at are called through
+/// libc by hand: rustix 1.1 has no wrappers for them.
 pub fn init() -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall; the result is checked.
     let fd = unsafe {
@@ -191,20 +194,21 @@ fn read_events(
     let mut batch = Pending::default();
     let mut last_pass = Instant::now() - tick;
     loop {
-        // SAFETY: reading into a buffer we own, of the given length.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        let n = match rustix::io::read(fd, &mut buf[..]) {
+            Ok(n) => n,
+            Err(e) => {
+                let e = std::io::Error::from(e);
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "fanotify read failed; falling back to the safety sweep");
+                return;
             }
-            tracing::error!(error = %e, "fanotify read failed; falling back to the safety sweep");
-            return;
-        }
+        };
         metrics.watcher_wakeups.inc();
         {
             let dirs = lock(dirs);
-            parse(&buf[..n as usize], &dirs, &mut batch, metrics);
+            parse(&buf[..n], &dirs, &mut batch, metrics);
         }
         queue.merge(&mut batch);
         // Meanwhile the kernel merges repeated events on the same file.
@@ -293,12 +297,23 @@ fn parse(
     }
 }
 
+/// Why fanotify is unusable here: the call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("fanotify_init: {0}")]
+    Init(std::io::Error),
+    #[error("fanotify_mark: {0}")]
+    Mark(std::io::Error),
+    #[error("name_to_handle_at: {0}")]
+    Handle(std::io::Error),
+}
+
 /// Whether fanotify with directory FID reporting works here.
-pub fn probe() -> Result<(), String> {
-    let fd = init().map_err(|e| format!("fanotify_init: {e}"))?;
+pub fn probe() -> Result<(), ProbeError> {
+    let fd = init().map_err(ProbeError::Init)?;
     let dir = std::env::temp_dir();
-    mark(&fd, libc::FAN_MARK_ADD, &dir).map_err(|e| format!("fanotify_mark: {e}"))?;
-    handle_of(&dir).map_err(|e| format!("name_to_handle_at: {e}"))?;
+    mark(&fd, libc::FAN_MARK_ADD, &dir).map_err(ProbeError::Mark)?;
+    handle_of(&dir).map_err(ProbeError::Handle)?;
     Ok(())
 }
 

@@ -179,10 +179,38 @@ pub struct WatchOptions {
     pub poll_interval: Duration,
 }
 
+/// Why a backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::Unusable),
+    /// fanotify, inotify, or the poll thread.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// No backend could start: each one tried, and why.
+#[derive(Debug)]
+pub struct NoBackend(pub Vec<(WatcherKind, Unusable)>);
+
+impl std::fmt::Display for NoBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (kind, why)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {why}", kind.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for NoBackend {}
+
 /// A started backend, and why the ones tried before it were unusable.
 pub struct Started {
     pub source: Box<dyn ChangeSource>,
-    pub skipped: Vec<(WatcherKind, String)>,
+    pub skipped: Vec<(WatcherKind, Unusable)>,
     /// What was chosen, with detail (e.g. the eBPF attachment).
     pub detail: String,
 }
@@ -264,10 +292,10 @@ pub fn start(
     opts: &WatchOptions,
     queue: &ChangeQueue,
     metrics: &Arc<Metrics>,
-) -> Result<Started, String> {
+) -> Result<Started, NoBackend> {
     let mut skipped = Vec::new();
     for step in plan(kind, &opts.ebpf.attach) {
-        let r: Result<(Box<dyn ChangeSource>, String), String> = match &step {
+        let r: Result<(Box<dyn ChangeSource>, String), Unusable> = match &step {
             Step::Ebpf(attach) => {
                 let o = ebpf::Options {
                     attach: attach.clone(),
@@ -278,19 +306,19 @@ pub fn start(
                         let detail = format!("ebpf ({})", s.attach().name());
                         (Box::new(s) as Box<dyn ChangeSource>, detail)
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(Unusable::from)
             }
             Step::Fanotify => {
                 fanotify::FanotifySource::start(queue.clone(), metrics.clone(), opts.ebpf.tick)
                     .map(|s| (Box::new(s) as Box<dyn ChangeSource>, "fanotify".to_owned()))
-                    .map_err(|e| e.to_string())
+                    .map_err(Unusable::from)
             }
             Step::Inotify => InotifySource::start(queue.clone(), metrics.clone())
                 .map(|s| (Box::new(s) as Box<dyn ChangeSource>, "inotify".to_owned()))
-                .map_err(|e| e.to_string()),
+                .map_err(Unusable::from),
             Step::Poll => PollSource::start(queue.clone(), opts.poll_interval, 8, metrics.clone())
                 .map(|s| (Box::new(s) as Box<dyn ChangeSource>, "poll".to_owned()))
-                .map_err(|e| e.to_string()),
+                .map_err(Unusable::from),
         };
         match r {
             Ok((source, detail)) => {
@@ -303,11 +331,7 @@ pub fn start(
             Err(e) => skipped.push((step.kind(), e)),
         }
     }
-    Err(skipped
-        .iter()
-        .map(|(k, e)| format!("{}: {e}", k.as_str()))
-        .collect::<Vec<_>>()
-        .join("; "))
+    Err(NoBackend(skipped))
 }
 
 /// inotify, one watch per directory.
@@ -320,9 +344,17 @@ pub fn start(
 /// read, one after it makes a new event. Nothing is missed.
 pub struct InotifySource {
     shared: Arc<InotifyShared>,
-    /// Whether writes are reported (`IN_MODIFY`), or only entries changing.
-    writes: bool,
+    reports: Reports,
     by_path: HashMap<PathBuf, WatchDescriptor>,
+}
+
+/// What an [`InotifySource`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reports {
+    /// Writes (`IN_MODIFY`) and entries changing.
+    WritesAndEntries,
+    /// Entries appearing, vanishing and renamed only.
+    EntriesOnly,
 }
 
 struct InotifyShared {
@@ -351,7 +383,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl InotifySource {
     /// Starts the reader thread.
     pub fn start(queue: ChangeQueue, metrics: Arc<Metrics>) -> std::io::Result<InotifySource> {
-        InotifySource::start_with(queue, metrics, true)
+        InotifySource::start_with(queue, metrics, Reports::WritesAndEntries)
     }
 
     /// Entries appearing, vanishing and renamed only: for backends that
@@ -360,13 +392,13 @@ impl InotifySource {
         queue: ChangeQueue,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<InotifySource> {
-        InotifySource::start_with(queue, metrics, false)
+        InotifySource::start_with(queue, metrics, Reports::EntriesOnly)
     }
 
     fn start_with(
         queue: ChangeQueue,
         metrics: Arc<Metrics>,
-        writes: bool,
+        reports: Reports,
     ) -> std::io::Result<InotifySource> {
         let inotify = Inotify::init()?;
         let shared = Arc::new(InotifyShared {
@@ -380,7 +412,7 @@ impl InotifySource {
             .spawn(move || read_events(inotify, thread_shared, queue, metrics))?;
         Ok(InotifySource {
             shared,
-            writes,
+            reports,
             by_path: HashMap::new(),
         })
     }
@@ -465,7 +497,10 @@ impl ChangeSource for InotifySource {
         {
             return Ok(false);
         }
-        let mask = if self.writes { ARMED } else { DISARMED };
+        let mask = match self.reports {
+            Reports::WritesAndEntries => ARMED,
+            Reports::EntriesOnly => DISARMED,
+        };
         let wd = lock(&self.shared.watches).add(dir, mask)?;
         lock(&self.shared.dirs).insert(wd.clone(), dir.to_owned());
         self.by_path.insert(dir.to_owned(), wd);
@@ -638,6 +673,24 @@ mod tests {
             got = p.written.contains(&file);
         }
         assert!(got);
+    }
+
+    #[test]
+    fn no_backend_names_each_one_tried_and_why() {
+        let e = NoBackend(vec![
+            (
+                WatcherKind::Ebpf,
+                Unusable::Ebpf(ebpf::Unusable("bpf(BPF_MAP_CREATE): denied".into())),
+            ),
+            (
+                WatcherKind::Fanotify,
+                Unusable::Io(std::io::Error::from_raw_os_error(libc::EPERM)),
+            ),
+        ]);
+        assert_eq!(
+            e.to_string(),
+            "ebpf: bpf(BPF_MAP_CREATE): denied; fanotify: Operation not permitted (os error 1)"
+        );
     }
 
     #[test]
