@@ -292,6 +292,12 @@ fn test(rest: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--lib", "--bins"])
         .args(TEST_FEATURES)
         .args(rest))?;
+    // The file-lifecycle model on the simulated file system, with thousands
+    // of seeds (2,000 take about 20 s optimised; a debug run does 200).
+    run(cargo()
+        .args(["test", "--release", "-p", "bpftail", "--lib"])
+        .arg("model_on_the_simulated_file_system")
+        .env("BPFTAIL_MODEL_SEEDS", "2000"))?;
     run(cargo()
         .args(["test", "-p", "bpftail", "--test", "*"])
         .args(TEST_FEATURES)

@@ -126,6 +126,37 @@ fn plain_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
 }
 
+/// Why a declared in-container path is not followed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("{0:?} is not valid UTF-8")]
+    NotUtf8(String),
+    #[error("{0:?}: '.' and '..' are not allowed")]
+    DotComponents(String),
+    #[error("{0:?} is not an absolute file path")]
+    NotAbsolute(String),
+    #[error(
+        "{path:?} is not under any volume mount of container {container:?}: only files in volumes can be read"
+    )]
+    NotInVolume { path: String, container: String },
+    #[error("volume {0:?}: unusable name")]
+    UnusableName(String),
+    #[error("hostPath volume {volume:?}: path {path:?} is not absolute and clean")]
+    UncleanHostPath { volume: String, path: String },
+    #[error("hostPath volume {volume:?} ({path}) is not allowed by --allow-hostpath")]
+    HostPathNotAllowed { volume: String, path: String },
+    #[error(
+        "volume {volume:?} is a {kind} volume; only emptyDir (and allowed hostPath) volumes are read"
+    )]
+    UnsupportedVolume { volume: String, kind: String },
+    #[error("volume {0:?} is not in the pod's volumes")]
+    UnknownVolume(String),
+    #[error("subPath {0:?} is not a clean relative path")]
+    UncleanSubPath(String),
+    #[error("subPath {0:?} holds glob characters")]
+    GlobInSubPath(String),
+}
+
 /// Resolves a declared in-container path glob through `container`'s mounts.
 pub fn resolve(
     declared: &str,
@@ -133,7 +164,7 @@ pub fn resolve(
     container: &ContainerInfo,
     kubelet_pods_dir: &Path,
     allow_hostpath: &Globs,
-) -> Result<Resolved, String> {
+) -> Result<Resolved, Refused> {
     let path = Path::new(declared);
     let mut parts: Vec<&str> = Vec::new();
     for c in path.components() {
@@ -141,13 +172,13 @@ pub fn resolve(
             Component::RootDir => {}
             Component::Normal(s) => parts.push(
                 s.to_str()
-                    .ok_or_else(|| format!("{declared:?} is not valid UTF-8"))?,
+                    .ok_or_else(|| Refused::NotUtf8(declared.into()))?,
             ),
-            _ => return Err(format!("{declared:?}: '.' and '..' are not allowed")),
+            _ => return Err(Refused::DotComponents(declared.into())),
         }
     }
     if !path.is_absolute() || parts.is_empty() {
-        return Err(format!("{declared:?} is not an absolute file path"));
+        return Err(Refused::NotAbsolute(declared.into()));
     }
     // The mount whose path is the longest whole-component prefix.
     let mount = container
@@ -165,15 +196,15 @@ pub fn resolve(
         })
         .max_by_key(|(n, _)| *n);
     let Some((depth, mount)) = mount else {
-        return Err(format!(
-            "{declared:?} is not under any volume mount of container {:?}: only files in volumes can be read",
-            container.name
-        ));
+        return Err(Refused::NotInVolume {
+            path: declared.into(),
+            container: container.name.clone(),
+        });
     };
     let base = match pod.volumes.get(&mount.volume) {
         Some(VolumeSource::EmptyDir) => {
             if !plain_name(&pod.uid) || !plain_name(&mount.volume) {
-                return Err(format!("volume {:?}: unusable name", mount.volume));
+                return Err(Refused::UnusableName(mount.volume.clone()));
             }
             kubelet_pods_dir
                 .join(&pod.uid)
@@ -182,30 +213,27 @@ pub fn resolve(
         }
         Some(VolumeSource::HostPath(p)) => {
             if !Path::new(p).is_absolute() || p.split('/').any(|c| c == "..") {
-                return Err(format!(
-                    "hostPath volume {:?}: path {p:?} is not absolute and clean",
-                    mount.volume
-                ));
+                return Err(Refused::UncleanHostPath {
+                    volume: mount.volume.clone(),
+                    path: p.clone(),
+                });
             }
             if !allow_hostpath.matches(p) {
-                return Err(format!(
-                    "hostPath volume {:?} ({p}) is not allowed by --allow-hostpath",
-                    mount.volume
-                ));
+                return Err(Refused::HostPathNotAllowed {
+                    volume: mount.volume.clone(),
+                    path: p.clone(),
+                });
             }
             PathBuf::from(p)
         }
         Some(VolumeSource::Other(kind)) => {
-            return Err(format!(
-                "volume {:?} is a {kind} volume; only emptyDir (and allowed hostPath) volumes are read",
-                mount.volume
-            ));
+            return Err(Refused::UnsupportedVolume {
+                volume: mount.volume.clone(),
+                kind: (*kind).to_owned(),
+            });
         }
         None => {
-            return Err(format!(
-                "volume {:?} is not in the pod's volumes",
-                mount.volume
-            ));
+            return Err(Refused::UnknownVolume(mount.volume.clone()));
         }
     };
     let mut pattern: Vec<String> = Vec::new();
@@ -214,20 +242,14 @@ pub fn resolve(
             Component::Normal(s) => pattern.push(s.to_string_lossy().into_owned()),
             Component::CurDir => {}
             _ => {
-                return Err(format!(
-                    "subPath {:?} is not a clean relative path",
-                    mount.sub_path
-                ));
+                return Err(Refused::UncleanSubPath(mount.sub_path.clone()));
             }
         }
     }
     // The subPath is literal, the rest a glob; a literal '*' in a subPath
     // would be taken as a wildcard, so refuse it.
     if pattern.iter().any(|p| p.contains(['*', '?'])) {
-        return Err(format!(
-            "subPath {:?} holds glob characters",
-            mount.sub_path
-        ));
+        return Err(Refused::GlobInSubPath(mount.sub_path.clone()));
     }
     pattern.extend(parts[depth..].iter().map(|s| s.to_string()));
     Ok(Resolved { base, pattern })
@@ -407,7 +429,7 @@ mod tests {
             ("/host/*.log", "--allow-hostpath"),
         ] {
             let e = resolve(bad, &p, &c, k, &none).unwrap_err();
-            assert!(e.contains(why), "{bad}: {e}");
+            assert!(e.to_string().contains(why), "{bad}: {e}");
         }
         let allow = Globs::parse("allow-hostpath", "/var/log/*").unwrap();
         let r = resolve("/host/*.log", &p, &c, k, &allow).unwrap();

@@ -1,0 +1,338 @@
+//! The eBPF change source, loaded for real: these need root (CAP_BPF,
+//! CAP_PERFMON) and a BTF kernel, which CI has. They do not skip; a plain
+//! `cargo test --lib` as a non-root user does not run them (`cargo xtask
+//! test` does).
+
+use std::io::{IoSlice, Write as _};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bpftail::checkpoint::FileKey;
+use bpftail::metrics::Metrics;
+use bpftail::watch::ebpf::{Attach, EbpfSource, Options};
+use bpftail::watch::{ChangeQueue, ChangeSource, Pending};
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    src: EbpfSource,
+    q: ChangeQueue,
+    wake: crossbeam_channel::Receiver<()>,
+    metrics: Arc<Metrics>,
+}
+
+fn key_of(f: &std::fs::File) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    let md = f.metadata().unwrap();
+    FileKey {
+        dev: md.dev(),
+        ino: md.ino(),
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(Options::default())
+}
+
+fn rig_with(opts: Options) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, wake) = crossbeam_channel::bounded(1);
+    let q = ChangeQueue::new(tx);
+    let metrics = Arc::new(Metrics::default());
+    let src = EbpfSource::start(q.clone(), metrics.clone(), &opts)
+        .unwrap_or_else(|e| panic!("the eBPF hook must load here (root, BTF kernel): {e}"));
+    Rig {
+        _dir: dir,
+        src,
+        q,
+        wake,
+        metrics,
+    }
+}
+
+impl Rig {
+    fn file(&self, name: &str) -> (std::fs::File, FileKey) {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(self._dir.path().join(name))
+            .unwrap();
+        let k = key_of(&f);
+        (f, k)
+    }
+
+    /// Keys reported within `wait`, stopping early once `want` is seen.
+    fn reported(&self, wait: Duration, want: Option<FileKey>) -> Pending {
+        let mut got = Pending::default();
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let _ = self.wake.recv_timeout(Duration::from_millis(5));
+            let mut p = Pending::default();
+            self.q.take(&mut p);
+            got.keys.extend(p.keys);
+            got.all_files |= p.all_files;
+            if want.is_some_and(|k| got.keys.contains(&k)) {
+                break;
+            }
+        }
+        got
+    }
+
+    /// Waits until nothing has been reported for 100 ms.
+    fn quiet(&self) {
+        while !self.reported(Duration::from_millis(100), None).is_empty() {}
+    }
+}
+
+#[test]
+fn a_watched_file_is_reported_an_unwatched_one_is_not() {
+    let mut r = rig();
+    assert!(Attach::ALL.contains(&r.src.attach()));
+    let (mut watched, wk) = r.file("watched.log");
+    let (mut other, ok) = r.file("other.log");
+    r.src.watch_file(wk);
+    other.write_all(b"not watched\n").unwrap();
+    let got = r.reported(Duration::from_millis(300), None);
+    assert!(got.keys.is_empty(), "unwatched writes are silent: {got:?}");
+    watched.write_all(b"watched\n").unwrap();
+    let got = r.reported(Duration::from_secs(5), Some(wk));
+    assert!(got.keys.contains(&wk));
+    assert!(!got.keys.contains(&ok));
+    // Unwatched again: silent again.
+    r.quiet();
+    r.src.unwatch_file(wk);
+    watched.write_all(b"after\n").unwrap();
+    assert!(r.reported(Duration::from_millis(300), None).keys.is_empty());
+    assert!(r.metrics.ebpf_events.get() >= 1);
+    assert!(r.metrics.ebpf_hook_hits.get() >= r.metrics.ebpf_watched_writes.get());
+}
+
+#[test]
+fn every_write_family_syscall_is_seen() {
+    let mut r = rig();
+    let (f, k) = r.file("0.log");
+    r.src.watch_file(k);
+    let (mut src_file, _) = r.file("source.txt");
+    src_file.write_all(b"0123456789\n").unwrap();
+    // sendfile, splice and copy_file_range refuse O_APPEND targets.
+    let g = std::fs::OpenOptions::new()
+        .write(true)
+        .open(r._dir.path().join("0.log"))
+        .unwrap();
+    let fd = g.as_raw_fd();
+    type Way<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let ways: Vec<Way> = vec![
+        ("write", Box::new(|| (&f).write_all(b"w\n").unwrap())),
+        (
+            "writev",
+            Box::new(|| {
+                let n = (&f)
+                    .write_vectored(&[IoSlice::new(b"v"), IoSlice::new(b"\n")])
+                    .unwrap();
+                assert_eq!(n, 2);
+            }),
+        ),
+        ("pwrite64", Box::new(|| f.write_all_at(b"p\n", 0).unwrap())),
+        (
+            "sendfile",
+            Box::new(|| {
+                let mut off: libc::off_t = 0;
+                // SAFETY: valid fds and offset pointer.
+                let n = unsafe { libc::sendfile(fd, src_file.as_raw_fd(), &mut off, 11) };
+                assert_eq!(n, 11, "{}", std::io::Error::last_os_error());
+            }),
+        ),
+        (
+            "splice",
+            Box::new(|| {
+                let mut p = [0; 2];
+                // SAFETY: an array of two fds for pipe() to fill.
+                assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+                // SAFETY: valid fds and buffer; NULL offsets use the
+                // pipe and the file position.
+                let n = unsafe {
+                    libc::write(p[1], b"s\n".as_ptr().cast(), 2);
+                    let n =
+                        libc::splice(p[0], std::ptr::null_mut(), fd, std::ptr::null_mut(), 2, 0);
+                    libc::close(p[0]);
+                    libc::close(p[1]);
+                    n
+                };
+                assert_eq!(n, 2, "{}", std::io::Error::last_os_error());
+            }),
+        ),
+        (
+            "copy_file_range",
+            Box::new(|| {
+                let mut off: libc::loff_t = 0;
+                // SAFETY: valid fds and offset pointer; NULL out-offset
+                // uses the file position.
+                let n = unsafe {
+                    libc::copy_file_range(
+                        src_file.as_raw_fd(),
+                        &mut off,
+                        fd,
+                        std::ptr::null_mut(),
+                        11,
+                        0,
+                    )
+                };
+                assert_eq!(n, 11, "{}", std::io::Error::last_os_error());
+            }),
+        ),
+    ];
+    for (name, write) in ways {
+        r.quiet();
+        write();
+        let got = r.reported(Duration::from_secs(5), Some(k));
+        assert!(got.keys.contains(&k), "{name} was not reported");
+    }
+}
+
+#[test]
+fn a_burst_of_writes_is_few_events_and_reading_on_reports_reads_everything() {
+    let mut r = rig();
+    let (mut f, k) = r.file("0.log");
+    r.src.watch_file(k);
+    let path = r._dir.path().join("0.log");
+    let reader = std::fs::File::open(&path).unwrap();
+    let mut read_to = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let writer = std::thread::spawn(move || {
+        for i in 0..100_000u32 {
+            writeln!(f, "line {i:06}").unwrap();
+        }
+    });
+    // The data loop's part: read to EOF whenever the file is reported.
+    let mut done = false;
+    loop {
+        let got = r.reported(Duration::from_millis(500), Some(k));
+        if got.keys.contains(&k) {
+            loop {
+                let n = reader.read_at(&mut buf, read_to).unwrap();
+                if n == 0 {
+                    break;
+                }
+                read_to += n as u64;
+            }
+        } else if done {
+            break;
+        }
+        done = writer.is_finished();
+    }
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, 100_000 * 12);
+    assert_eq!(
+        read_to, len,
+        "reads triggered by reports alone saw every byte"
+    );
+    let events = r.metrics.ebpf_events.get();
+    assert!(r.metrics.ebpf_watched_writes.get() >= 100_000);
+    assert!(events <= 2_000, "{events} events for 100,000 writes");
+    assert_eq!(r.metrics.ebpf_drops.get(), 0);
+}
+
+#[test]
+fn sabotaged_delivery_is_counted_in_the_kernel_and_nothing_is_reported() {
+    let mut r = rig_with(Options {
+        sabotage: true,
+        ..Options::default()
+    });
+    let (mut f, k) = r.file("0.log");
+    r.src.watch_file(k);
+    for _ in 0..3 {
+        f.write_all(b"x\n").unwrap();
+    }
+    assert!(r.reported(Duration::from_millis(200), None).is_empty());
+    let c = r.src.counters();
+    assert_eq!(c.events, 0);
+    // The flag is cleared after each failed delivery: every write retries.
+    assert_eq!(c.drops, 3, "{c:?}");
+}
+
+#[test]
+fn a_full_ring_buffer_makes_the_agent_read_every_file() {
+    // One page of ring buffer (~170 events) and a slow reader: 1,000
+    // files written at once cannot all be reported.
+    let mut r = rig_with(Options {
+        ring_bytes: 4096,
+        tick: Duration::from_millis(300),
+        ..Options::default()
+    });
+    let mut files = Vec::new();
+    for i in 0..1000 {
+        let (f, k) = r.file(&format!("{i}.log"));
+        r.src.watch_file(k);
+        files.push(f);
+    }
+    // Make the reader start a pass (and its 300 ms pause) first.
+    files[0].write_all(b"first\n").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    for f in &mut files {
+        f.write_all(b"x\n").unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Pending::default();
+    while !got.all_files && Instant::now() < deadline {
+        let p = r.reported(Duration::from_millis(100), None);
+        got.all_files |= p.all_files;
+        got.keys.extend(p.keys);
+    }
+    let c = r.src.counters();
+    assert!(c.drops > 0, "{c:?}");
+    assert!(got.all_files, "lost events make the loop read every file");
+}
+
+#[test]
+fn files_beyond_the_maps_capacity_are_polled_every_second() {
+    let mut r = rig_with(Options {
+        max_files: 4,
+        ..Options::default()
+    });
+    let files: Vec<_> = (0..6).map(|i| r.file(&format!("{i}.log"))).collect();
+    for (_, k) in &files {
+        r.src.watch_file(*k);
+    }
+    assert_eq!(r.metrics.ebpf_unwatched_files.get(), 2);
+    let (_, last) = files[5];
+    // Not in the map: reported by the one-second poll, written or not.
+    let got = r.reported(Duration::from_secs(3), Some(last));
+    assert!(got.keys.contains(&last));
+    // Closing a mapped file gives its slot to a polled one.
+    r.src.unwatch_file(files[0].1);
+    assert_eq!(r.metrics.ebpf_unwatched_files.get(), 1);
+}
+
+#[test]
+fn a_file_whose_writes_the_hook_does_not_see_is_polled_after_three_sweeps() {
+    let mut r = rig();
+    let (_f, real) = r.file("0.log");
+    // A key the kernel will never name (as for a btrfs subvolume, whose
+    // st_dev is not the superblock's s_dev).
+    let wrong = FileKey {
+        dev: real.dev + 1,
+        ino: real.ino,
+    };
+    r.src.watch_file(wrong);
+    for round in 1..=3 {
+        assert_eq!(r.metrics.ebpf_unwatched_files.get(), 0, "round {round}");
+        r.src.sweep();
+        r.src.missed(wrong);
+    }
+    assert_eq!(r.metrics.ebpf_unwatched_files.get(), 1);
+    let got = r.reported(Duration::from_secs(3), Some(wrong));
+    assert!(got.keys.contains(&wrong), "polled every second");
+    // A miss now and then (a write just before a sweep) is not enough.
+    let (_g, other) = r.file("1.log");
+    r.src.watch_file(other);
+    for _ in 0..3 {
+        r.src.sweep();
+        r.src.missed(other);
+        r.src.sweep();
+    }
+    assert_eq!(r.metrics.ebpf_unwatched_files.get(), 1);
+    r.src.unwatch_file(wrong);
+    assert_eq!(r.metrics.ebpf_unwatched_files.get(), 0);
+}
