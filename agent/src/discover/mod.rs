@@ -207,6 +207,17 @@ impl MetaContext {
         d
     }
 
+    /// `meta` rendered again if its pod's metadata changed since (`None`:
+    /// unchanged; or the pod's entry expired after its deletion, and its
+    /// files keep the metadata they had).
+    pub fn rerender(&self, meta: &FileMeta) -> Option<FileMeta> {
+        let pod = self.pod_of(&meta.origin)?;
+        if meta.pod_info.as_ref().is_some_and(|p| Arc::ptr_eq(p, &pod)) {
+            return None;
+        }
+        Some(self.render(meta.origin.clone(), meta.format))
+    }
+
     pub fn render(&self, o: Origin, format: Format) -> FileMeta {
         let pod = self.pod_of(&o);
         let declared = self.declared(&o, pod.as_deref());

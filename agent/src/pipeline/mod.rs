@@ -37,8 +37,8 @@ use crossbeam_channel::Receiver;
 use crate::checkpoint::writer::Writer;
 use crate::checkpoint::{Entry, FileKey, Fingerprint, Store};
 use crate::config::Config;
+use crate::discover::MetaContext;
 use crate::discover::declared::Notes;
-use crate::discover::{FileMeta, MetaContext};
 use crate::files::lifecycle::{self, Memory};
 use crate::files::pods::{PodGate, RescanThrottle};
 use crate::files::schedule::{Next, Schedule};
@@ -47,8 +47,7 @@ use crate::fs::Fs;
 use crate::kube::PodCache;
 use crate::metrics::{Metrics, RateLimit};
 use crate::sink::{Ack, Outcome, Sink};
-use crate::tail::decode::Record;
-use crate::tail::{FileStatus, ReadEnd, Reader, RecordSink, TailedFile};
+use crate::tail::{Discard, FileStatus, ReadEnd, Reader, TailedFile};
 use crate::watch::{ChangeQueue, ChangeSource, Pending};
 
 /// Size of the reused read buffer.
@@ -71,32 +70,6 @@ fn entry(f: &TailedFile) -> Entry {
 /// The part of a file's checkpoint entry that reading can change.
 fn position(f: &TailedFile) -> (u64, Fingerprint) {
     (f.acks.committed(), f.fingerprint)
-}
-
-/// The sink of a file that is not to be shipped: its records are counted
-/// and settled at once, never produced.
-#[derive(Default)]
-struct Discard {
-    seqs: Vec<u64>,
-}
-
-impl RecordSink for Discard {
-    fn has_budget(&self) -> bool {
-        true
-    }
-    fn send(&mut self, _: &FileMeta, _: &Record<'_>, _: u32, seq: u64) {
-        self.seqs.push(seq);
-    }
-}
-
-impl Discard {
-    /// Marks the discarded records done, so the checkpoint moves past them.
-    fn settle(self, f: &mut TailedFile, metrics: &Metrics) {
-        metrics.records_suppressed.add(self.seqs.len() as u64);
-        for seq in self.seqs {
-            f.acks.acked(seq);
-        }
-    }
 }
 
 /// The loop's timers.
@@ -307,18 +280,10 @@ impl<S: Sink> Pipeline<S> {
             self.pod_rescan.request();
         }
         for f in self.files.iter_mut() {
-            let pod = self.ctx.pod_of(&f.meta.origin);
-            let same = match (&pod, &f.meta.pod_info) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            // A deleted pod's entry expires after its grace period: its
-            // files keep the metadata they had.
-            if same || pod.is_none() {
+            let Some(meta) = self.ctx.rerender(&f.meta) else {
                 continue;
-            }
-            let meta = Arc::new(self.ctx.render(f.meta.origin.clone(), f.meta.format));
+            };
+            let meta = Arc::new(meta);
             if meta.suppressed != f.meta.suppressed {
                 let why = if meta.excluded {
                     "opted out by bpftail.io/exclude"

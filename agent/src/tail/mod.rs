@@ -167,6 +167,32 @@ pub trait RecordSink {
     fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64);
 }
 
+/// The sink of a file that is not to be shipped: its records are counted
+/// and settled at once, never produced.
+#[derive(Default)]
+pub struct Discard {
+    seqs: Vec<u64>,
+}
+
+impl RecordSink for Discard {
+    fn has_budget(&self) -> bool {
+        true
+    }
+    fn send(&mut self, _: &FileMeta, _: &Record<'_>, _: u32, seq: u64) {
+        self.seqs.push(seq);
+    }
+}
+
+impl Discard {
+    /// Marks the discarded records done, so the checkpoint moves past them.
+    pub fn settle(self, f: &mut TailedFile, metrics: &Metrics) {
+        metrics.records_suppressed.add(self.seqs.len() as u64);
+        for seq in self.seqs {
+            f.acks.acked(seq);
+        }
+    }
+}
+
 /// Why a read stopped.
 #[derive(Debug)]
 pub enum ReadEnd {
