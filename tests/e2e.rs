@@ -66,6 +66,22 @@ fn all_arrived(records: &[Received]) -> bool {
     unique(records, WRITERS, LINES) == WRITERS * LINES as usize
 }
 
+/// Waits until every line of every writer has arrived; returns the records.
+#[track_caller]
+fn wait_all_arrived(collector: &Collector, node: &Node) -> Vec<Received> {
+    collector.wait_for(
+        Duration::from_secs(180),
+        || {
+            format!(
+                "all {} lines of {WRITERS} writers\nagent log:\n{}",
+                WRITERS as u64 * LINES,
+                node.agent_log()
+            )
+        },
+        all_arrived,
+    )
+}
+
 fn assert_complete(node: &Node, records: &[Received], allow_rewinds: bool) -> Tally {
     let t = tally(records, WRITERS, LINES);
     assert_eq!(
@@ -194,7 +210,11 @@ fn without_cap_bpf_auto_falls_back_and_a_forced_ebpf_fails_fast() {
     for seq in 0..1000 {
         out.line(0, seq, LINE_LEN);
     }
-    let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 1, 1000) == 1000);
+    let records = collector.wait_for(
+        Duration::from_secs(60),
+        || format!("1000 lines\nagent log:\n{}", node.agent_log()),
+        |r| unique(r, 1, 1000) == 1000,
+    );
     assert_eq!(unique(&records, 1, 1000), 1000);
     let log = node.agent_log();
     assert!(log.contains("change-detection backend unusable"), "{log}");
@@ -246,7 +266,7 @@ fn eight_growing_files(
     let collector = Collector::start(&broker.addr(), "logs");
     let started = Instant::now();
     join(write_all(&node, |_, _, _, _| {}));
-    let records = collector.wait_for(Duration::from_secs(180), all_arrived);
+    let records = wait_all_arrived(&collector, &node);
     eprintln!("{} records in {:?}", records.len(), started.elapsed());
     assert_complete(&node, &records, false);
 
@@ -310,7 +330,7 @@ fn kubelet_rotation_during_the_writes_loses_nothing_and_keeps_order() {
             *out = LineWriter::create(&dir.join("0.log"));
         }
     }));
-    let records = collector.wait_for(Duration::from_secs(180), all_arrived);
+    let records = wait_all_arrived(&collector, &node);
     assert_complete(&node, &records, false);
     let m = agent.metrics();
     assert_eq!(
@@ -367,7 +387,7 @@ fn copytruncate_restarts_at_zero_and_loses_nothing() {
         }
         wr.fetch_add(1, Ordering::SeqCst);
     }));
-    let records = collector.wait_for(Duration::from_secs(180), all_arrived);
+    let records = wait_all_arrived(&collector, &node);
     assert_complete(&node, &records, false);
     assert_eq!(
         agent.metric("bpftail_file_truncations_total"),
@@ -392,12 +412,16 @@ fn kill_9_and_restart_resends_only_the_unacknowledged_window() {
             std::thread::sleep(Duration::from_millis(10));
         }
     });
-    collector.wait_for(Duration::from_secs(60), |r| r.len() >= 200_000);
+    collector.wait_for(
+        Duration::from_secs(60),
+        || "200,000 records before the kill".into(),
+        |r| r.len() >= 200_000,
+    );
     agent.kill9();
     std::thread::sleep(Duration::from_millis(500));
     let agent = Agent::start(&args, &node.log);
     join(writers);
-    let records = collector.wait_for(Duration::from_secs(180), all_arrived);
+    let records = wait_all_arrived(&collector, &node);
     let t = assert_complete(&node, &records, true);
     // Resent lines come from the window after the last checkpoint: at most
     // one step back per file, then a gap-free run.
@@ -427,7 +451,11 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    collector.wait_for(Duration::from_secs(60), |r| r.len() >= 100_000);
+    collector.wait_for(
+        Duration::from_secs(60),
+        || "100,000 records before the outage".into(),
+        |r| r.len() >= 100_000,
+    );
     broker.outage();
     let down_at = Instant::now();
     let mut peak_inflight = 0;
@@ -438,7 +466,7 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     let rss_during = agent.rss_kib();
     broker.restore();
     join(writers);
-    let records = collector.wait_for(Duration::from_secs(180), all_arrived);
+    let records = wait_all_arrived(&collector, &node);
     assert_complete(&node, &records, true);
     let peak = agent.peak_rss_kib();
     eprintln!(
@@ -527,9 +555,11 @@ fn bad_input_is_counted_bounded_and_never_stops_the_other_files() {
     let doomed = node.container(2).join("0.log");
     let mut w2 = LineWriter::create(&doomed);
     w2.line(2, 0, 100);
-    collector.wait_for(Duration::from_secs(30), |r| {
-        r.iter().any(|r| parse_seq(&r.value) == Some((2, 0)))
-    });
+    collector.wait_for(
+        Duration::from_secs(30),
+        || "the first line of the file to delete".into(),
+        |r| r.iter().any(|r| parse_seq(&r.value) == Some((2, 0))),
+    );
     for seq in 1..20_000 {
         w2.line(2, seq, 100);
     }
@@ -549,12 +579,22 @@ fn bad_input_is_counted_bounded_and_never_stops_the_other_files() {
     )
     .unwrap();
 
-    let records = collector.wait_for(Duration::from_secs(60), |r| {
-        let seqs: std::collections::HashSet<(usize, u64)> =
-            r.iter().filter_map(|r| parse_seq(&r.value)).collect();
-        (0..2).all(|s| seqs.contains(&(0, s)) && seqs.contains(&(1, s)) && seqs.contains(&(3, s)))
-            && (0..20_000).all(|s| seqs.contains(&(2, s)))
-    });
+    let records = collector.wait_for(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "the good lines of every file\nagent log:\n{}",
+                node.agent_log()
+            )
+        },
+        |r| {
+            let seqs: std::collections::HashSet<(usize, u64)> =
+                r.iter().filter_map(|r| parse_seq(&r.value)).collect();
+            (0..2)
+                .all(|s| seqs.contains(&(0, s)) && seqs.contains(&(1, s)) && seqs.contains(&(3, s)))
+                && (0..20_000).all(|s| seqs.contains(&(2, s)))
+        },
+    );
     let log = node.agent_log();
     let m = agent.metrics();
     let seqs: std::collections::HashSet<(usize, u64)> =
@@ -682,7 +722,11 @@ fn a_reused_inode_is_read_from_the_start_not_from_the_old_files_offset() {
     std::fs::write(node.data.join("checkpoints.json"), cp.to_string()).unwrap();
     let agent = Agent::start(&node.raw_args(&broker, "logs", &[]), &node.log);
     let collector = Collector::start(&broker.addr(), "logs");
-    let records = collector.wait_for(Duration::from_secs(30), |r| r.len() >= 100);
+    let records = collector.wait_for(
+        Duration::from_secs(30),
+        || "100 records".into(),
+        |r| r.len() >= 100,
+    );
     let t = tally(&records, 1, 100);
     assert_eq!((t.missing, t.duplicates, t.jumps), (0, 0, 0), "{t:?}");
     assert!(agent.stop().success());
@@ -732,7 +776,11 @@ fn a_topic_the_broker_refuses_is_counted_and_the_other_files_keep_shipping() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let collector = Collector::start(&cluster.bootstrap_servers(), "logs-good");
-    let records = collector.wait_for(Duration::from_secs(30), |r| r.len() >= 1000);
+    let records = collector.wait_for(
+        Duration::from_secs(30),
+        || "1000 records in topic logs-good".into(),
+        |r| r.len() >= 1000,
+    );
     let t = tally(&records, 1, 1000);
     assert_eq!((t.missing, t.duplicates, t.jumps), (0, 0, 0), "{t:?}");
     // Refusals are logged at a bounded rate, not once per record.
@@ -771,7 +819,11 @@ fn json_records_carry_the_pod_fields_and_the_message_as_valid_json() {
     );
     let agent = Agent::start(&args, &node.log);
     let collector = Collector::start(&broker.addr(), "logs-json");
-    let records = collector.wait_for(Duration::from_secs(30), |r| r.len() >= 3);
+    let records = collector.wait_for(
+        Duration::from_secs(30),
+        || "3 records".into(),
+        |r| r.len() >= 3,
+    );
     let v: Vec<serde_json::Value> = records
         .iter()
         .map(|r| serde_json::from_slice(&r.value).expect("valid JSON"))
@@ -851,7 +903,11 @@ fn docker_json_logs_with_docker_rotation_arrive_complete_and_in_order() {
             writeln!(out, r#"{{"log":"w0 seq={seq:08} \"quoted\"\n","stream":"stdout","time":"2026-11-25T16:00:00Z"}}"#).unwrap();
         }
     }
-    let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 1, N) == N as usize);
+    let records = collector.wait_for(
+        Duration::from_secs(60),
+        || format!("{N} lines\nagent log:\n{}", node.agent_log()),
+        |r| unique(r, 1, N) == N as usize,
+    );
     let t = tally(&records, 1, N);
     assert_eq!(
         (t.missing, t.duplicates, t.jumps, t.foreign),

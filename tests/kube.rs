@@ -125,9 +125,11 @@ fn records_of(records: &[Received], writer: usize) -> Vec<(u64, Value)> {
 }
 
 fn wait_records(c: &Collector, writer: usize, n: usize) -> Vec<(u64, Value)> {
-    let all = c.wait_for(Duration::from_secs(60), |r| {
-        records_of(r, writer).len() >= n
-    });
+    let all = c.wait_for(
+        Duration::from_secs(60),
+        || format!("{n} records of writer {writer}"),
+        |r| records_of(r, writer).len() >= n,
+    );
     let got = records_of(&all, writer);
     assert_eq!(got.len(), n, "writer {writer}: records arrived");
     got
@@ -441,7 +443,11 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
     let logs = Collector::start(&broker.addr(), "logs");
 
     // aliyun_logs_app=stdout: topic app, log-pilot's fields, exactly.
-    let got = app.wait_for(Duration::from_secs(60), |r| r.len() >= 10);
+    let got = app.wait_for(
+        Duration::from_secs(60),
+        || "10 records in topic app".into(),
+        |r| r.len() >= 10,
+    );
     assert_eq!(got.len(), 10);
     let first = &json_of(&got)[0];
     let keys: std::collections::BTreeSet<&str> = first
@@ -491,7 +497,11 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
     );
 
     // A custom prefix and _target.
-    let got = json_of(&audit.wait_for(Duration::from_secs(60), |r| r.len() >= 10));
+    let got = json_of(&audit.wait_for(
+        Duration::from_secs(60),
+        || "10 records in topic audit-t".into(),
+        |r| r.len() >= 10,
+    ));
     assert_eq!(got.len(), 10);
     assert_eq!(
         (&got[0]["topic"], &got[0]["index"]),
@@ -500,7 +510,11 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
 
     // _format=json: the object's fields are the record's; a line that is
     // not JSON is shipped as the message and counted.
-    let got = json_of(&j.wait_for(Duration::from_secs(60), |r| r.len() >= 6));
+    let got = json_of(&j.wait_for(
+        Duration::from_secs(60),
+        || "6 records in topic j".into(),
+        |r| r.len() >= 6,
+    ));
     assert_eq!(got.len(), 6);
     assert_eq!(got[0]["level"], "info");
     assert!(
@@ -515,7 +529,11 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
 
     // Undeclared (n) and refused (bad: topic outside the allow-list) ship to
     // the default topic; the opted-out pod (x) ships nowhere.
-    let got = json_of(&logs.wait_for(Duration::from_secs(60), |r| r.len() >= 20));
+    let got = json_of(&logs.wait_for(
+        Duration::from_secs(60),
+        || "20 records in topic logs".into(),
+        |r| r.len() >= 20,
+    ));
     let pods: std::collections::BTreeMap<String, usize> =
         got.iter().fold(Default::default(), |mut m, r| {
             *m.entry(r["k8s_pod"].as_str().unwrap().to_owned())
@@ -561,14 +579,22 @@ fn ship_declared_ships_only_declared_containers() {
     let app = Collector::start(&broker.addr(), "app");
     let logs = Collector::start(&broker.addr(), "logs");
     assert_eq!(
-        app.wait_for(Duration::from_secs(60), |r| r.len() >= 10)
-            .len(),
+        app.wait_for(
+            Duration::from_secs(60),
+            || "10 records in topic app".into(),
+            |r| r.len() >= 10
+        )
+        .len(),
         10
     );
     // The annotation declared m into topic logs; n is not declared.
-    let got = json_of(&logs.wait_for(Duration::from_secs(60), |r| r.len() >= 10));
+    let got = json_of(&logs.wait_for(
+        Duration::from_secs(60),
+        || "10 records in topic logs".into(),
+        |r| r.len() >= 10,
+    ));
     std::thread::sleep(Duration::from_secs(2));
-    let got_later = json_of(&logs.wait_for(Duration::from_secs(0), |_| true));
+    let got_later = json_of(&logs.received());
     assert_eq!(got.len(), 10);
     assert_eq!(got_later.len(), 10, "nothing else arrived");
     assert!(got.iter().all(|r| r["pod"] == "m"));
@@ -584,16 +610,16 @@ fn ship_declared_ships_only_declared_containers() {
     write_lines(&a_log, 0, 10..15);
     let agent = s.agent(&broker, &["--ship", "declared"]);
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(app.wait_for(Duration::from_secs(0), |_| true).len(), 10);
+    assert_eq!(app.received().len(), 10);
     assert_eq!(agent.metric("bpftail_records_suppressed_total"), 0);
     api.restore();
-    let all = app.wait_for(Duration::from_secs(60), |r| r.len() >= 15);
+    let all = app.wait_for(
+        Duration::from_secs(60),
+        || "15 records in topic app".into(),
+        |r| r.len() >= 15,
+    );
     std::thread::sleep(Duration::from_secs(1));
-    let all = if all.len() == 15 {
-        app.wait_for(Duration::from_secs(0), |_| true)
-    } else {
-        all
-    };
+    let all = if all.len() == 15 { app.received() } else { all };
     let seqs: Vec<u64> = all
         .iter()
         .filter_map(|r| {
@@ -683,7 +709,8 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     assert_eq!(r["container"], "app");
     assert_eq!(r["labels"]["app"], "v");
     wait_records(&access, 1, 10);
-    let all = access.wait_for(Duration::from_secs(1), |_| false);
+    std::thread::sleep(Duration::from_secs(1));
+    let all = access.received();
     let order: Vec<u64> = all
         .iter()
         .filter_map(|r| {
@@ -714,7 +741,7 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     }
     std::thread::sleep(Duration::from_secs(2));
     for c in [&access, &logs, &evil] {
-        for r in c.wait_for(Duration::from_secs(0), |_| true) {
+        for r in c.received() {
             let v = String::from_utf8_lossy(&r.value);
             assert!(!v.contains("TOP-SECRET"), "read outside the volume: {v}");
         }
@@ -728,7 +755,7 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     wait_records(&access, 0, 40);
     std::thread::sleep(Duration::from_secs(1));
     let sent = access
-        .wait_for(Duration::from_secs(0), |_| true)
+        .received()
         .iter()
         .filter(|r| {
             serde_json::from_slice::<Value>(&r.value)
@@ -795,7 +822,11 @@ fn log_pilot_declarations_on_a_docker_node_work_without_the_api() {
     let agent = Agent::start(&args, &tmp.path().join("agent.log"));
     let app = Collector::start(&broker.addr(), "app");
     let web = Collector::start(&broker.addr(), "web-t");
-    let a = json_of(&app.wait_for(Duration::from_secs(60), |r| r.len() >= 5));
+    let a = json_of(&app.wait_for(
+        Duration::from_secs(60),
+        || "5 records in topic app".into(),
+        |r| r.len() >= 5,
+    ));
     assert_eq!(a.len(), 5);
     assert_eq!(a[0]["docker_container"], "k8s_app_api-0_shop_u-1_0");
     assert_eq!(a[0]["k8s_pod"], "api-0");
@@ -804,7 +835,11 @@ fn log_pilot_declarations_on_a_docker_node_work_without_the_api() {
         (&a[0]["topic"], &a[0]["index"], &a[0]["team"]),
         (&json!("app"), &json!("app"), &json!("pay"))
     );
-    let w = json_of(&web.wait_for(Duration::from_secs(60), |r| r.len() >= 5));
+    let w = json_of(&web.wait_for(
+        Duration::from_secs(60),
+        || "5 records in topic web-t".into(),
+        |r| r.len() >= 5,
+    ));
     assert_eq!(w.len(), 5);
     assert_eq!(w[0]["docker_container"], "plain-web");
     assert_eq!(
@@ -843,7 +878,11 @@ fn an_opt_out_added_while_a_file_is_followed_stops_its_shipping_until_removed() 
     wait_metric(&agent, "bpftail_kube_events_total", events + 1);
     std::thread::sleep(Duration::from_millis(300));
     write_lines(&f, 0, 10..15);
-    let all = logs.wait_for(Duration::from_secs(60), |r| records_of(r, 0).len() >= 10);
+    let all = logs.wait_for(
+        Duration::from_secs(60),
+        || "records 0..5 and 10..15 of writer 0".into(),
+        |r| records_of(r, 0).len() >= 10,
+    );
     let seqs: Vec<u64> = records_of(&all, 0).iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (0..5).chain(10..15).collect::<Vec<u64>>());
     assert!(s.log().contains("stopped shipping this log"));
