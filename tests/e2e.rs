@@ -255,14 +255,11 @@ fn eight_growing_files(
     let agent = Agent::launch(&node.raw_args(&broker, "logs", extra), &node.log, how);
     // Every write happens once the agent follows the files (so the eBPF
     // test can count them all in the kernel).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.metrics().get("bpftail_files_watched") != Some(&(WRITERS as u64)) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never followed the files"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || format!("the agent never followed the files\n{}", node.agent_log()),
+        || agent.metrics().get("bpftail_files_watched") == Some(&(WRITERS as u64)),
+    );
     let collector = Collector::start(&broker.addr(), "logs");
     let started = Instant::now();
     join(write_all(&node, |_, _, _, _| {}));
@@ -363,11 +360,11 @@ fn copytruncate_restarts_at_zero_and_loses_nothing() {
         if seq > 0 && seq % EVERY == 0 {
             b.wait();
             let target = wr.load(Ordering::SeqCst);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while a.metric("bpftail_lines_read_total") < target {
-                assert!(Instant::now() < deadline, "bpftail did not catch up");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_until(
+                Duration::from_secs(60),
+                || format!("bpftail did not catch up: {target} lines written"),
+                || a.metric("bpftail_lines_read_total") >= target,
+            );
             b.wait();
             std::fs::copy(
                 dir.join("0.log"),
@@ -377,13 +374,11 @@ fn copytruncate_restarts_at_zero_and_loses_nothing() {
             out.file.set_len(0).unwrap();
             b.wait();
             let want = WRITERS as u64 * (seq / EVERY);
-            while a.metric("bpftail_file_truncations_total") < want {
-                assert!(
-                    Instant::now() < deadline,
-                    "bpftail did not notice the truncation"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_until(
+                Duration::from_secs(60),
+                || format!("bpftail did not notice the truncation: {want} expected"),
+                || a.metric("bpftail_file_truncations_total") >= want,
+            );
         }
         wr.fetch_add(1, Ordering::SeqCst);
     }));
@@ -418,7 +413,22 @@ fn kill_9_and_restart_resends_only_the_unacknowledged_window() {
         |r| r.len() >= 200_000,
     );
     agent.kill9();
-    std::thread::sleep(Duration::from_millis(500));
+    // The restart has lines to read that were written while no agent ran:
+    // each file grew by a writer's pause period since the kill (or its
+    // writer is done).
+    let size = |w: usize| std::fs::metadata(node.container(w).join("0.log")).map_or(0, |m| m.len());
+    let at_kill: Vec<u64> = (0..WRITERS).map(size).collect();
+    let full = LINES * LINE_LEN as u64;
+    wait_until(
+        Duration::from_secs(60),
+        || format!("the files to grow after the kill from {at_kill:?}"),
+        || {
+            (0..WRITERS).all(|w| {
+                let now = size(w);
+                now >= at_kill[w] + 2_000 * LINE_LEN as u64 || now == full
+            })
+        },
+    );
     let agent = Agent::start(&args, &node.log);
     join(writers);
     let records = wait_all_arrived(&collector, &node);
@@ -459,6 +469,8 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     broker.outage();
     let down_at = Instant::now();
     let mut peak_inflight = 0;
+    // The outage lasts 20 s (the length is what is tested); the in-flight
+    // bytes are sampled meanwhile.
     while down_at.elapsed() < Duration::from_secs(20) {
         peak_inflight = peak_inflight.max(agent.metric("bpftail_inflight_bytes"));
         std::thread::sleep(Duration::from_millis(200));
@@ -763,18 +775,14 @@ fn a_topic_the_broker_refuses_is_counted_and_the_other_files_keep_shipping() {
         &["--format", "raw"],
     );
     let agent = Agent::start(&args, &node.log);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.metric("bpftail_delivery_failures_total{kind=\"dropped\"}") < 1000
-        || agent.metric("bpftail_records_delivered_total") < 1000
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}\n{}",
-            agent.metrics(),
-            node.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(60),
+        || format!("{:?}\n{}", agent.metrics(), node.agent_log()),
+        || {
+            agent.metric("bpftail_delivery_failures_total{kind=\"dropped\"}") >= 1000
+                && agent.metric("bpftail_records_delivered_total") >= 1000
+        },
+    );
     let collector = Collector::start(&cluster.bootstrap_servers(), "logs-good");
     let records = collector.wait_for(
         Duration::from_secs(30),
