@@ -94,7 +94,11 @@ fn every_codec_is_read_back_by_librdkafka_with_keys_headers_and_timestamps() {
         );
         let collector = Collector::start(&broker.addr(), &topic);
         write_lines(&node.pods, 3, 0..2_000, 150);
-        let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 3, 2_000) == 6_000);
+        let records = collector.wait_for(
+            Duration::from_secs(60),
+            || format!("6,000 lines ({codec})\nagent log:\n{}", node.agent_log()),
+            |r| unique(r, 3, 2_000) == 6_000,
+        );
         assert_all(&node, &records, 3, 2_000, false);
         let after = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -148,9 +152,16 @@ fn a_containers_partition_is_the_one_librdkafka_murmur2_random_picks() {
     let agent = Agent::start(&node.native_args(&broker.addr(), "native", &[]), &node.log);
     let collector = Collector::start(&broker.addr(), "native");
     write_lines(&node.pods, writers, 0..10, 100);
-    let records = collector.wait_for(Duration::from_secs(60), |r| {
-        unique_json(r, writers, 10) == writers * 10
-    });
+    let records = collector.wait_for(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "10 lines of {writers} writers\nagent log:\n{}",
+                node.agent_log()
+            )
+        },
+        |r| unique_json(r, writers, 10) == writers * 10,
+    );
     assert!(agent.stop().success());
     let ours: HashMap<Vec<u8>, i32> = records
         .iter()
@@ -220,9 +231,16 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
     // Each fault is set before the lines that meet it are written.
     let (writers, lines) = (4, 5_000);
     let arrived = |n: u64| {
-        collector.wait_for(Duration::from_secs(60), |r| {
-            unique(r, writers, n) == writers * n as usize
-        });
+        collector.wait_for(
+            Duration::from_secs(60),
+            || {
+                format!(
+                    "lines 0..{n} of {writers} writers\nagent log:\n{}",
+                    node.agent_log()
+                )
+            },
+            |r| unique(r, writers, n) == writers * n as usize,
+        );
     };
     write_lines(&node.pods, writers, 0..1_000, 100);
     arrived(1_000);
@@ -260,9 +278,16 @@ fn a_leader_change_injected_errors_and_a_broker_down_lose_and_reorder_nothing() 
     );
     mock.broker_up(2).unwrap();
     write_lines(&node.pods, writers, 4_000..lines, 100);
-    let records = collector.wait_for(Duration::from_secs(120), |r| {
-        unique(r, writers, lines) == writers * lines as usize
-    });
+    let records = collector.wait_for(
+        Duration::from_secs(120),
+        || {
+            format!(
+                "lines 0..{lines} of {writers} writers\nagent log:\n{}",
+                node.agent_log()
+            )
+        },
+        |r| unique(r, writers, lines) == writers * lines as usize,
+    );
     assert_all(&node, &records, writers, lines, true);
     let m = agent.metrics();
     assert!(m["bpftail_kafka_partition_errors_total"] >= 6, "{m:?}");
@@ -316,9 +341,16 @@ fn a_broker_that_refuses_hangs_garbles_or_cuts_answers_costs_retries_not_records
     write_lines(&node.pods, writers, lines..lines + chunk, 100);
     lines += chunk;
     let collector = Collector::start(&broker.addr(), "faults");
-    let records = collector.wait_for(Duration::from_secs(120), |r| {
-        unique(r, writers, lines) == writers * lines as usize
-    });
+    let records = collector.wait_for(
+        Duration::from_secs(120),
+        || {
+            format!(
+                "lines 0..{lines} of {writers} writers\nagent log:\n{}",
+                node.agent_log()
+            )
+        },
+        |r| unique(r, writers, lines) == writers * lines as usize,
+    );
     assert_all(&node, &records, writers, lines, true);
     let log = node.agent_log();
     assert!(log.contains("Kafka request failed"), "{log}");
@@ -347,7 +379,11 @@ fn a_hung_broker_is_waited_out_and_nothing_is_lost() {
     let (writers, lines) = (2, 2_000);
     let collector = Collector::start(&broker.addr(), "hung");
     write_lines(&node.pods, writers, 0..500, 100);
-    collector.wait_for(Duration::from_secs(30), |r| r.len() >= 1_000);
+    collector.wait_for(
+        Duration::from_secs(30),
+        || "1,000 records before the freeze".into(),
+        |r| r.len() >= 1_000,
+    );
     broker.freeze(true);
     let cpu_before = agent.cpu_seconds();
     let frozen_at = Instant::now();
@@ -366,9 +402,16 @@ fn a_hung_broker_is_waited_out_and_nothing_is_lost() {
         hung_for.as_secs_f64(),
         100.0 * cpu / hung_for.as_secs_f64()
     );
-    let records = collector.wait_for(Duration::from_secs(60), |r| {
-        unique(r, writers, lines) == writers * lines as usize
-    });
+    let records = collector.wait_for(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "lines 0..{lines} of {writers} writers\nagent log:\n{}",
+                node.agent_log()
+            )
+        },
+        |r| unique(r, writers, lines) == writers * lines as usize,
+    );
     assert_all(&node, &records, writers, lines, true);
     assert!(agent.stop().success(), "{}", node.agent_log());
 }
@@ -448,7 +491,11 @@ fn tls_with_a_client_certificate_ships_everything_and_untrusted_brokers_are_expl
         ],
     );
     write_lines(&node.pods, 3, 0..1_000, 120);
-    let records = collector.wait_for(Duration::from_secs(60), |r| unique(r, 3, 1_000) == 3_000);
+    let records = collector.wait_for(
+        Duration::from_secs(60),
+        || format!("3,000 lines over TLS\nagent log:\n{}", node.agent_log()),
+        |r| unique(r, 3, 1_000) == 3_000,
+    );
     assert_all(&node, &records, 3, 1_000, false);
     assert!(agent.stop().success());
 
@@ -577,9 +624,16 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
         // previous ones (a fresh pods dir each time, same key).
         write_lines(&node.pods, 1, lines..lines + 500, 100);
         lines += 500;
-        collector.wait_for(Duration::from_secs(60), |r| {
-            unique(r, 1, lines) == lines as usize
-        });
+        collector.wait_for(
+            Duration::from_secs(60),
+            || {
+                format!(
+                    "{lines} lines ({mechanism})\nagent log:\n{}",
+                    node.agent_log()
+                )
+            },
+            |r| unique(r, 1, lines) == lines as usize,
+        );
         assert!(
             agent.metric("bpftail_kafka_batches_total") > 0,
             "{mechanism}: {}",
@@ -587,7 +641,7 @@ fn sasl_plain_and_scram_authenticate_against_a_server_librdkafka_accepts() {
         );
         assert!(agent.stop().success());
     }
-    let records = collector.wait_for(Duration::from_secs(5), |_| false);
+    let records = collector.received();
     assert_eq!(unique(&records, 1, lines), lines as usize);
 
     // A wrong password: said in words, nothing shipped, never a crash.

@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::kubeapi::{FakeApi, PodSpec, pod};
@@ -125,20 +125,44 @@ fn records_of(records: &[Received], writer: usize) -> Vec<(u64, Value)> {
 }
 
 fn wait_records(c: &Collector, writer: usize, n: usize) -> Vec<(u64, Value)> {
-    let all = c.wait_for(Duration::from_secs(60), |r| {
-        records_of(r, writer).len() >= n
-    });
+    let all = c.wait_for(
+        Duration::from_secs(60),
+        || format!("{n} records of writer {writer}"),
+        |r| records_of(r, writer).len() >= n,
+    );
     let got = records_of(&all, writer);
     assert_eq!(got.len(), n, "writer {writer}: records arrived");
     got
 }
 
-fn wait_metric(agent: &Agent, name: &str, at_least: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.metric(name) < at_least {
-        assert!(Instant::now() < deadline, "{name} stayed below {at_least}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Waits until the agent's pod cache has changed since it was at
+/// `generation` (`bpftail_kube_generation`, read before the change was made
+/// at the API) and the data loop has applied the change to the files it
+/// follows (`bpftail_kube_generation_applied`): lines written from then on
+/// carry it.
+fn wait_pod_change_applied(agent: &Agent, generation: u64) {
+    let now = || {
+        let m = agent.metrics();
+        let get = |k: &str| m.get(k).copied().unwrap_or(0);
+        (
+            get("bpftail_kube_generation"),
+            get("bpftail_kube_generation_applied"),
+        )
+    };
+    wait_until(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "a pod change after generation {generation}, applied; (generation, applied) = {:?}\nagent log:\n{}",
+                now(),
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            )
+        },
+        || {
+            let (current, applied) = now();
+            current > generation && applied >= current
+        },
+    );
 }
 
 #[test]
@@ -197,10 +221,24 @@ fn records_carry_pod_metadata_through_creation_deletion_and_an_api_outage() {
     );
 
     // A pod created after start, whose log file appears before the API
-    // reports it: its first lines are enriched all the same.
-    let b_log = container_dir(&s.pods, "shop", "web-b", "uid-b", "app").join("0.log");
-    write_lines(&b_log, 1, 0..5);
-    std::thread::sleep(Duration::from_millis(500));
+    // reports it: its first lines are enriched all the same. The pod's
+    // directory appears whole (made aside, renamed in), and the API reports
+    // the pod once the agent has scanned since: the file has been found and
+    // waits for its pod (up to 2 s) instead of shipping without it. (Had a
+    // scan begun just before the rename, the rename's own scan may come
+    // after the pod: the file then opens with its pod known, and the
+    // assertions below hold all the same.)
+    let staging = s.pods.parent().unwrap().join("staging");
+    let staged = container_dir(&staging, "shop", "web-b", "uid-b", "app").join("0.log");
+    write_lines(&staged, 1, 0..5);
+    let scans = agent.metric("bpftail_scans_total");
+    std::fs::rename(
+        staging.join("shop_web-b_uid-b"),
+        s.pods.join("shop_web-b_uid-b"),
+    )
+    .unwrap();
+    let b_log = s.pods.join("shop_web-b_uid-b/app/0.log");
+    agent.wait_metric(Duration::from_secs(60), "bpftail_scans_total", scans + 1);
     api.put(web("uid-b", "web-b", json!({"app": "web", "tier": "back"})));
     let got = wait_records(&collector, 1, 5);
     for (_, r) in &got {
@@ -209,43 +247,43 @@ fn records_carry_pod_metadata_through_creation_deletion_and_an_api_outage() {
     }
 
     // Deleted: its last lines (written after the deletion) are still enriched.
-    let events = agent.metric("bpftail_kube_events_total");
+    let generation = agent.metric("bpftail_kube_generation");
     api.delete("uid-b");
-    wait_metric(&agent, "bpftail_kube_events_total", events + 1);
+    wait_pod_change_applied(&agent, generation);
     write_lines(&b_log, 1, 5..10);
     let got = wait_records(&collector, 1, 10);
     for (_, r) in &got[5..] {
         assert_eq!(r["labels"]["tier"], "back", "{r}");
     }
 
-    // The API goes away: shipping goes on, with the metadata cached.
+    // The API goes away (and the agent has met it gone): shipping goes on,
+    // with the metadata cached.
+    let errors = agent.metric("bpftail_kube_watch_errors_total");
     api.outage();
-    std::thread::sleep(Duration::from_secs(1));
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_kube_watch_errors_total",
+        errors + 1,
+    );
     write_lines(&a_log, 0, 10..20);
     let got = wait_records(&collector, 0, 20);
     assert_eq!(got[19].1["labels"]["app"], "web");
-    wait_metric(&agent, "bpftail_kube_watch_errors_total", 1);
     assert!(agent.healthz());
 
-    // It comes back; a change made meanwhile reaches the records.
+    // It comes back; a change made meanwhile reaches the records written
+    // once the agent has it.
+    let generation = agent.metric("bpftail_kube_generation");
     api.put(web("uid-a", "web-a", json!({"app": "web", "tier": "edge"})));
     api.restore();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut next = 20;
-    loop {
-        write_lines(&a_log, 0, next..next + 1);
-        next += 1;
-        let got = wait_records(&collector, 0, next as usize);
-        if got.last().unwrap().1["labels"]["tier"] == "edge" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the label change never arrived; agent log:\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_pod_change_applied(&agent, generation);
+    write_lines(&a_log, 0, 20..21);
+    let got = wait_records(&collector, 0, 21);
+    assert_eq!(
+        got[20].1["labels"]["tier"],
+        "edge",
+        "the label change never arrived; agent log:\n{}",
+        s.log()
+    );
 
     for r in api.requests() {
         assert!(
@@ -278,36 +316,36 @@ fn a_410_gone_relists_and_a_dropped_watch_resumes() {
     };
     assert_eq!(lists(&api), 1);
 
+    // A change reaches the agent (generation read before it was made), and
+    // the next line carries it.
+    let mut next = 5;
+    let arrives = |label: &str, generation: u64, next: &mut u64| {
+        wait_pod_change_applied(&agent, generation);
+        write_lines(&a_log, 0, *next..*next + 1);
+        *next += 1;
+        let got = wait_records(&collector, 0, *next as usize);
+        assert_eq!(
+            got.last().unwrap().1["labels"]["v"],
+            label,
+            "agent log:\n{}",
+            s.log()
+        );
+    };
+
     // A dropped watch: the agent watches again from where it was.
+    let generation = agent.metric("bpftail_kube_generation");
     api.drop_watches();
     api.put(web("uid-a", "web-a", json!({"app": "web", "v": "2"})));
-    let mut next = 5;
-    let until = |label: &str, next: &mut u64| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            write_lines(&a_log, 0, *next..*next + 1);
-            *next += 1;
-            let got = wait_records(&collector, 0, *next as usize);
-            if got.last().unwrap().1["labels"]["v"] == label {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "label v={label} never arrived; agent log:\n{}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
-    until("2", &mut next);
+    arrives("2", generation, &mut next);
     assert_eq!(lists(&api), 1, "a dropped watch resumes without a relist");
 
     // History compacted while the watch was down: 410 Gone, then a relist
     // that holds the change made meanwhile.
+    let generation = agent.metric("bpftail_kube_generation");
     api.compact();
     api.drop_watches();
     api.put(web("uid-a", "web-a", json!({"app": "web", "v": "3"})));
-    until("3", &mut next);
+    arrives("3", generation, &mut next);
     assert!(lists(&api) >= 2, "410 Gone made the agent list again");
     assert!(agent.stop().success());
 }
@@ -441,7 +479,11 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
     let logs = Collector::start(&broker.addr(), "logs");
 
     // aliyun_logs_app=stdout: topic app, log-pilot's fields, exactly.
-    let got = app.wait_for(Duration::from_secs(60), |r| r.len() >= 10);
+    let got = app.wait_for(
+        Duration::from_secs(60),
+        || "10 records in topic app".into(),
+        |r| r.len() >= 10,
+    );
     assert_eq!(got.len(), 10);
     let first = &json_of(&got)[0];
     let keys: std::collections::BTreeSet<&str> = first
@@ -491,7 +533,11 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
     );
 
     // A custom prefix and _target.
-    let got = json_of(&audit.wait_for(Duration::from_secs(60), |r| r.len() >= 10));
+    let got = json_of(&audit.wait_for(
+        Duration::from_secs(60),
+        || "10 records in topic audit-t".into(),
+        |r| r.len() >= 10,
+    ));
     assert_eq!(got.len(), 10);
     assert_eq!(
         (&got[0]["topic"], &got[0]["index"]),
@@ -500,7 +546,11 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
 
     // _format=json: the object's fields are the record's; a line that is
     // not JSON is shipped as the message and counted.
-    let got = json_of(&j.wait_for(Duration::from_secs(60), |r| r.len() >= 6));
+    let got = json_of(&j.wait_for(
+        Duration::from_secs(60),
+        || "6 records in topic j".into(),
+        |r| r.len() >= 6,
+    ));
     assert_eq!(got.len(), 6);
     assert_eq!(got[0]["level"], "info");
     assert!(
@@ -511,11 +561,23 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
     );
     assert!(got[0].get("message").is_none());
     assert_eq!(got[5]["message"], "not json");
-    wait_metric(&agent, "bpftail_json_lines_invalid_total", 1);
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_json_lines_invalid_total",
+        1,
+    );
 
     // Undeclared (n) and refused (bad: topic outside the allow-list) ship to
-    // the default topic; the opted-out pod (x) ships nowhere.
-    let got = json_of(&logs.wait_for(Duration::from_secs(60), |r| r.len() >= 20));
+    // the default topic; the opted-out pod (x) ships nowhere (once the agent
+    // has settled and every topic holds what it delivered, nothing more
+    // comes).
+    logs.wait_for(
+        Duration::from_secs(60),
+        || "20 records in topic logs".into(),
+        |r| r.len() >= 20,
+    );
+    wait_settled(&agent, 0, &[&app, &audit, &j, &logs]);
+    let got = json_of(&logs.received());
     let pods: std::collections::BTreeMap<String, usize> =
         got.iter().fold(Default::default(), |mut m, r| {
             *m.entry(r["k8s_pod"].as_str().unwrap().to_owned())
@@ -528,6 +590,7 @@ fn log_pilot_declarations_route_stdout_with_tags_and_log_pilot_fields() {
     );
     assert!(agent.metric("bpftail_declarations_refused_total") >= 1);
     assert!(agent.metric("bpftail_files_skipped_total") >= 1);
+    assert_eq!(app.count(), 10);
     let log = s.log();
     assert!(log.contains("not in the operator's allow-list"), "{log}");
     assert!(log.contains("bpftail.io/exclude"), "{log}");
@@ -561,14 +624,24 @@ fn ship_declared_ships_only_declared_containers() {
     let app = Collector::start(&broker.addr(), "app");
     let logs = Collector::start(&broker.addr(), "logs");
     assert_eq!(
-        app.wait_for(Duration::from_secs(60), |r| r.len() >= 10)
-            .len(),
+        app.wait_for(
+            Duration::from_secs(60),
+            || "10 records in topic app".into(),
+            |r| r.len() >= 10
+        )
+        .len(),
         10
     );
-    // The annotation declared m into topic logs; n is not declared.
-    let got = json_of(&logs.wait_for(Duration::from_secs(60), |r| r.len() >= 10));
-    std::thread::sleep(Duration::from_secs(2));
-    let got_later = json_of(&logs.wait_for(Duration::from_secs(0), |_| true));
+    // The annotation declared m into topic logs; n is not declared (nothing
+    // else arrives once the agent has settled and both topics hold what it
+    // delivered).
+    let got = json_of(&logs.wait_for(
+        Duration::from_secs(60),
+        || "10 records in topic logs".into(),
+        |r| r.len() >= 10,
+    ));
+    let before = wait_settled(&agent, 0, &[&app, &logs]);
+    let got_later = json_of(&logs.received());
     assert_eq!(got.len(), 10);
     assert_eq!(got_later.len(), 10, "nothing else arrived");
     assert!(got.iter().all(|r| r["pod"] == "m"));
@@ -583,17 +656,27 @@ fn ship_declared_ships_only_declared_containers() {
     let a_log = s.pods.join("shop_a_uid-a/app/0.log");
     write_lines(&a_log, 0, 10..15);
     let agent = s.agent(&broker, &["--ship", "declared"]);
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(app.wait_for(Duration::from_secs(0), |_| true).len(), 10);
+    // It has found the files (its first scan is done before /healthz) and
+    // met the API gone; settled, it has sent nothing.
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_kube_watch_errors_total",
+        1,
+    );
+    wait_settled(&agent, before, &[&app, &logs]);
+    assert_eq!(agent.metric("bpftail_records_sent_total"), 0);
+    assert_eq!(app.received().len(), 10);
     assert_eq!(agent.metric("bpftail_records_suppressed_total"), 0);
     api.restore();
-    let all = app.wait_for(Duration::from_secs(60), |r| r.len() >= 15);
-    std::thread::sleep(Duration::from_secs(1));
-    let all = if all.len() == 15 {
-        app.wait_for(Duration::from_secs(0), |_| true)
-    } else {
-        all
-    };
+    app.wait_for(
+        Duration::from_secs(60),
+        || "15 records in topic app".into(),
+        |r| r.len() >= 15,
+    );
+    // No duplicate comes after: the agent settled, the topics hold all it
+    // delivered.
+    wait_settled(&agent, before, &[&app, &logs]);
+    let all = app.received();
     let seqs: Vec<u64> = all
         .iter()
         .filter_map(|r| {
@@ -683,7 +766,10 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     assert_eq!(r["container"], "app");
     assert_eq!(r["labels"]["app"], "v");
     wait_records(&access, 1, 10);
-    let all = access.wait_for(Duration::from_secs(1), |_| false);
+    // Nothing late (a resend) after the agent has settled and the topics
+    // hold all it delivered.
+    wait_settled(&agent, 0, &[&access, &logs, &evil]);
+    let all = access.received();
     let order: Vec<u64> = all
         .iter()
         .filter_map(|r| {
@@ -695,7 +781,11 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {order:?}");
 
     // Refused, each with its reason; nothing outside the volume was read.
-    wait_metric(&agent, "bpftail_declarations_refused_total", 6);
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_declarations_refused_total",
+        6,
+    );
     let log = s.log();
     for (name, why) in [
         ("up", "'..'"),
@@ -712,9 +802,9 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
             "{name}: no refusal mentioning {why:?}:\n{log}"
         );
     }
-    std::thread::sleep(Duration::from_secs(2));
+    let before = wait_settled(&agent, 0, &[&access, &logs, &evil]);
     for c in [&access, &logs, &evil] {
-        for r in c.wait_for(Duration::from_secs(0), |_| true) {
+        for r in c.received() {
             let v = String::from_utf8_lossy(&r.value);
             assert!(!v.contains("TOP-SECRET"), "read outside the volume: {v}");
         }
@@ -726,9 +816,9 @@ fn in_container_files_are_read_from_their_volume_and_never_outside_it() {
     write_plain(&vol.join("access.log"), 0, 30..40);
     let agent = s.agent(&broker, &args);
     wait_records(&access, 0, 40);
-    std::thread::sleep(Duration::from_secs(1));
+    wait_settled(&agent, before, &[&access, &logs, &evil]);
     let sent = access
-        .wait_for(Duration::from_secs(0), |_| true)
+        .received()
         .iter()
         .filter(|r| {
             serde_json::from_slice::<Value>(&r.value)
@@ -795,7 +885,11 @@ fn log_pilot_declarations_on_a_docker_node_work_without_the_api() {
     let agent = Agent::start(&args, &tmp.path().join("agent.log"));
     let app = Collector::start(&broker.addr(), "app");
     let web = Collector::start(&broker.addr(), "web-t");
-    let a = json_of(&app.wait_for(Duration::from_secs(60), |r| r.len() >= 5));
+    let a = json_of(&app.wait_for(
+        Duration::from_secs(60),
+        || "5 records in topic app".into(),
+        |r| r.len() >= 5,
+    ));
     assert_eq!(a.len(), 5);
     assert_eq!(a[0]["docker_container"], "k8s_app_api-0_shop_u-1_0");
     assert_eq!(a[0]["k8s_pod"], "api-0");
@@ -804,7 +898,11 @@ fn log_pilot_declarations_on_a_docker_node_work_without_the_api() {
         (&a[0]["topic"], &a[0]["index"], &a[0]["team"]),
         (&json!("app"), &json!("app"), &json!("pay"))
     );
-    let w = json_of(&web.wait_for(Duration::from_secs(60), |r| r.len() >= 5));
+    let w = json_of(&web.wait_for(
+        Duration::from_secs(60),
+        || "5 records in topic web-t".into(),
+        |r| r.len() >= 5,
+    ));
     assert_eq!(w.len(), 5);
     assert_eq!(w[0]["docker_container"], "plain-web");
     assert_eq!(
@@ -827,23 +925,29 @@ fn an_opt_out_added_while_a_file_is_followed_stops_its_shipping_until_removed() 
     let logs = Collector::start(&broker.addr(), "logs");
     wait_records(&logs, 0, 5);
 
-    let events = agent.metric("bpftail_kube_events_total");
+    let generation = agent.metric("bpftail_kube_generation");
     api.put(declared_pod(
         "a",
         vec![],
         json!({"bpftail.io/exclude": "true"}),
     ));
-    wait_metric(&agent, "bpftail_kube_events_total", events + 1);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_pod_change_applied(&agent, generation);
     write_lines(&f, 0, 5..10);
-    wait_metric(&agent, "bpftail_records_suppressed_total", 5);
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_records_suppressed_total",
+        5,
+    );
 
-    let events = agent.metric("bpftail_kube_events_total");
+    let generation = agent.metric("bpftail_kube_generation");
     api.put(declared_pod("a", vec![], json!({})));
-    wait_metric(&agent, "bpftail_kube_events_total", events + 1);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_pod_change_applied(&agent, generation);
     write_lines(&f, 0, 10..15);
-    let all = logs.wait_for(Duration::from_secs(60), |r| records_of(r, 0).len() >= 10);
+    let all = logs.wait_for(
+        Duration::from_secs(60),
+        || "records 0..5 and 10..15 of writer 0".into(),
+        |r| records_of(r, 0).len() >= 10,
+    );
     let seqs: Vec<u64> = records_of(&all, 0).iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (0..5).chain(10..15).collect::<Vec<u64>>());
     assert!(s.log().contains("stopped shipping this log"));

@@ -77,7 +77,20 @@ fn podman_containers_logs_arrive_complete_in_order_with_partials_joined() {
     .collect();
     let stderr_lines = 2 * LINES.div_ceil(1000) as usize;
     let total = 2 * LINES as usize + stderr_lines + expected.len();
-    let records = collector.wait_for(Duration::from_secs(120), |r| r.len() >= total);
+    collector.wait_for(
+        Duration::from_secs(120),
+        || {
+            format!(
+                "{total} records\nagent log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        },
+        |r| r.len() >= total,
+    );
+    // Nothing more comes once the agent has settled and the topic holds all
+    // it delivered.
+    wait_settled(&agent, 0, &[&collector]);
+    let records = collector.received();
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let counted: Vec<&Received> = records
         .iter()

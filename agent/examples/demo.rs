@@ -121,7 +121,11 @@ fn main() {
     }
     std::thread::sleep(Duration::from_secs(2));
     let delivered = agent.metric("bpftail_records_delivered_total");
-    let records = collector.wait_for(Duration::from_secs(10), |r| r.len() as u64 >= delivered);
+    let records = collector.wait_for(
+        Duration::from_secs(10),
+        || format!("the {delivered} records delivered"),
+        |r| r.len() as u64 >= delivered,
+    );
     println!("== {} records in Kafka; a few of them:", records.len());
     for r in records.iter().step_by((records.len() / 5).max(1)).take(5) {
         println!(

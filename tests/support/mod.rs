@@ -432,9 +432,21 @@ impl Agent {
             log: log.to_owned(),
         };
         wait_for_port(metrics_port, Duration::from_secs(20));
-        // Ready once the data loop has made its first turn (first scan done).
+        // Ready once the data loop has made its first turn (first scan
+        // done); an agent that exits or never gets there fails the test.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !agent.healthz() && Instant::now() < deadline && agent.running() {
+        while !agent.healthz() {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "bpftail exited ({status}) before it was ready; its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bpftail not ready (/healthz) within 20 s; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         agent
@@ -468,6 +480,61 @@ impl Agent {
 
     pub fn metric(&self, name: &str) -> u64 {
         self.metrics().get(name).copied().unwrap_or(0)
+    }
+
+    /// Waits until `metric` is at least `at_least`; fails the test after
+    /// `timeout`, with the agent's metrics and log.
+    #[track_caller]
+    pub fn wait_metric(&self, timeout: Duration, metric: &str, at_least: u64) {
+        wait_until(
+            timeout,
+            || {
+                format!(
+                    "{metric} >= {at_least} (it is {})\nagent log:\n{}",
+                    self.metric(metric),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                )
+            },
+            || self.metric(metric) >= at_least,
+        );
+    }
+
+    /// Waits until the agent has looked at everything it follows and has
+    /// nothing left to do: two more sweeps from now (so one began after this
+    /// call; a sweep stats every open file), every record it sent
+    /// acknowledged (`records_sent_total == records_delivered_total`), and
+    /// every byte of the files it follows acknowledged
+    /// (`checkpoint_lag_bytes == 0`, as of a sweep that began after this
+    /// call). Returns `records_delivered_total` then: all it will deliver
+    /// unless something is written again. For negative checks ("nothing
+    /// more arrived") instead of sleeping; the sweep interval bounds the
+    /// wait, so agents it is used with run with a short one.
+    #[track_caller]
+    pub fn settle(&self, timeout: Duration) -> u64 {
+        let sweeps = self.metric("bpftail_sweeps_total");
+        let settled = |m: &HashMap<String, u64>| {
+            let get = |k: &str| m.get(k).copied().unwrap_or(0);
+            get("bpftail_sweeps_total") >= sweeps + 2
+                && get("bpftail_records_sent_total") == get("bpftail_records_delivered_total")
+                && get("bpftail_checkpoint_lag_bytes") == 0
+        };
+        let last = std::cell::RefCell::new(HashMap::new());
+        wait_until(
+            timeout,
+            || {
+                format!(
+                    "the agent to settle (two sweeps after {sweeps}, records sent = delivered, \
+                     checkpoint lag 0): {:?}\nagent log:\n{}",
+                    last.borrow(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                )
+            },
+            || {
+                *last.borrow_mut() = self.metrics();
+                settled(&last.borrow())
+            },
+        );
+        last.into_inner()["bpftail_records_delivered_total"]
     }
 
     /// The process has not exited.
@@ -658,20 +725,93 @@ impl Collector {
         self.got.lock().unwrap().len()
     }
 
-    /// Waits until `done(records)` holds or `timeout` passes; returns all
-    /// records received.
-    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    /// The records received so far (more may be on their way: to know that
+    /// none are, see [`wait_settled`]).
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `done(records)` holds; returns every record received by
+    /// then. Fails the test after `timeout`, naming what it waited for
+    /// (`what()`) and summing up what had arrived.
+    #[track_caller]
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: impl Fn() -> String,
+        done: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
         let deadline = Instant::now() + timeout;
         loop {
-            {
+            let received = {
                 let g = self.got.lock().unwrap();
-                if done(&g) || Instant::now() >= deadline {
+                if done(&g) {
                     return g.clone();
                 }
-            }
+                summary(&g)
+            };
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {}\nreceived: {received}",
+                what()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// Waits until `agent` has settled ([`Agent::settle`]) and `collectors`,
+/// which between them read every topic the agent produces to, hold
+/// `before` (what they held before this agent started) plus what it
+/// delivered: after that nothing sent so far can still arrive. Returns
+/// that total.
+#[track_caller]
+pub fn wait_settled(agent: &Agent, before: usize, collectors: &[&Collector]) -> usize {
+    let total = before + agent.settle(Duration::from_secs(60)) as usize;
+    let held = || collectors.iter().map(|c| c.count()).sum::<usize>();
+    wait_until(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "the collectors to hold the {total} records delivered; they hold {}",
+                held()
+            )
+        },
+        || held() >= total,
+    );
+    total
+}
+
+/// What `records` hold, in a line or two, for failure messages: how many,
+/// and per key how many and the highest `seq=` among them.
+pub fn summary(records: &[Received]) -> String {
+    let mut per_key: std::collections::BTreeMap<String, (usize, Option<u64>)> = Default::default();
+    for r in records {
+        let e = per_key
+            .entry(String::from_utf8_lossy(&r.key).into_owned())
+            .or_default();
+        e.0 += 1;
+        if let Some((_, seq)) = parse_seq(&r.value) {
+            e.1 = e.1.max(Some(seq));
+        }
+    }
+    let keys: Vec<String> = per_key
+        .iter()
+        .take(20)
+        .map(|(k, (n, top))| match top {
+            Some(top) => format!("{k}: {n} (highest seq {top})"),
+            None => format!("{k}: {n}"),
+        })
+        .collect();
+    let last = records
+        .last()
+        .map(|r| String::from_utf8_lossy(&r.value[..r.value.len().min(200)]).into_owned());
+    format!(
+        "{} records; per key: [{}{}]; last: {last:?}",
+        records.len(),
+        keys.join(", "),
+        if per_key.len() > 20 { ", …" } else { "" }
+    )
 }
 
 impl Drop for Collector {
@@ -685,6 +825,7 @@ impl Drop for Collector {
 
 /// Polls `done` every 50 ms until it holds; panics with `what()` after
 /// `timeout`. For events only visible by looking (metrics, a log line).
+#[track_caller]
 pub fn wait_until(timeout: Duration, what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
