@@ -223,22 +223,18 @@ fn records_carry_pod_metadata_through_creation_deletion_and_an_api_outage() {
     // A pod created after start, whose log file appears before the API
     // reports it: its first lines are enriched all the same. The pod's
     // directory appears whole (made aside, renamed in), and the API reports
-    // the pod once the agent has scanned since: the file has been found and
-    // waits for its pod (up to 2 s) instead of shipping without it. (Had a
-    // scan begun just before the rename, the rename's own scan may come
-    // after the pod: the file then opens with its pod known, and the
-    // assertions below hold all the same.)
+    // the pod once the agent has found the file and holds it back for its
+    // pod (up to 2 s) instead of shipping without it.
     let staging = s.pods.parent().unwrap().join("staging");
     let staged = container_dir(&staging, "shop", "web-b", "uid-b", "app").join("0.log");
     write_lines(&staged, 1, 0..5);
-    let scans = agent.metric("bpftail_scans_total");
     std::fs::rename(
         staging.join("shop_web-b_uid-b"),
         s.pods.join("shop_web-b_uid-b"),
     )
     .unwrap();
     let b_log = s.pods.join("shop_web-b_uid-b/app/0.log");
-    agent.wait_metric(Duration::from_secs(60), "bpftail_scans_total", scans + 1);
+    agent.wait_metric(Duration::from_secs(60), "bpftail_files_awaiting_pod", 1);
     api.put(web("uid-b", "web-b", json!({"app": "web", "tier": "back"})));
     let got = wait_records(&collector, 1, 5);
     for (_, r) in &got {

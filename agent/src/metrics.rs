@@ -99,6 +99,8 @@ pub struct Metrics {
     pub read_errors: Counter,
     pub open_errors: Counter,
     pub files_watched: Gauge,
+    /// Files found but not opened yet: they wait for their pod's metadata.
+    pub files_awaiting_pod: Gauge,
     /// Full discoveries and sweeps done by the data loop (tests wait for
     /// one to pass instead of sleeping).
     pub scans: Counter,
@@ -410,6 +412,11 @@ const GAUGES: &[Row] = &[
         "kube_generation_applied",
         "The kube_generation whose metadata the followed files carry.",
         |m| m.kube_generation_applied.get(),
+    ),
+    (
+        "files_awaiting_pod",
+        "Log files found and not opened yet: they wait for their pod's metadata from the API.",
+        |m| m.files_awaiting_pod.get(),
     ),
     ("files_watched", "Log files open and followed.", |m| {
         m.files_watched.get()

@@ -85,7 +85,12 @@ impl PodGate {
 
     /// Files wait: a change in the pods may let them open.
     pub fn has_waiting(&self) -> bool {
-        !self.awaiting.is_empty() || !self.pending.is_empty()
+        self.waiting() > 0
+    }
+
+    /// How many files wait.
+    pub fn waiting(&self) -> usize {
+        self.awaiting.len() + self.pending.len()
     }
 
     /// When the first timed wait ends (a rescan opens it then).

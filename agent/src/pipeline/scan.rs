@@ -172,6 +172,9 @@ impl<S: Sink> Pipeline<S> {
             self.files.touch();
         }
         self.pods.after_scan(&listed, Instant::now());
+        self.metrics
+            .files_awaiting_pod
+            .set(self.pods.waiting() as u64);
         self.noted.retain(|p| listed.contains(p));
         let vanished: Vec<FileId> = self
             .files
