@@ -121,97 +121,119 @@ fn collect<'a>(
     raw
 }
 
+/// Checks each raw declaration: the valid ones, and the reasons for the
+/// others.
 fn build(raw: BTreeMap<String, Raw>) -> Declared {
     let mut out = Declared::default();
     for (name, r) in raw {
-        let refuse = |reason: String| Refusal {
-            name: name.clone(),
-            reason,
-        };
-        let Some(value) = r.value else {
-            out.refused.push(refuse(
-                "options (_tags/_target/_format) without the declaration itself".into(),
-            ));
-            continue;
-        };
-        if !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-            || name.len() > 200
-        {
-            out.refused.push(refuse(
-                "name: use letters, digits, '.', '_' or '-' (at most 200)".into(),
-            ));
-            continue;
-        }
-        let value = value.trim();
-        let source = if value == "stdout" {
-            Source::Stdout
-        } else if value.is_empty() {
-            out.refused
-                .push(refuse("empty value: use stdout or an absolute path".into()));
-            continue;
-        } else if !value.starts_with('/') {
-            out.refused.push(refuse(format!(
-                "{value:?} is neither stdout nor an absolute path"
-            )));
-            continue;
-        } else if value.split('/').any(|c| c == "..") {
-            out.refused
-                .push(refuse(format!("{value:?}: '..' is not allowed in a path")));
-            continue;
-        } else {
-            Source::Path(value.to_owned())
-        };
-        let format = match r.format.as_deref().map(str::trim) {
-            None | Some("") | Some("none") => LineFormat::Plain,
-            Some("json") => LineFormat::Json,
-            Some(other) => {
-                out.refused
-                    .push(refuse(format!("format {other:?}: use none or json")));
-                continue;
+        match declaration(&name, r) {
+            Ok((d, bad_tags)) => {
+                out.bad_tags += bad_tags;
+                out.declarations.push(d);
             }
-        };
-        let topic = r
-            .target
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .unwrap_or(&name)
-            .to_owned();
-        if !valid_topic(&topic) {
-            out.refused.push(refuse(format!(
-                "topic {topic:?} is not a valid Kafka topic (1-249 of a-z A-Z 0-9 . _ -)"
-            )));
-            continue;
+            Err(reason) => out.refused.push(Refusal { name, reason }),
         }
-        let mut tags = Vec::new();
-        for t in r.tags.as_deref().unwrap_or("").split(',') {
-            let t = t.trim();
-            if t.is_empty() {
-                continue;
-            }
-            match t.split_once('=') {
-                Some((k, v))
-                    if !k.trim().is_empty()
-                        && !k.trim().chars().any(char::is_control)
-                        && !v.chars().any(char::is_control) =>
-                {
-                    tags.push((k.trim().to_owned(), v.trim().to_owned()))
-                }
-                _ => out.bad_tags += 1,
-            }
-        }
-        out.declarations.push(Declaration {
-            name,
-            source,
-            tags,
-            topic,
-            format,
-        });
     }
     // One destination per source: a second stdout declaration is refused.
     merge([out])
+}
+
+/// One declaration from its raw parts, with the number of garbage tag
+/// entries dropped; or why it is refused.
+fn declaration(name: &str, r: Raw) -> Result<(Declaration, usize), String> {
+    let Some(value) = r.value else {
+        return Err("options (_tags/_target/_format) without the declaration itself".into());
+    };
+    check_name(name)?;
+    let source = parse_source(&value)?;
+    let format = parse_format(r.format.as_deref())?;
+    let topic = parse_topic(r.target.as_deref(), name)?;
+    let (tags, bad_tags) = parse_tags(r.tags.as_deref());
+    let d = Declaration {
+        name: name.to_owned(),
+        source,
+        tags,
+        topic,
+        format,
+    };
+    Ok((d, bad_tags))
+}
+
+/// A declaration name: letters, digits, `.`, `_`, `-`; at most 200.
+fn check_name(name: &str) -> Result<(), String> {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        || name.len() > 200
+    {
+        return Err("name: use letters, digits, '.', '_' or '-' (at most 200)".into());
+    }
+    Ok(())
+}
+
+/// The declared value: `stdout`, or an absolute path glob without `..`.
+fn parse_source(value: &str) -> Result<Source, String> {
+    let value = value.trim();
+    if value == "stdout" {
+        Ok(Source::Stdout)
+    } else if value.is_empty() {
+        Err("empty value: use stdout or an absolute path".into())
+    } else if !value.starts_with('/') {
+        Err(format!("{value:?} is neither stdout nor an absolute path"))
+    } else if value.split('/').any(|c| c == "..") {
+        Err(format!("{value:?}: '..' is not allowed in a path"))
+    } else {
+        Ok(Source::Path(value.to_owned()))
+    }
+}
+
+/// `_format`: none (or unset) or json.
+fn parse_format(format: Option<&str>) -> Result<LineFormat, String> {
+    match format.map(str::trim) {
+        None | Some("") | Some("none") => Ok(LineFormat::Plain),
+        Some("json") => Ok(LineFormat::Json),
+        Some(other) => Err(format!("format {other:?}: use none or json")),
+    }
+}
+
+/// The topic: `_target` if set, else the declaration's name; a valid
+/// Kafka topic either way.
+fn parse_topic(target: Option<&str>, name: &str) -> Result<String, String> {
+    let topic = target
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .unwrap_or(name)
+        .to_owned();
+    if !valid_topic(&topic) {
+        return Err(format!(
+            "topic {topic:?} is not a valid Kafka topic (1-249 of a-z A-Z 0-9 . _ -)"
+        ));
+    }
+    Ok(topic)
+}
+
+/// `_tags` (`k=v,k2=v2`): the pairs kept, and how many entries were
+/// garbage (no key, or control characters).
+fn parse_tags(tags: Option<&str>) -> (Vec<(String, String)>, usize) {
+    let mut kept = Vec::new();
+    let mut bad = 0;
+    for t in tags.unwrap_or("").split(',') {
+        let t = t.trim();
+        if t.is_empty() {
+            continue;
+        }
+        match t.split_once('=') {
+            Some((k, v))
+                if !k.trim().is_empty()
+                    && !k.trim().chars().any(char::is_control)
+                    && !v.chars().any(char::is_control) =>
+            {
+                kept.push((k.trim().to_owned(), v.trim().to_owned()))
+            }
+            _ => bad += 1,
+        }
+    }
+    (kept, bad)
 }
 
 /// log-pilot declarations in env (`NAME=value` pairs): `<prefix>_logs_…`.

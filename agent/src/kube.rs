@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use ::kube::runtime::WatchStreamExt as _;
 use ::kube::runtime::watcher;
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod, Volume};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::metrics::{Metrics, RateLimit};
 
@@ -75,30 +76,8 @@ impl PodInfo {
     pub fn from_pod(pod: &Pod) -> Option<PodInfo> {
         let m = &pod.metadata;
         let uid = m.uid.clone()?;
-        let owner = m.owner_references.as_ref().and_then(|refs| {
-            refs.iter()
-                .find(|r| r.controller == Some(true))
-                .map(|r| (r.kind.clone(), r.name.clone()))
-        });
-        let mut ids: HashMap<&str, &str> = HashMap::new();
-        if let Some(st) = &pod.status {
-            for s in [
-                &st.init_container_statuses,
-                &st.container_statuses,
-                &st.ephemeral_container_statuses,
-            ]
-            .into_iter()
-            .flatten()
-            .flatten()
-            {
-                if let Some(id) = &s.container_id {
-                    ids.insert(
-                        &s.name,
-                        id.split_once("://").map_or(id.as_str(), |(_, i)| i),
-                    );
-                }
-            }
-        }
+        let owner = controller_owner(m);
+        let ids = runtime_ids(pod);
         let mut containers = Vec::new();
         let mut volumes = BTreeMap::new();
         if let Some(spec) = &pod.spec {
@@ -108,45 +87,10 @@ impl PodInfo {
                 .flatten()
                 .chain(spec.containers.iter())
             {
-                containers.push(ContainerInfo {
-                    name: c.name.clone(),
-                    image: c.image.clone().unwrap_or_default(),
-                    id: ids.get(c.name.as_str()).copied().unwrap_or("").to_owned(),
-                    env: c
-                        .env
-                        .iter()
-                        .flatten()
-                        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-                        .collect(),
-                    mounts: c
-                        .volume_mounts
-                        .iter()
-                        .flatten()
-                        .map(|v| Mount {
-                            volume: v.name.clone(),
-                            path: v.mount_path.clone(),
-                            sub_path: v.sub_path.clone().unwrap_or_default(),
-                        })
-                        .collect(),
-                });
+                containers.push(ContainerInfo::from_container(c, &ids));
             }
             for v in spec.volumes.iter().flatten() {
-                let source = if v.empty_dir.is_some() {
-                    VolumeSource::EmptyDir
-                } else if let Some(h) = &v.host_path {
-                    VolumeSource::HostPath(h.path.clone())
-                } else if v.config_map.is_some() {
-                    VolumeSource::Other("configMap")
-                } else if v.secret.is_some() {
-                    VolumeSource::Other("secret")
-                } else if v.persistent_volume_claim.is_some() {
-                    VolumeSource::Other("persistentVolumeClaim")
-                } else if v.projected.is_some() {
-                    VolumeSource::Other("projected")
-                } else {
-                    VolumeSource::Other("unsupported")
-                };
-                volumes.insert(v.name.clone(), source);
+                volumes.insert(v.name.clone(), VolumeSource::of(v));
             }
         }
         Some(PodInfo {
@@ -163,6 +107,89 @@ impl PodInfo {
 
     pub fn container(&self, name: &str) -> Option<&ContainerInfo> {
         self.containers.iter().find(|c| c.name == name)
+    }
+}
+
+/// The controller owner reference, as (kind, name).
+fn controller_owner(m: &ObjectMeta) -> Option<(String, String)> {
+    m.owner_references.as_ref().and_then(|refs| {
+        refs.iter()
+            .find(|r| r.controller == Some(true))
+            .map(|r| (r.kind.clone(), r.name.clone()))
+    })
+}
+
+/// Container name → runtime id (without its scheme), from the pod's
+/// status: init, regular and ephemeral containers.
+fn runtime_ids(pod: &Pod) -> HashMap<&str, &str> {
+    let mut ids: HashMap<&str, &str> = HashMap::new();
+    if let Some(st) = &pod.status {
+        for s in [
+            &st.init_container_statuses,
+            &st.container_statuses,
+            &st.ephemeral_container_statuses,
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+        {
+            if let Some(id) = &s.container_id {
+                ids.insert(
+                    &s.name,
+                    id.split_once("://").map_or(id.as_str(), |(_, i)| i),
+                );
+            }
+        }
+    }
+    ids
+}
+
+impl ContainerInfo {
+    /// What is kept of a container spec, with its runtime id from `ids`.
+    fn from_container(c: &Container, ids: &HashMap<&str, &str>) -> ContainerInfo {
+        ContainerInfo {
+            name: c.name.clone(),
+            image: c.image.clone().unwrap_or_default(),
+            id: ids.get(c.name.as_str()).copied().unwrap_or("").to_owned(),
+            env: c
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+                .collect(),
+            mounts: c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|v| Mount {
+                    volume: v.name.clone(),
+                    path: v.mount_path.clone(),
+                    sub_path: v.sub_path.clone().unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl VolumeSource {
+    /// The kind of a pod volume (the first source set, as the API allows
+    /// only one).
+    fn of(v: &Volume) -> VolumeSource {
+        if v.empty_dir.is_some() {
+            VolumeSource::EmptyDir
+        } else if let Some(h) = &v.host_path {
+            VolumeSource::HostPath(h.path.clone())
+        } else if v.config_map.is_some() {
+            VolumeSource::Other("configMap")
+        } else if v.secret.is_some() {
+            VolumeSource::Other("secret")
+        } else if v.persistent_volume_claim.is_some() {
+            VolumeSource::Other("persistentVolumeClaim")
+        } else if v.projected.is_some() {
+            VolumeSource::Other("projected")
+        } else {
+            VolumeSource::Other("unsupported")
+        }
     }
 }
 
@@ -361,24 +388,19 @@ pub async fn watch(
     metrics: Arc<Metrics>,
     changed: impl Fn(),
 ) {
-    let api: ::kube::Api<Pod> = ::kube::Api::all(client);
-    // any_semantic: the initial list is served from the API server's cache
-    // (resourceVersion=0), not etcd; a DaemonSet lists once per node.
-    let config = watcher::Config::default()
-        .fields(&format!("spec.nodeName={}", settings.node))
-        .any_semantic();
-    let stream = watcher(api, config).default_backoff();
+    let stream = pod_stream(client, &settings.node);
     let mut stream = std::pin::pin!(stream);
-    let mut listing: Vec<PodInfo> = Vec::new();
-    let mut expiry = tokio::time::interval(
-        Duration::from_secs(30)
-            .min(settings.grace)
-            .max(Duration::from_secs(1)),
-    );
-    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // One line per 30 s at most: an unreachable API server retries with
-    // backoff, and must not flood the log.
-    let error_log = RateLimit::new(Duration::from_secs(30));
+    let mut expiry = expiry_interval(settings.grace);
+    let mut w = PodWatch {
+        settings,
+        cache,
+        metrics,
+        changed,
+        listing: Vec::new(),
+        // One line per 30 s at most: an unreachable API server retries
+        // with backoff, and must not flood the log.
+        error_log: RateLimit::new(Duration::from_secs(30)),
+    };
     loop {
         let event = tokio::select! {
             e = stream.next() => match e {
@@ -386,40 +408,102 @@ pub async fn watch(
                 None => return,
             },
             _ = expiry.tick() => {
-                if cache.expire(Instant::now(), settings.grace) {
-                    metrics.kube_pods.set(cache.len() as u64);
-                    metrics.kube_generation.set(cache.generation());
-                    changed();
-                }
+                w.expire();
                 continue;
             }
         };
+        w.on_event(event);
+    }
+}
+
+/// The watch of this node's pods, retried with kube-rs' default backoff.
+fn pod_stream(
+    client: ::kube::Client,
+    node: &str,
+) -> impl futures_util::Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + use<> {
+    let api: ::kube::Api<Pod> = ::kube::Api::all(client);
+    // any_semantic: the initial list is served from the API server's cache
+    // (resourceVersion=0), not etcd; a DaemonSet lists once per node.
+    let config = watcher::Config::default()
+        .fields(&format!("spec.nodeName={node}"))
+        .any_semantic();
+    watcher(api, config).default_backoff()
+}
+
+/// How often deleted pods past their grace period are forgotten: every
+/// 30 s, or the grace period if shorter, but at most once a second.
+fn expiry_interval(grace: Duration) -> tokio::time::Interval {
+    let mut expiry = tokio::time::interval(
+        Duration::from_secs(30)
+            .min(grace)
+            .max(Duration::from_secs(1)),
+    );
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    expiry
+}
+
+/// The state of [`watch`] between events.
+struct PodWatch<F> {
+    settings: WatchSettings,
+    cache: Arc<PodCache>,
+    metrics: Arc<Metrics>,
+    changed: F,
+    /// Pods of a list under way (between `Init` and `InitDone`).
+    listing: Vec<PodInfo>,
+    error_log: RateLimit,
+}
+
+impl<F: Fn()> PodWatch<F> {
+    /// Forgets the pods deleted longer than the grace period ago.
+    fn expire(&self) {
+        if self.cache.expire(Instant::now(), self.settings.grace) {
+            self.metrics.kube_pods.set(self.cache.len() as u64);
+            self.metrics.kube_generation.set(self.cache.generation());
+            (self.changed)();
+        }
+    }
+
+    /// Takes one item of the watch stream: an event, or an error that is
+    /// counted and logged (the stream retries by itself).
+    fn on_event(&mut self, event: Result<watcher::Event<Pod>, watcher::Error>) {
         let now = Instant::now();
         let event = match event {
             Ok(e) => e,
             Err(e) => {
-                metrics.kube_watch_errors.inc();
-                error_log.log(|suppressed| {
+                self.metrics.kube_watch_errors.inc();
+                self.error_log.log(|suppressed| {
                     tracing::warn!(error = %e, suppressed, "pod watch failed; retrying with backoff (logs keep flowing with the metadata their paths give)");
                 });
-                continue;
+                return;
             }
         };
-        metrics.kube_events.inc();
-        let changes = match event {
+        self.metrics.kube_events.inc();
+        if self.apply(event, now) {
+            self.metrics.kube_pods.set(self.cache.len() as u64);
+            self.metrics.kube_generation.set(self.cache.generation());
+            self.metrics.kube_synced.set(u64::from(self.cache.synced()));
+            (self.changed)();
+        }
+    }
+
+    /// Applies one watch event to the cache; whether it changed (or the
+    /// first list completed).
+    fn apply(&mut self, event: watcher::Event<Pod>, now: Instant) -> bool {
+        let cache = &self.cache;
+        match event {
             watcher::Event::Init => {
-                listing.clear();
+                self.listing.clear();
                 false
             }
             watcher::Event::InitApply(pod) => {
-                listing.extend(PodInfo::from_pod(&pod));
+                self.listing.extend(PodInfo::from_pod(&pod));
                 false
             }
             watcher::Event::InitDone => {
                 let first = !cache.synced();
-                let changed = cache.replace(std::mem::take(&mut listing), now);
+                let changed = cache.replace(std::mem::take(&mut self.listing), now);
                 if first {
-                    tracing::info!(pods = cache.len(), node = %settings.node, "pod list received");
+                    tracing::info!(pods = cache.len(), node = %self.settings.node, "pod list received");
                 }
                 changed || first
             }
@@ -429,12 +513,6 @@ pub async fn watch(
                 .uid
                 .as_deref()
                 .is_some_and(|uid| cache.delete(uid, now)),
-        };
-        if changes {
-            metrics.kube_pods.set(cache.len() as u64);
-            metrics.kube_generation.set(cache.generation());
-            metrics.kube_synced.set(u64::from(cache.synced()));
-            changed();
         }
     }
 }

@@ -218,59 +218,26 @@ impl MetaContext {
         Some(self.render(meta.origin.clone(), meta.format))
     }
 
+    /// A file's metadata: its pod, the declaration routing it, its topics
+    /// and stream key, and the fields and headers its records carry.
     pub fn render(&self, o: Origin, format: Format) -> FileMeta {
         let pod = self.pod_of(&o);
         let declared = self.declared(&o, pod.as_deref());
-        let route = match &o.declaration {
-            Some(name) => declared
-                .declarations
-                .iter()
-                .find(|d| &d.name == name)
-                .cloned(),
-            None => declared.stdout().cloned(),
-        };
+        let route = route(&o, &declared);
         let excluded = pod.as_ref().is_some_and(|p| {
             declare::excluded(
                 &o.container,
                 p.annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             )
         });
-        let namespace = match &pod {
-            Some(p) if o.namespace.is_empty() => p.namespace.clone(),
-            _ => o.namespace.clone(),
-        };
-        let pod_name = match &pod {
-            Some(p) if o.pod.is_empty() => p.name.clone(),
-            _ => o.pod.clone(),
-        };
+        let (namespace, pod_name) = names(&o, pod.as_deref());
         let vars = TopicVars {
             namespace: &namespace,
             pod: &pod_name,
             container: &o.container,
         };
-        let (stdout, stderr): (Arc<str>, Arc<str>) = match &route {
-            // A declared stdout (log-pilot's `stdout`: the console, both
-            // streams) goes to the declaration's topic.
-            Some(r) => {
-                let t: Arc<str> = r.topic.as_str().into();
-                (t.clone(), t)
-            }
-            None => {
-                let out: Arc<str> = self.topic.render(&vars, "stdout").into();
-                let err = if self.topic.uses_stream() {
-                    self.topic.render(&vars, "stderr").into()
-                } else {
-                    out.clone()
-                };
-                (out, err)
-            }
-        };
-        let key = match &o.declaration {
-            // In-container files: one stream per declaration.
-            Some(name) => format!("{}/{}/{name}", o.pod_uid, o.container),
-            None if o.pod_uid.is_empty() => o.container_id.clone(),
-            None => format!("{}/{}", o.pod_uid, o.container),
-        };
+        let [stdout, stderr] = self.topics(route.as_ref(), &vars);
+        let key = stream_key(&o);
         let parts = crate::sink::render::file_parts(
             self.policy.output,
             &crate::sink::render::Subject {
@@ -304,6 +271,64 @@ impl MetaContext {
             refused: declared.refused,
             bad_tags: declared.bad_tags + parts.dropped_tags,
         }
+    }
+
+    /// The stdout and stderr topics: a declaration's, else the template's.
+    fn topics(&self, route: Option<&Declaration>, vars: &TopicVars<'_>) -> [Arc<str>; 2] {
+        match route {
+            // A declared stdout (log-pilot's `stdout`: the console, both
+            // streams) goes to the declaration's topic.
+            Some(r) => {
+                let t: Arc<str> = r.topic.as_str().into();
+                [t.clone(), t]
+            }
+            None => {
+                let out: Arc<str> = self.topic.render(vars, "stdout").into();
+                let err = if self.topic.uses_stream() {
+                    self.topic.render(vars, "stderr").into()
+                } else {
+                    out.clone()
+                };
+                [out, err]
+            }
+        }
+    }
+}
+
+/// The declaration routing a file: the one it was found by, else the
+/// container's stdout declaration.
+fn route(o: &Origin, declared: &Declared) -> Option<Declaration> {
+    match &o.declaration {
+        Some(name) => declared
+            .declarations
+            .iter()
+            .find(|d| &d.name == name)
+            .cloned(),
+        None => declared.stdout().cloned(),
+    }
+}
+
+/// The namespace and pod name: the file path's, else the pod's.
+fn names(o: &Origin, pod: Option<&PodInfo>) -> (String, String) {
+    let namespace = match pod {
+        Some(p) if o.namespace.is_empty() => p.namespace.clone(),
+        _ => o.namespace.clone(),
+    };
+    let pod_name = match pod {
+        Some(p) if o.pod.is_empty() => p.name.clone(),
+        _ => o.pod.clone(),
+    };
+    (namespace, pod_name)
+}
+
+/// The Kafka message key: one stream per container, or per declaration
+/// for in-container files; a Docker log's container id if no pod uid.
+fn stream_key(o: &Origin) -> String {
+    match &o.declaration {
+        // In-container files: one stream per declaration.
+        Some(name) => format!("{}/{}/{name}", o.pod_uid, o.container),
+        None if o.pod_uid.is_empty() => o.container_id.clone(),
+        None => format!("{}/{}", o.pod_uid, o.container),
     }
 }
 

@@ -27,7 +27,7 @@ use std::path::{Component, Path, PathBuf};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use crate::config::{Globs, glob_match};
-use crate::kube::{ContainerInfo, PodInfo, VolumeSource};
+use crate::kube::{ContainerInfo, Mount, PodInfo, VolumeSource};
 
 pub const MAX_MATCHES: usize = 1000;
 pub const MAX_ENTRIES: usize = 20_000;
@@ -165,6 +165,22 @@ pub fn resolve(
     kubelet_pods_dir: &Path,
     allow_hostpath: &Globs,
 ) -> Result<Resolved, Refused> {
+    let parts = declared_components(declared)?;
+    let Some((depth, mount)) = deepest_mount(container, &parts) else {
+        return Err(Refused::NotInVolume {
+            path: declared.into(),
+            container: container.name.clone(),
+        });
+    };
+    let base = volume_dir(pod, mount, kubelet_pods_dir, allow_hostpath)?;
+    let mut pattern = sub_path_components(mount)?;
+    pattern.extend(parts[depth..].iter().map(|s| s.to_string()));
+    Ok(Resolved { base, pattern })
+}
+
+/// The components of a declared path, which must be absolute, UTF-8 and
+/// free of `.` and `..`.
+fn declared_components(declared: &str) -> Result<Vec<&str>, Refused> {
     let path = Path::new(declared);
     let mut parts: Vec<&str> = Vec::new();
     for c in path.components() {
@@ -180,8 +196,13 @@ pub fn resolve(
     if !path.is_absolute() || parts.is_empty() {
         return Err(Refused::NotAbsolute(declared.into()));
     }
-    // The mount whose path is the longest whole-component prefix.
-    let mount = container
+    Ok(parts)
+}
+
+/// The mount whose path is the longest whole-component prefix of `parts`
+/// (strictly shorter than it), with that prefix's length.
+fn deepest_mount<'a>(container: &'a ContainerInfo, parts: &[&str]) -> Option<(usize, &'a Mount)> {
+    container
         .mounts
         .iter()
         .filter_map(|m| {
@@ -194,22 +215,26 @@ pub fn resolve(
                 .collect();
             (mp.len() < parts.len() && parts[..mp.len()] == mp[..]).then_some((mp.len(), m))
         })
-        .max_by_key(|(n, _)| *n);
-    let Some((depth, mount)) = mount else {
-        return Err(Refused::NotInVolume {
-            path: declared.into(),
-            container: container.name.clone(),
-        });
-    };
-    let base = match pod.volumes.get(&mount.volume) {
+        .max_by_key(|(n, _)| *n)
+}
+
+/// The host directory of the mount's volume: an emptyDir's under the
+/// kubelet's pods dir, or an allowed hostPath; other volumes are refused.
+fn volume_dir(
+    pod: &PodInfo,
+    mount: &Mount,
+    kubelet_pods_dir: &Path,
+    allow_hostpath: &Globs,
+) -> Result<PathBuf, Refused> {
+    match pod.volumes.get(&mount.volume) {
         Some(VolumeSource::EmptyDir) => {
             if !plain_name(&pod.uid) || !plain_name(&mount.volume) {
                 return Err(Refused::UnusableName(mount.volume.clone()));
             }
-            kubelet_pods_dir
+            Ok(kubelet_pods_dir
                 .join(&pod.uid)
                 .join("volumes/kubernetes.io~empty-dir")
-                .join(&mount.volume)
+                .join(&mount.volume))
         }
         Some(VolumeSource::HostPath(p)) => {
             if !Path::new(p).is_absolute() || p.split('/').any(|c| c == "..") {
@@ -224,18 +249,19 @@ pub fn resolve(
                     path: p.clone(),
                 });
             }
-            PathBuf::from(p)
+            Ok(PathBuf::from(p))
         }
-        Some(VolumeSource::Other(kind)) => {
-            return Err(Refused::UnsupportedVolume {
-                volume: mount.volume.clone(),
-                kind: (*kind).to_owned(),
-            });
-        }
-        None => {
-            return Err(Refused::UnknownVolume(mount.volume.clone()));
-        }
-    };
+        Some(VolumeSource::Other(kind)) => Err(Refused::UnsupportedVolume {
+            volume: mount.volume.clone(),
+            kind: (*kind).to_owned(),
+        }),
+        None => Err(Refused::UnknownVolume(mount.volume.clone())),
+    }
+}
+
+/// The mount's subPath as literal pattern components: relative, clean, and
+/// without glob characters.
+fn sub_path_components(mount: &Mount) -> Result<Vec<String>, Refused> {
     let mut pattern: Vec<String> = Vec::new();
     for c in Path::new(&mount.sub_path).components() {
         match c {
@@ -251,8 +277,7 @@ pub fn resolve(
     if pattern.iter().any(|p| p.contains(['*', '?'])) {
         return Err(Refused::GlobInSubPath(mount.sub_path.clone()));
     }
-    pattern.extend(parts[depth..].iter().map(|s| s.to_string()));
-    Ok(Resolved { base, pattern })
+    Ok(pattern)
 }
 
 /// What listing a resolved declaration found.
@@ -270,89 +295,130 @@ pub struct Listing {
 /// The files below `r.base` matching `r.pattern` (`*`, `?` within one
 /// component), every step confined beneath `r.base`.
 pub fn list_matches(r: &Resolved) -> std::io::Result<Listing> {
-    let base = open_dir(&r.base)?;
-    let mut out = Listing::default();
-    let mut entries = 0usize;
+    let mut walk = Walk {
+        r,
+        base: open_dir(&r.base)?,
+        entries: 0,
+        out: Listing::default(),
+    };
     // Directories (relative to base) to expand with the next component.
     let mut level: Vec<PathBuf> = vec![PathBuf::new()];
     for (i, comp) in r.pattern.iter().enumerate() {
         let last = i + 1 == r.pattern.len();
-        let wild = comp.contains(['*', '?']);
         let mut next = Vec::new();
         for dir in &level {
-            let names: Vec<Vec<u8>> = if wild {
-                let Ok(fd) = openat2(
-                    &base,
-                    dir,
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                ) else {
-                    continue;
-                };
-                let names = list(fd, MAX_ENTRIES.saturating_sub(entries) + 1)?;
-                entries += names.len();
-                if entries > MAX_ENTRIES {
-                    out.truncated = true;
-                }
-                names
-                    .into_iter()
-                    .filter(|n| glob_match(comp.as_bytes(), n))
-                    .collect()
-            } else {
-                vec![comp.as_bytes().to_vec()]
+            let Some(names) = walk.names(dir, comp)? else {
+                continue;
             };
             for name in names {
                 let rel = dir.join(std::ffi::OsStr::from_bytes(&name));
                 if last {
-                    let Ok(fd) = openat2(&base, &rel, libc::O_PATH | libc::O_CLOEXEC) else {
-                        continue;
-                    };
-                    if File::from(fd).metadata().is_ok_and(|m| m.is_file()) {
-                        if out.files.len() >= MAX_MATCHES {
-                            out.truncated = true;
-                            break;
-                        }
-                        out.files.push(Confined {
-                            base: r.base.clone(),
-                            rel,
-                        });
+                    if !walk.add_file(rel) {
+                        break;
                     }
-                } else if openat2(
-                    &base,
-                    &rel,
-                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-                .is_ok()
-                {
+                } else if walk.is_dir(&rel) {
                     next.push(rel);
                 }
             }
         }
         if last {
-            // The directories holding matches, if their path leads to the
-            // same directory the confined walk reached.
-            for dir in &level {
-                let host = r.base.join(dir);
-                let Ok(fd) = openat2(
-                    &base,
-                    dir,
-                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                ) else {
-                    continue;
-                };
-                let (Ok(a), Ok(b)) = (File::from(fd).metadata(), std::fs::metadata(&host)) else {
-                    continue;
-                };
-                if a.dev() == b.dev() && a.ino() == b.ino() {
-                    out.dirs.push(host);
-                }
-            }
+            walk.add_watched_dirs(&level);
         }
         level = next;
         if level.is_empty() && !last {
             break;
         }
     }
-    Ok(out)
+    Ok(walk.out)
+}
+
+/// One confined walk of a resolved pattern, and what it found so far.
+struct Walk<'a> {
+    r: &'a Resolved,
+    /// `r.base`, opened.
+    base: OwnedFd,
+    /// Directory entries listed so far (bounded by [`MAX_ENTRIES`]).
+    entries: usize,
+    out: Listing,
+}
+
+impl Walk<'_> {
+    /// The names in `dir` that `comp` may match: the listed entries it
+    /// matches if it is a glob (None if `dir` cannot be opened), else
+    /// `comp` itself.
+    fn names(&mut self, dir: &Path, comp: &str) -> std::io::Result<Option<Vec<Vec<u8>>>> {
+        if !comp.contains(['*', '?']) {
+            return Ok(Some(vec![comp.as_bytes().to_vec()]));
+        }
+        let Ok(fd) = openat2(
+            &self.base,
+            dir,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        ) else {
+            return Ok(None);
+        };
+        let names = list(fd, MAX_ENTRIES.saturating_sub(self.entries) + 1)?;
+        self.entries += names.len();
+        if self.entries > MAX_ENTRIES {
+            self.out.truncated = true;
+        }
+        Ok(Some(
+            names
+                .into_iter()
+                .filter(|n| glob_match(comp.as_bytes(), n))
+                .collect(),
+        ))
+    }
+
+    /// Adds `rel` to the files if it is a regular file; false (and
+    /// truncated) if the match limit is reached first.
+    fn add_file(&mut self, rel: PathBuf) -> bool {
+        let Ok(fd) = openat2(&self.base, &rel, libc::O_PATH | libc::O_CLOEXEC) else {
+            return true;
+        };
+        if File::from(fd).metadata().is_ok_and(|m| m.is_file()) {
+            if self.out.files.len() >= MAX_MATCHES {
+                self.out.truncated = true;
+                return false;
+            }
+            self.out.files.push(Confined {
+                base: self.r.base.clone(),
+                rel,
+            });
+        }
+        true
+    }
+
+    /// Whether `rel` is a directory reachable beneath the base.
+    fn is_dir(&self, rel: &Path) -> bool {
+        openat2(
+            &self.base,
+            rel,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+        .is_ok()
+    }
+
+    /// Keeps the directories holding matches whose host path leads to the
+    /// same directory the confined walk reached (safe to watch by path).
+    fn add_watched_dirs(&mut self, level: &[PathBuf]) {
+        for dir in level {
+            let host = self.r.base.join(dir);
+            let Ok(fd) = openat2(
+                &self.base,
+                dir,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            ) else {
+                continue;
+            };
+            let (Ok(a), Ok(b)) = (File::from(fd).metadata(), std::fs::metadata(&host)) else {
+                continue;
+            };
+            if a.dev() == b.dev() && a.ino() == b.ino() {
+                self.out.dirs.push(host);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

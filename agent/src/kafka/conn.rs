@@ -416,11 +416,14 @@ impl Connection {
                 step(self, sasl::plain(creds))?;
             }
             Mechanism::ScramSha256 | Mechanism::ScramSha512 => {
-                let mut scram = Scram::new(creds).map_err(auth)?;
+                let scram_err = |e: sasl::SaslError| auth(e.to_string());
+                let mut scram = Scram::new(creds).map_err(scram_err)?;
                 let server_first = step(self, scram.client_first())?;
-                let client_final = scram.client_final(&server_first).map_err(auth)?;
+                let client_final = scram.client_final(&server_first).map_err(scram_err)?;
                 let server_final = step(self, client_final)?;
-                scram.verify_server_final(&server_final).map_err(auth)?;
+                scram
+                    .verify_server_final(&server_final)
+                    .map_err(scram_err)?;
             }
         }
         Ok(())

@@ -28,6 +28,7 @@ use kafka_protocol::error::{ParseResponseErrorCode, ResponseError};
 use kafka_protocol::messages::{
     MetadataRequest, MetadataResponse, ProduceResponse, TopicName,
     metadata_request::MetadataRequestTopic,
+    metadata_response::{MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic},
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -127,6 +128,41 @@ struct TopicState {
     /// First time the cluster said it does not have the topic.
     missing_since: Option<Instant>,
     status: Option<TopicStatus>,
+}
+
+impl TopicState {
+    /// Takes the leaders of a topic's `n` partitions (-1 for one whose
+    /// leader is not available) and grows its queues to `n`; false if a
+    /// partition has no leader.
+    fn set_leaders(&mut self, partitions: &[MetadataResponsePartition], n: usize) -> bool {
+        self.leaders = vec![-1; n];
+        for p in partitions {
+            if p.partition_index >= 0 && p.error_code != 5 {
+                self.leaders[p.partition_index as usize] = p.leader_id.0;
+            }
+        }
+        if self.parts.len() < n {
+            self.parts.resize_with(n, PartQueue::default);
+        }
+        !self.leaders.iter().any(|&l| l < 0)
+    }
+}
+
+/// The partition count, if the partitions are 0..n, each listed once, and
+/// at most [`MAX_PARTITIONS`]; anything else from the broker is not
+/// believed (and asked again).
+fn sane_partitions(partitions: &[MetadataResponsePartition]) -> Option<usize> {
+    let n = partitions.len();
+    let mut seen = vec![false; n.min(MAX_PARTITIONS)];
+    let sane = n > 0
+        && n <= MAX_PARTITIONS
+        && partitions.iter().all(|p| {
+            usize::try_from(p.partition_index)
+                .ok()
+                .filter(|&i| i < n)
+                .is_some_and(|i| !std::mem::replace(&mut seen[i], true))
+        });
+    sane.then_some(n)
 }
 
 pub struct Engine {
@@ -605,23 +641,14 @@ impl Engine {
         self.metrics.delivery_failed(FailureKind::Retried);
     }
 
+    /// Takes a metadata answer: broker addresses, then the partitions and
+    /// leaders (or the refusal) of each topic the sender knows; settles
+    /// what that decides, asks again for what it leaves open, and tells the
+    /// data thread of changed topics.
     fn metadata(&mut self, m: MetadataResponse, now: Instant) {
         self.metadata_failures = 0;
         self.metadata_at = Some(now);
-        for b in &m.brokers {
-            let addr = format!("{}:{}", b.host.as_str(), b.port);
-            let id = b.node_id.0;
-            if self.brokers.get(&id) != Some(&addr) {
-                // A broker that moved: its old connection goes, and what
-                // it carried is retried.
-                if self.brokers.insert(id, addr).is_some()
-                    && let Some(mut old) = self.conns.remove(&(id as ConnId))
-                {
-                    let busy = old.busy.take();
-                    self.failed(busy, now);
-                }
-            }
-        }
+        self.update_brokers(&m.brokers, now);
         let mut changed = false;
         let mut pending = false;
         let mut settle = Vec::new();
@@ -629,93 +656,14 @@ impl Engine {
             let Some(name) = t.name.as_ref().map(|n| n.0.as_str()) else {
                 continue;
             };
-            let Some((key, state)) = self
-                .topics
-                .get_key_value(name)
-                .map(|(k, _)| k.clone())
-                .and_then(|k| {
-                    let s = self.topics.get_mut(&k)?;
-                    Some((k, s))
-                })
-            else {
+            let Some(key) = self.topics.get_key_value(name).map(|(k, _)| k.clone()) else {
                 continue;
             };
-            let status = match t.error_code.err() {
-                None => {
-                    state.missing_since = None;
-                    // Partitions 0..n, each listed once; anything else
-                    // from the broker is not believed (and asked again).
-                    let n = t.partitions.len();
-                    let mut seen = vec![false; n.min(MAX_PARTITIONS)];
-                    let sane = n > 0
-                        && n <= MAX_PARTITIONS
-                        && t.partitions.iter().all(|p| {
-                            usize::try_from(p.partition_index)
-                                .ok()
-                                .filter(|&i| i < n)
-                                .is_some_and(|i| !std::mem::replace(&mut seen[i], true))
-                        });
-                    if !sane {
-                        pending = true;
-                        continue;
-                    }
-                    state.leaders = vec![-1; n];
-                    for p in &t.partitions {
-                        if p.partition_index >= 0 && p.error_code != 5 {
-                            state.leaders[p.partition_index as usize] = p.leader_id.0;
-                        }
-                    }
-                    if state.parts.len() < n {
-                        state.parts.resize_with(n, PartQueue::default);
-                    }
-                    if state.leaders.iter().any(|&l| l < 0) {
-                        pending = true;
-                    }
-                    TopicStatus::Partitions(n)
-                }
-                // Not there yet (auto-creation under way, or not created):
-                // asked again until it has been missing for too long.
-                Some(
-                    ResponseError::UnknownTopicOrPartition | ResponseError::LeaderNotAvailable,
-                ) => {
-                    let since = *state.missing_since.get_or_insert(now);
-                    if now.duration_since(since) < self.opts.topic_missing_after {
-                        pending = true;
-                        continue;
-                    }
-                    self.refused_log.log(|suppressed| {
-                        tracing::warn!(topic = %key, suppressed, "Kafka topic does not exist; its records are counted as dropped until it does (checked at every metadata refresh)");
-                    });
-                    TopicStatus::Refused
-                }
-                Some(e) if e.is_retriable() => {
-                    pending = true;
-                    continue;
-                }
-                Some(e) => {
-                    self.refused_log.log(|suppressed| {
-                        tracing::warn!(topic = %key, error = ?e, suppressed, "Kafka refuses the topic; its records are counted as dropped");
-                    });
-                    TopicStatus::Refused
-                }
+            let Some(status) = self.topic_status(&key, &t, now, &mut pending) else {
+                continue;
             };
-            if let TopicStatus::Partitions(n) = status
-                && state.parts.len() > n
-            {
-                settle.push((key.clone(), Outcome::Retry));
-            }
-            if status == TopicStatus::Refused {
-                settle.push((key.clone(), Outcome::Dropped));
-            }
-            if state.status != Some(status) {
-                state.status = Some(status);
-                self.shared
-                    .topics
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key.clone(), status);
-                changed = true;
-            }
+            settle.extend(self.settlement(&key, status));
+            changed |= self.publish_status(&key, status);
         }
         for (name, outcome) in settle {
             self.settle(&name, outcome);
@@ -727,6 +675,113 @@ impl Engine {
             self.shared.generation.fetch_add(1, Ordering::SeqCst);
             let _ = self.wake.try_send(());
         }
+    }
+
+    /// Records the brokers' addresses; a broker that moved loses its old
+    /// connection, and what it carried is retried.
+    fn update_brokers(&mut self, brokers: &[MetadataResponseBroker], now: Instant) {
+        for b in brokers {
+            let addr = format!("{}:{}", b.host.as_str(), b.port);
+            let id = b.node_id.0;
+            if self.brokers.get(&id) != Some(&addr)
+                && self.brokers.insert(id, addr).is_some()
+                && let Some(mut old) = self.conns.remove(&(id as ConnId))
+            {
+                let busy = old.busy.take();
+                self.failed(busy, now);
+            }
+        }
+    }
+
+    /// A known topic's status from its metadata, or None while it is not
+    /// settled; sets `pending` when the topic must be asked about again.
+    fn topic_status(
+        &mut self,
+        key: &Arc<str>,
+        t: &MetadataResponseTopic,
+        now: Instant,
+        pending: &mut bool,
+    ) -> Option<TopicStatus> {
+        match t.error_code.err() {
+            None => {
+                let state = self.topics.get_mut(key)?;
+                state.missing_since = None;
+                let Some(n) = sane_partitions(&t.partitions) else {
+                    *pending = true;
+                    return None;
+                };
+                if !state.set_leaders(&t.partitions, n) {
+                    *pending = true;
+                }
+                Some(TopicStatus::Partitions(n))
+            }
+            // Not there yet (auto-creation under way, or not created):
+            // asked again until it has been missing for too long.
+            Some(ResponseError::UnknownTopicOrPartition | ResponseError::LeaderNotAvailable) => {
+                self.missing_topic(key, now, pending)
+            }
+            Some(e) if e.is_retriable() => {
+                *pending = true;
+                None
+            }
+            Some(e) => {
+                self.refused_log.log(|suppressed| {
+                    tracing::warn!(topic = %key, error = ?e, suppressed, "Kafka refuses the topic; its records are counted as dropped");
+                });
+                Some(TopicStatus::Refused)
+            }
+        }
+    }
+
+    /// A topic the cluster does not have: None (and `pending`) until it
+    /// has been missing for `topic.metadata.propagation.max.ms`, then
+    /// refused.
+    fn missing_topic(
+        &mut self,
+        key: &Arc<str>,
+        now: Instant,
+        pending: &mut bool,
+    ) -> Option<TopicStatus> {
+        let state = self.topics.get_mut(key)?;
+        let since = *state.missing_since.get_or_insert(now);
+        if now.duration_since(since) < self.opts.topic_missing_after {
+            *pending = true;
+            return None;
+        }
+        self.refused_log.log(|suppressed| {
+            tracing::warn!(topic = %key, suppressed, "Kafka topic does not exist; its records are counted as dropped until it does (checked at every metadata refresh)");
+        });
+        Some(TopicStatus::Refused)
+    }
+
+    /// What a topic's new status does to its queued batches: those of
+    /// partitions it no longer has are retried, a refused topic's dropped.
+    fn settlement(&self, key: &Arc<str>, status: TopicStatus) -> Option<(Arc<str>, Outcome)> {
+        match status {
+            TopicStatus::Partitions(n) if self.topics.get(key)?.parts.len() > n => {
+                Some((key.clone(), Outcome::Retry))
+            }
+            TopicStatus::Partitions(_) => None,
+            TopicStatus::Refused => Some((key.clone(), Outcome::Dropped)),
+        }
+    }
+
+    /// Records a topic's status and, if it changed, publishes it to the
+    /// data thread; whether it changed.
+    fn publish_status(&mut self, key: &Arc<str>, status: TopicStatus) -> bool {
+        let Some(state) = self.topics.get_mut(key) else {
+            return false;
+        };
+        if state.status == Some(status) {
+            return false;
+        }
+        state.status = Some(status);
+        self.shared
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), status);
+        true
     }
 
     fn produced(&mut self, sent: Vec<(Arc<str>, usize)>, resp: ProduceResponse, now: Instant) {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use openssl::ssl::{SslConnector, SslConnectorBuilder, SslFiletype, SslMethod, SslVerifyMode};
 
 use super::sasl::{Credentials, Mechanism};
 use crate::config::Compression;
@@ -99,7 +99,26 @@ impl Options {
         max_inflight: u64,
         kafka_options: &BTreeMap<String, String>,
     ) -> Result<Options, OptionError> {
-        let mut o = Options {
+        let mut o = Options::defaults(brokers, client_id, compression);
+        let mut security = Security::default();
+        for (key, value) in kafka_options {
+            let setting = Setting { key, value };
+            if !o.set(&setting)? && !security.set(&setting)? {
+                return Err(OptionError::Unsupported { key: key.clone() });
+            }
+        }
+        o.tls = tls(&security.protocol, &security.keys)?;
+        o.sasl = sasl(&security.protocol, &security.keys)?;
+        o.retry_backoff_max = o.retry_backoff_max.max(o.retry_backoff);
+        o.reconnect_backoff_max = o.reconnect_backoff_max.max(o.reconnect_backoff);
+        o.batch_size = o.batch_size.min((max_inflight / 4).max(16 * 1024) as usize);
+        Ok(o)
+    }
+
+    /// The settings before any `--kafka-option` (librdkafka's defaults,
+    /// mostly), with the bootstrap list split out of `brokers`.
+    fn defaults(brokers: &str, client_id: String, compression: Compression) -> Options {
+        Options {
             bootstrap: brokers
                 .split(',')
                 .map(|s| s.trim().to_owned())
@@ -121,103 +140,140 @@ impl Options {
             max_request_bytes: 16 << 20,
             tls: None,
             sasl: None,
-        };
-        let mut protocol = "plaintext".to_owned();
-        let mut security: BTreeMap<&str, &str> = BTreeMap::new();
-        for (key, value) in kafka_options {
-            let invalid = |why: &str| OptionError::Invalid {
-                key: key.clone(),
-                value: value.clone(),
-                why: why.to_owned(),
-            };
-            let ms = || -> Result<Duration, OptionError> {
-                value
-                    .trim()
-                    .parse::<u64>()
-                    .map(Duration::from_millis)
-                    .map_err(|_| invalid("not a number of milliseconds"))
-            };
-            let bytes = || -> Result<usize, OptionError> {
-                match value.trim().parse::<usize>() {
-                    Ok(n) if n >= 1024 => Ok(n),
-                    _ => Err(invalid("not a number of bytes of at least 1024")),
-                }
-            };
-            match key.as_str() {
-                "acks" | "request.required.acks" => {
-                    o.acks = match value.trim() {
-                        "all" | "-1" => Acks::All,
-                        "1" => Acks::Leader,
-                        "0" => {
-                            return Err(invalid(
-                                "acks=0 gives no acknowledgement, and checkpoints only advance on one; use all or 1",
-                            ));
-                        }
-                        _ => return Err(invalid("expected all, -1 or 1")),
-                    }
-                }
-                "linger.ms" | "queue.buffering.max.ms" => o.linger = ms()?,
-                "batch.size" => o.batch_size = bytes()?,
-                "request.timeout.ms" => o.request_timeout = ms()?.max(Duration::from_millis(100)),
-                "socket.connection.setup.timeout.ms" => {
-                    o.connect_timeout = ms()?.max(Duration::from_millis(100))
-                }
-                "retry.backoff.ms" => o.retry_backoff = ms()?.max(Duration::from_millis(1)),
-                "retry.backoff.max.ms" => o.retry_backoff_max = ms()?,
-                "reconnect.backoff.ms" => o.reconnect_backoff = ms()?.max(Duration::from_millis(1)),
-                "reconnect.backoff.max.ms" => o.reconnect_backoff_max = ms()?,
-                "metadata.max.age.ms" | "topic.metadata.refresh.interval.ms" => {
-                    o.metadata_max_age = ms()?.max(Duration::from_secs(1))
-                }
-                "topic.metadata.propagation.max.ms" => o.topic_missing_after = ms()?,
-                // The batch size bounds what one batch holds; the broker's
-                // own limit still applies (too large is split, then refused).
-                "message.max.bytes" => {
-                    let n = bytes()?;
-                    o.batch_size = o.batch_size.min(n);
-                }
-                "client.id" => o.client_id = value.clone(),
-                // Order is kept by one request in flight per partition, with
-                // or without idempotence; duplicates after a retry are
-                // possible either way (at-least-once).
-                "enable.idempotence" => match value.trim() {
-                    "true" | "false" => {}
-                    _ => return Err(invalid("expected true or false")),
-                },
-                "security.protocol" => {
-                    protocol = value.trim().to_ascii_lowercase();
-                    if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&&*protocol) {
-                        return Err(invalid(
-                            "expected plaintext, ssl, sasl_plaintext or sasl_ssl",
-                        ));
-                    }
-                }
-                "ssl.ca.location"
-                | "ssl.certificate.location"
-                | "ssl.key.location"
-                | "ssl.key.password"
-                | "ssl.endpoint.identification.algorithm"
-                | "enable.ssl.certificate.verification"
-                | "sasl.mechanism"
-                | "sasl.mechanisms"
-                | "sasl.username"
-                | "sasl.password" => {
-                    security.insert(key, value);
-                }
-                _ => {
-                    return Err(OptionError::Unsupported { key: key.clone() });
-                }
-            }
         }
-        o.tls = tls(&protocol, &security)?;
-        o.sasl = sasl(&protocol, &security)?;
-        o.retry_backoff_max = o.retry_backoff_max.max(o.retry_backoff);
-        o.reconnect_backoff_max = o.reconnect_backoff_max.max(o.reconnect_backoff);
-        o.batch_size = o.batch_size.min((max_inflight / 4).max(16 * 1024) as usize);
-        Ok(o)
+    }
+
+    /// Applies one producer (non-security) key; false if it is not one.
+    fn set(&mut self, s: &Setting) -> Result<bool, OptionError> {
+        match s.key {
+            "acks" | "request.required.acks" => self.acks = s.acks()?,
+            "linger.ms" | "queue.buffering.max.ms" => self.linger = s.ms()?,
+            "batch.size" => self.batch_size = s.bytes()?,
+            "request.timeout.ms" => self.request_timeout = s.ms()?.max(Duration::from_millis(100)),
+            "socket.connection.setup.timeout.ms" => {
+                self.connect_timeout = s.ms()?.max(Duration::from_millis(100))
+            }
+            "retry.backoff.ms" => self.retry_backoff = s.ms()?.max(Duration::from_millis(1)),
+            "retry.backoff.max.ms" => self.retry_backoff_max = s.ms()?,
+            "reconnect.backoff.ms" => {
+                self.reconnect_backoff = s.ms()?.max(Duration::from_millis(1))
+            }
+            "reconnect.backoff.max.ms" => self.reconnect_backoff_max = s.ms()?,
+            "metadata.max.age.ms" | "topic.metadata.refresh.interval.ms" => {
+                self.metadata_max_age = s.ms()?.max(Duration::from_secs(1))
+            }
+            "topic.metadata.propagation.max.ms" => self.topic_missing_after = s.ms()?,
+            // The batch size bounds what one batch holds; the broker's
+            // own limit still applies (too large is split, then refused).
+            "message.max.bytes" => {
+                let n = s.bytes()?;
+                self.batch_size = self.batch_size.min(n);
+            }
+            "client.id" => self.client_id = s.value.to_owned(),
+            // Order is kept by one request in flight per partition, with
+            // or without idempotence; duplicates after a retry are
+            // possible either way (at-least-once).
+            "enable.idempotence" => match s.value.trim() {
+                "true" | "false" => {}
+                _ => return Err(s.invalid("expected true or false")),
+            },
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 }
 
+/// One `--kafka-option KEY=VALUE` being read.
+struct Setting<'a> {
+    key: &'a str,
+    value: &'a str,
+}
+
+impl Setting<'_> {
+    /// This key and value refused, and why.
+    fn invalid(&self, why: &str) -> OptionError {
+        invalid(self.key, self.value, why)
+    }
+
+    /// The value as a number of milliseconds.
+    fn ms(&self) -> Result<Duration, OptionError> {
+        self.value
+            .trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| self.invalid("not a number of milliseconds"))
+    }
+
+    /// The value as a number of bytes, at least 1024.
+    fn bytes(&self) -> Result<usize, OptionError> {
+        match self.value.trim().parse::<usize>() {
+            Ok(n) if n >= 1024 => Ok(n),
+            _ => Err(self.invalid("not a number of bytes of at least 1024")),
+        }
+    }
+
+    /// The value as `acks` (0 is refused: nothing would ever be confirmed).
+    fn acks(&self) -> Result<Acks, OptionError> {
+        match self.value.trim() {
+            "all" | "-1" => Ok(Acks::All),
+            "1" => Ok(Acks::Leader),
+            "0" => Err(self.invalid(
+                "acks=0 gives no acknowledgement, and checkpoints only advance on one; use all or 1",
+            )),
+            _ => Err(self.invalid("expected all, -1 or 1")),
+        }
+    }
+}
+
+/// The keys that matter to TLS and SASL, checked together once every key
+/// has been read (see [`tls`] and [`sasl`]).
+struct Security<'a> {
+    /// `security.protocol`, lowercased.
+    protocol: String,
+    keys: BTreeMap<&'a str, &'a str>,
+}
+
+impl Default for Security<'_> {
+    fn default() -> Self {
+        Security {
+            protocol: "plaintext".to_owned(),
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+/// The TLS and SASL keys kept for [`tls`] and [`sasl`].
+const SECURITY_KEYS: &[&str] = &[
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.endpoint.identification.algorithm",
+    "enable.ssl.certificate.verification",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+];
+
+impl<'a> Security<'a> {
+    /// Takes `security.protocol` or a TLS/SASL key; false if it is neither.
+    fn set(&mut self, s: &Setting<'a>) -> Result<bool, OptionError> {
+        if s.key == "security.protocol" {
+            self.protocol = s.value.trim().to_ascii_lowercase();
+            if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&&*self.protocol) {
+                return Err(s.invalid("expected plaintext, ssl, sasl_plaintext or sasl_ssl"));
+            }
+        } else if SECURITY_KEYS.contains(&s.key) {
+            self.keys.insert(s.key, s.value);
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// An `Invalid` error for `key=value`, and why.
 fn invalid(key: &str, value: &str, why: impl Into<String>) -> OptionError {
     OptionError::Invalid {
         key: key.to_owned(),
@@ -231,63 +287,84 @@ fn invalid(key: &str, value: &str, why: impl Into<String>) -> OptionError {
 fn tls(protocol: &str, s: &BTreeMap<&str, &str>) -> Result<Option<Tls>, OptionError> {
     let wants = protocol == "ssl" || protocol == "sasl_ssl";
     if !wants {
-        if let Some(k) = s
-            .keys()
-            .find(|k| k.starts_with("ssl.") || k.contains("ssl.certificate"))
-        {
-            return Err(invalid(
-                k,
-                s[k],
-                format!(
-                    "TLS is off (security.protocol={protocol}); set security.protocol=ssl or sasl_ssl"
-                ),
-            ));
-        }
+        refuse_tls_keys(protocol, s)?;
         return Ok(None);
     }
-    let openssl = |key: &str, e: openssl::error::ErrorStack| {
-        invalid(key, s.get(key).copied().unwrap_or(""), e.to_string())
-    };
     let mut b = SslConnector::builder(SslMethod::tls_client())
-        .map_err(|e| openssl("security.protocol", e))?;
+        .map_err(|e| openssl_error(s, "security.protocol", e))?;
+    load_ca(&mut b, s)?;
+    load_client_certificate(&mut b, s)?;
+    let verify = certificate_verification(s)?;
+    if !verify {
+        b.set_verify(SslVerifyMode::NONE);
+    }
+    let verify_hostname = hostname_verification(s, verify)?;
+    Ok(Some(Tls {
+        connector: b.build(),
+        verify_hostname,
+    }))
+}
+
+/// Refuses TLS keys given while TLS is off.
+fn refuse_tls_keys(protocol: &str, s: &BTreeMap<&str, &str>) -> Result<(), OptionError> {
+    if let Some(k) = s
+        .keys()
+        .find(|k| k.starts_with("ssl.") || k.contains("ssl.certificate"))
+    {
+        return Err(invalid(
+            k,
+            s[k],
+            format!(
+                "TLS is off (security.protocol={protocol}); set security.protocol=ssl or sasl_ssl"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An OpenSSL failure, charged to `key` and its value.
+fn openssl_error(
+    s: &BTreeMap<&str, &str>,
+    key: &str,
+    e: openssl::error::ErrorStack,
+) -> OptionError {
+    invalid(key, s.get(key).copied().unwrap_or(""), e.to_string())
+}
+
+/// Trusts `ssl.ca.location` (a file or a directory), else the system's CAs.
+fn load_ca(b: &mut SslConnectorBuilder, s: &BTreeMap<&str, &str>) -> Result<(), OptionError> {
+    let openssl = |e| openssl_error(s, "ssl.ca.location", e);
     match s.get("ssl.ca.location").copied() {
         Some(ca) if std::path::Path::new(ca).is_dir() => b
             .load_verify_locations(None, Some(std::path::Path::new(ca)))
-            .map_err(|e| openssl("ssl.ca.location", e))?,
+            .map_err(openssl)?,
         Some(ca) => {
             if !std::path::Path::new(ca).exists() {
                 return Err(invalid("ssl.ca.location", ca, "no such file"));
             }
-            b.set_ca_file(ca)
-                .map_err(|e| openssl("ssl.ca.location", e))?
+            b.set_ca_file(ca).map_err(openssl)?
         }
-        None => b
-            .set_default_verify_paths()
-            .map_err(|e| openssl("ssl.ca.location", e))?,
+        None => b.set_default_verify_paths().map_err(openssl)?,
     }
+    Ok(())
+}
+
+/// Loads the client certificate and key (both or neither), checking that
+/// they belong together.
+fn load_client_certificate(
+    b: &mut SslConnectorBuilder,
+    s: &BTreeMap<&str, &str>,
+) -> Result<(), OptionError> {
     match (
         s.get("ssl.certificate.location").copied(),
         s.get("ssl.key.location").copied(),
     ) {
         (Some(cert), Some(key)) => {
             b.set_certificate_chain_file(cert)
-                .map_err(|e| openssl("ssl.certificate.location", e))?;
-            match s.get("ssl.key.password").copied() {
-                Some(pass) => {
-                    let pem = std::fs::read(key)
-                        .map_err(|e| invalid("ssl.key.location", key, e.to_string()))?;
-                    let pkey =
-                        openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pass.as_bytes())
-                            .map_err(|e| openssl("ssl.key.location", e))?;
-                    b.set_private_key(&pkey)
-                        .map_err(|e| openssl("ssl.key.location", e))?;
-                }
-                None => b
-                    .set_private_key_file(key, SslFiletype::PEM)
-                    .map_err(|e| openssl("ssl.key.location", e))?,
-            }
+                .map_err(|e| openssl_error(s, "ssl.certificate.location", e))?;
+            load_private_key(b, s, key)?;
             b.check_private_key()
-                .map_err(|e| openssl("ssl.key.location", e))?;
+                .map_err(|e| openssl_error(s, "ssl.key.location", e))?;
         }
         (None, None) => {}
         (Some(c), None) => {
@@ -305,37 +382,61 @@ fn tls(protocol: &str, s: &BTreeMap<&str, &str>) -> Result<Option<Tls>, OptionEr
             ));
         }
     }
-    let verify = match s.get("enable.ssl.certificate.verification").copied() {
-        None | Some("true") => true,
-        Some("false") => false,
-        Some(v) => {
-            return Err(invalid(
-                "enable.ssl.certificate.verification",
-                v,
-                "expected true or false",
-            ));
-        }
-    };
-    if !verify {
-        b.set_verify(SslVerifyMode::NONE);
-    }
-    let verify_hostname = match s.get("ssl.endpoint.identification.algorithm").copied() {
-        None | Some("https") => verify,
-        Some("none") | Some("") => false,
-        Some(v) => {
-            return Err(invalid(
-                "ssl.endpoint.identification.algorithm",
-                v,
-                "expected https or none",
-            ));
-        }
-    };
-    Ok(Some(Tls {
-        connector: b.build(),
-        verify_hostname,
-    }))
+    Ok(())
 }
 
+/// Loads the private key at `key`, decrypted with `ssl.key.password` if set.
+fn load_private_key(
+    b: &mut SslConnectorBuilder,
+    s: &BTreeMap<&str, &str>,
+    key: &str,
+) -> Result<(), OptionError> {
+    let openssl = |e| openssl_error(s, "ssl.key.location", e);
+    match s.get("ssl.key.password").copied() {
+        Some(pass) => {
+            let pem =
+                std::fs::read(key).map_err(|e| invalid("ssl.key.location", key, e.to_string()))?;
+            let pkey = openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pass.as_bytes())
+                .map_err(openssl)?;
+            b.set_private_key(&pkey).map_err(openssl)?;
+        }
+        None => b
+            .set_private_key_file(key, SslFiletype::PEM)
+            .map_err(openssl)?,
+    }
+    Ok(())
+}
+
+/// `enable.ssl.certificate.verification`: whether the broker's certificate
+/// is checked (the default).
+fn certificate_verification(s: &BTreeMap<&str, &str>) -> Result<bool, OptionError> {
+    match s.get("enable.ssl.certificate.verification").copied() {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(v) => Err(invalid(
+            "enable.ssl.certificate.verification",
+            v,
+            "expected true or false",
+        )),
+    }
+}
+
+/// `ssl.endpoint.identification.algorithm`: whether the broker's name is
+/// checked against its certificate (by default, when the certificate is).
+fn hostname_verification(s: &BTreeMap<&str, &str>, verify: bool) -> Result<bool, OptionError> {
+    match s.get("ssl.endpoint.identification.algorithm").copied() {
+        None | Some("https") => Ok(verify),
+        Some("none") | Some("") => Ok(false),
+        Some(v) => Err(invalid(
+            "ssl.endpoint.identification.algorithm",
+            v,
+            "expected https or none",
+        )),
+    }
+}
+
+/// The SASL credentials, required in full when SASL is on and refused when
+/// it is off.
 fn sasl(protocol: &str, s: &BTreeMap<&str, &str>) -> Result<Option<Credentials>, OptionError> {
     let wants = protocol.starts_with("sasl_");
     if !wants {

@@ -70,6 +70,35 @@ pub fn plain(c: &Credentials) -> Vec<u8> {
 /// more would let a rogue server burn the node's CPU.
 const MAX_ITERATIONS: u32 = 1 << 20;
 
+/// Why a SCRAM exchange failed (the server's messages are quoted as sent).
+#[derive(Debug, thiserror::Error)]
+pub enum SaslError {
+    #[error("server-first is not UTF-8")]
+    ServerFirstNotUtf8,
+    #[error("server-first has no {attribute}: {message:?}")]
+    NoAttribute {
+        attribute: &'static str,
+        message: String,
+    },
+    #[error("the server's nonce does not extend ours")]
+    NonceNotExtended,
+    #[error("bad iteration count in {0:?}")]
+    BadIterationCount(String),
+    #[error("iteration count {0} out of range")]
+    IterationsOutOfRange(u32),
+    #[error("server-final is not UTF-8")]
+    ServerFinalNotUtf8,
+    #[error("the server refused: {0}")]
+    Refused(String),
+    #[error("server-final has no verifier: {0:?}")]
+    NoVerifier(String),
+    #[error("the server's signature is wrong (it does not know the password)")]
+    WrongSignature,
+    /// OpenSSL failed (random bytes, base64, PBKDF2, HMAC, hashing).
+    #[error("{0}")]
+    OpenSsl(#[from] openssl::error::ErrorStack),
+}
+
 /// A SCRAM exchange from the client's side.
 pub struct Scram {
     digest: MessageDigest,
@@ -82,9 +111,9 @@ pub struct Scram {
 
 impl Scram {
     /// Starts an exchange with a fresh random nonce.
-    pub fn new(c: &Credentials) -> Result<Scram, String> {
+    pub fn new(c: &Credentials) -> Result<Scram, SaslError> {
         let mut raw = [0u8; 24];
-        openssl::rand::rand_bytes(&mut raw).map_err(|e| e.to_string())?;
+        openssl::rand::rand_bytes(&mut raw)?;
         Ok(Self::with_nonce(c, &openssl::base64::encode_block(&raw)))
     }
 
@@ -112,25 +141,9 @@ impl Scram {
     }
 
     /// The client's proof, from the server's first message.
-    pub fn client_final(&mut self, server_first: &[u8]) -> Result<Vec<u8>, String> {
-        let sf = std::str::from_utf8(server_first).map_err(|_| "server-first is not UTF-8")?;
-        let attr = |k: &str| {
-            sf.split(',')
-                .find_map(|a| a.strip_prefix(k)?.strip_prefix('='))
-                .ok_or_else(|| format!("server-first has no {k}: {sf:?}"))
-        };
-        let nonce = attr("r")?;
-        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
-            return Err("the server's nonce does not extend ours".into());
-        }
-        let salt = openssl::base64::decode_block(attr("s")?).map_err(|e| e.to_string())?;
-        let iterations: u32 = attr("i")?
-            .parse()
-            .map_err(|_| format!("bad iteration count in {sf:?}"))?;
-        if !(1..=MAX_ITERATIONS).contains(&iterations) {
-            return Err(format!("iteration count {iterations} out of range"));
-        }
-        let e = |e: openssl::error::ErrorStack| e.to_string();
+    pub fn client_final(&mut self, server_first: &[u8]) -> Result<Vec<u8>, SaslError> {
+        let sf = std::str::from_utf8(server_first).map_err(|_| SaslError::ServerFirstNotUtf8)?;
+        let (nonce, salt, iterations) = self.server_first(sf)?;
         let mut salted = vec![0u8; self.digest.size()];
         openssl::pkcs5::pbkdf2_hmac(
             self.password.as_bytes(),
@@ -138,20 +151,19 @@ impl Scram {
             iterations as usize,
             self.digest,
             &mut salted,
-        )
-        .map_err(e)?;
-        let client_key = self.hmac(&salted, b"Client Key").map_err(e)?;
-        let stored_key = hash(self.digest, &client_key).map_err(e)?;
+        )?;
+        let client_key = self.hmac(&salted, b"Client Key")?;
+        let stored_key = hash(self.digest, &client_key)?;
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("{},{sf},{without_proof}", self.client_first_bare);
-        let signature = self.hmac(&stored_key, auth_message.as_bytes()).map_err(e)?;
+        let signature = self.hmac(&stored_key, auth_message.as_bytes())?;
         let proof: Vec<u8> = client_key
             .iter()
             .zip(&signature)
             .map(|(a, b)| a ^ b)
             .collect();
-        let server_key = self.hmac(&salted, b"Server Key").map_err(e)?;
-        self.server_signature = Some(self.hmac(&server_key, auth_message.as_bytes()).map_err(e)?);
+        let server_key = self.hmac(&salted, b"Server Key")?;
+        self.server_signature = Some(self.hmac(&server_key, auth_message.as_bytes())?);
         Ok(format!(
             "{without_proof},p={}",
             openssl::base64::encode_block(&proof)
@@ -159,21 +171,46 @@ impl Scram {
         .into_bytes())
     }
 
+    /// The server's nonce, salt and iteration count from its first
+    /// message, checked: the nonce extends ours, the count is bounded.
+    fn server_first<'a>(&self, sf: &'a str) -> Result<(&'a str, Vec<u8>, u32), SaslError> {
+        let attr = |k: &'static str| {
+            sf.split(',')
+                .find_map(|a| a.strip_prefix(k)?.strip_prefix('='))
+                .ok_or_else(|| SaslError::NoAttribute {
+                    attribute: k,
+                    message: sf.to_owned(),
+                })
+        };
+        let nonce = attr("r")?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(SaslError::NonceNotExtended);
+        }
+        let salt = openssl::base64::decode_block(attr("s")?)?;
+        let iterations: u32 = attr("i")?
+            .parse()
+            .map_err(|_| SaslError::BadIterationCount(sf.to_owned()))?;
+        if !(1..=MAX_ITERATIONS).contains(&iterations) {
+            return Err(SaslError::IterationsOutOfRange(iterations));
+        }
+        Ok((nonce, salt, iterations))
+    }
+
     /// Checks the server's proof that it knows the password too.
-    pub fn verify_server_final(&self, server_final: &[u8]) -> Result<(), String> {
-        let sf = std::str::from_utf8(server_final).map_err(|_| "server-final is not UTF-8")?;
+    pub fn verify_server_final(&self, server_final: &[u8]) -> Result<(), SaslError> {
+        let sf = std::str::from_utf8(server_final).map_err(|_| SaslError::ServerFinalNotUtf8)?;
         if let Some(err) = sf.strip_prefix("e=") {
-            return Err(format!("the server refused: {err}"));
+            return Err(SaslError::Refused(err.to_owned()));
         }
         let v = sf
             .split(',')
             .find_map(|a| a.strip_prefix("v="))
-            .ok_or_else(|| format!("server-final has no verifier: {sf:?}"))?;
-        let got = openssl::base64::decode_block(v).map_err(|e| e.to_string())?;
+            .ok_or_else(|| SaslError::NoVerifier(sf.to_owned()))?;
+        let got = openssl::base64::decode_block(v)?;
         match &self.server_signature {
             // memcmp::eq panics on different lengths.
             Some(want) if want.len() == got.len() && openssl::memcmp::eq(want, &got) => Ok(()),
-            _ => Err("the server's signature is wrong (it does not know the password)".into()),
+            _ => Err(SaslError::WrongSignature),
         }
     }
 
@@ -256,5 +293,45 @@ mod tests {
         assert!(!format!("{c:?}").contains("secret"));
         let scram = Scram::with_nonce(&c, "n0");
         assert_eq!(scram.client_first(), b"n,,n=a=2C=3Db,r=n0");
+    }
+
+    #[test]
+    fn refusals_read_as_they_always_have() {
+        let mut s = Scram::with_digest(MessageDigest::sha256(), "u", "p", "abc");
+        let mut first = |m: &[u8]| s.client_final(m).unwrap_err().to_string();
+        assert_eq!(first(b"\xff"), "server-first is not UTF-8");
+        assert_eq!(first(b"garbage"), "server-first has no r: \"garbage\"");
+        assert_eq!(
+            first(b"r=xyz,s=QSXCR+Q6sek8bf92,i=4096"),
+            "the server's nonce does not extend ours"
+        );
+        assert_eq!(
+            first(b"r=abcd,i=4096"),
+            "server-first has no s: \"r=abcd,i=4096\""
+        );
+        assert_eq!(
+            first(b"r=abcd,s=QSXCR+Q6sek8bf92,i=x"),
+            "bad iteration count in \"r=abcd,s=QSXCR+Q6sek8bf92,i=x\""
+        );
+        assert_eq!(
+            first(b"r=abcd,s=QSXCR+Q6sek8bf92,i=0"),
+            "iteration count 0 out of range"
+        );
+        let (_, s) = exchange(
+            MessageDigest::sha256(),
+            "rOprNGfwEbeRWgbNEkqO",
+            "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+        );
+        let last = |m: &[u8]| s.verify_server_final(m).unwrap_err().to_string();
+        assert_eq!(last(b"\xff"), "server-final is not UTF-8");
+        assert_eq!(
+            last(b"e=invalid-proof"),
+            "the server refused: invalid-proof"
+        );
+        assert_eq!(last(b"x=1"), "server-final has no verifier: \"x=1\"");
+        assert_eq!(
+            last(b"v=AAAA"),
+            "the server's signature is wrong (it does not know the password)"
+        );
     }
 }
