@@ -132,6 +132,30 @@ fn watcher_ebpf_every_line_arrives_with_few_kernel_events() {
     assert_eq!(m["bpftail_ebpf_drops_total"], 0);
 }
 
+/// The write path's own tracepoints, with the safety sweep off (once an
+/// hour): every line arrives from the kernel's events alone.
+#[test]
+fn watcher_ebpf_write_path_every_line_arrives_without_the_sweep() {
+    let extra = [
+        "--watcher",
+        "ebpf",
+        "--ebpf-attach",
+        "write-path",
+        "--sweep-interval-ms",
+        "3600000",
+    ];
+    let (_, m) = eight_growing_files(&extra, &Launch::default());
+    assert_eq!(watcher(&m), "ebpf (write_path)");
+    let (hits, events) = (
+        m["bpftail_ebpf_hook_hits_total"],
+        m["bpftail_ebpf_events_total"],
+    );
+    eprintln!("ebpf write path: {hits} tracepoint hits, {events} events");
+    assert!(events > 0);
+    assert_eq!(m["bpftail_ebpf_drops_total"], 0);
+    assert_eq!(m["bpftail_sweeps_total"], 0, "the sweep never ran");
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "test-hooks"),

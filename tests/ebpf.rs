@@ -111,7 +111,57 @@ fn a_watched_file_is_reported_an_unwatched_one_is_not() {
 
 #[test]
 fn every_write_family_syscall_is_seen() {
-    let mut r = rig();
+    every_write_family_syscall_is_seen_by(rig(), false);
+}
+
+/// The write path's tracepoints fire for a write once the file's
+/// timestamps were queried (the agent stats each file after reading it):
+/// every way of writing, O_DIRECT and appends into a dirty page included.
+#[test]
+fn write_path_tracepoints_see_every_write_after_a_stat() {
+    let r = rig_with(Options {
+        attach: vec![Attach::WritePath],
+        // This process writes the files.
+        ignore_own_threads: false,
+        ..Options::default()
+    });
+    assert_eq!(r.src.attach(), Attach::WritePath);
+    every_write_family_syscall_is_seen_by(r, true);
+}
+
+/// The agent's own threads are ignored by the write-path tracepoints: its
+/// reads and stats must not report themselves.
+#[test]
+fn write_path_tracepoints_ignore_the_agents_own_threads() {
+    let mut r = rig_with(Options {
+        attach: vec![Attach::WritePath],
+        ..Options::default()
+    });
+    let (f, k) = r.file("0.log");
+    r.src.watch_file(k);
+    r.quiet();
+    f.metadata().unwrap();
+    (&f).write_all(b"from the agent's own process\n").unwrap();
+    let got = r.reported(Duration::from_millis(300), Some(k));
+    assert!(got.keys.is_empty(), "{got:?}");
+    // Another process's write is reported.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("echo from another process >> \"$0\"")
+        .arg(r._dir.path().join("0.log"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        r.reported(Duration::from_secs(5), Some(k))
+            .keys
+            .contains(&k)
+    );
+}
+
+/// Each way of writing to a watched file is reported; `stat_first`: after
+/// an `fstat` of it, as the agent does after each read.
+fn every_write_family_syscall_is_seen_by(mut r: Rig, stat_first: bool) {
     let (f, k) = r.file("0.log");
     r.src.watch_file(k);
     let (mut src_file, _) = r.file("source.txt");
@@ -122,9 +172,22 @@ fn every_write_family_syscall_is_seen() {
         .open(r._dir.path().join("0.log"))
         .unwrap();
     let fd = g.as_raw_fd();
+    let direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(r._dir.path().join("0.log"))
+            .unwrap()
+    };
     type Way<'a> = (&'static str, Box<dyn Fn() + 'a>);
     let ways: Vec<Way> = vec![
         ("write", Box::new(|| (&f).write_all(b"w\n").unwrap())),
+        // The page the last write dirtied is dirty still.
+        (
+            "write into a dirty page",
+            Box::new(|| (&f).write_all(b"d\n").unwrap()),
+        ),
         (
             "writev",
             Box::new(|| {
@@ -182,9 +245,23 @@ fn every_write_family_syscall_is_seen() {
                 assert_eq!(n, 11, "{}", std::io::Error::last_os_error());
             }),
         ),
+        (
+            "O_DIRECT pwrite",
+            Box::new(|| {
+                // One aligned block, past what the other ways wrote.
+                #[repr(align(4096))]
+                struct Block([u8; 4096]);
+                let mut block = Block([b'o'; 4096]);
+                block.0[4095] = b'\n';
+                direct.write_all_at(&block.0, 1 << 20).unwrap();
+            }),
+        ),
     ];
     for (name, write) in ways {
         r.quiet();
+        if stat_first {
+            f.metadata().unwrap();
+        }
         write();
         let got = r.reported(Duration::from_secs(5), Some(k));
         assert!(got.keys.contains(&k), "{name} was not reported");

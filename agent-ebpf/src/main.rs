@@ -4,7 +4,11 @@
 //! file is one event until the agent clears the flag (on a short tick),
 //! after which it reads the file. Writes to other files emit nothing.
 //!
-//! Two attachments, chosen by the agent at load time:
+//! Attachments, chosen by the agent at load time:
+//! - raw tracepoints of the write path itself (timestamp and writeback
+//!   tracepoints: they fire for file writes only, never for other
+//!   syscalls), whose arguments lead to the written inode; the agent's own
+//!   threads are ignored (its reads must not report themselves);
 //! - fexit on the VFS write functions (the `struct file` is an argument;
 //!   runs only for writes). Needs BPF trampolines, which kernel lockdown
 //!   refuses.
@@ -26,7 +30,7 @@
 mod shared;
 
 use aya_ebpf::Global;
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel};
 use aya_ebpf::macros::{btf_tracepoint, fexit, map, raw_tracepoint};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, FExitContext, RawTracePointContext};
@@ -75,6 +79,13 @@ static OFF_INODE_INO: Global<u32> = Global::new(0);
 static OFF_INODE_SB: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_SB_DEV: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_MAPPING_HOST: Global<u32> = Global::new(0);
+
+/// The agent's process id: writes and timestamp updates its own threads
+/// cause are not reported.
+#[unsafe(no_mangle)]
+static AGENT_TGID: Global<u32> = Global::new(0);
 /// `pt_regs`: the syscall number and the first and third arguments.
 #[unsafe(no_mangle)]
 static OFF_REGS_NR: Global<u32> = Global::new(0);
@@ -133,6 +144,12 @@ fn read<T>(base: *const u8, off: u32) -> Option<T> {
 #[inline(always)]
 fn file_written(file: *const u8) -> Option<()> {
     let inode: *const u8 = read(file, OFF_FILE_INODE.load())?;
+    inode_written(inode)
+}
+
+/// The pending-flag logic, given the written `struct inode *`.
+#[inline(always)]
+fn inode_written(inode: *const u8) -> Option<()> {
     let ino: u64 = read(inode, OFF_INODE_INO.load())?;
     let sb: *const u8 = read(inode, OFF_INODE_SB.load())?;
     let dev: u32 = read(sb, OFF_SB_DEV.load())?;
@@ -254,6 +271,42 @@ pub fn bpftail_vfs_iter_write(ctx: FExitContext) -> i32 {
 #[fexit(function = "vfs_iocb_iter_write")]
 pub fn bpftail_vfs_iocb_iter_write(ctx: FExitContext) -> i32 {
     vfs_exit(&ctx)
+}
+
+/// A write-path tracepoint fired by a thread other than the agent's.
+#[inline(always)]
+fn write_path_hit() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == AGENT_TGID.load() {
+        return false;
+    }
+    count(COUNTER_HITS);
+    true
+}
+
+/// Write-path tracepoints whose first argument is the `struct inode *`
+/// (`timestamp:ctime_ns_xchg`, `writeback:writeback_mark_inode_dirty`,
+/// `ext4:ext4_da_write_end`, …). The tracepoint is named at attach time.
+#[raw_tracepoint(tracepoint = "writeback_mark_inode_dirty")]
+pub fn bpftail_inode_arg0(ctx: RawTracePointContext) -> i32 {
+    if write_path_hit() {
+        let inode: *const u8 = ctx.arg(0);
+        let _ = inode_written(inode);
+    }
+    0
+}
+
+/// Write-path tracepoints whose second argument is the written file's
+/// `struct address_space *` (`writeback:writeback_dirty_folio`).
+#[raw_tracepoint(tracepoint = "writeback_dirty_folio")]
+pub fn bpftail_mapping_arg1(ctx: RawTracePointContext) -> i32 {
+    if write_path_hit() {
+        let mapping: *const u8 = ctx.arg(1);
+        if let Some(inode) = read::<*const u8>(mapping, OFF_MAPPING_HOST.load()) {
+            let _ = inode_written(inode);
+        }
+    }
+    0
 }
 
 #[unsafe(link_section = "license")]

@@ -49,6 +49,12 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const PROG_TP_BTF: &str = "bpftail_sys_exit_btf";
 pub const PROG_RAW_TP: &str = "bpftail_sys_exit_raw";
+/// Raw-tracepoint programs for the write path's static tracepoints, by how
+/// they find the written inode: the tracepoint's first argument is the
+/// `struct inode *`; or its second is a `struct address_space *` whose
+/// `host` is.
+pub const PROG_INODE_ARG0: &str = "bpftail_inode_arg0";
+pub const PROG_MAPPING_ARG1: &str = "bpftail_mapping_arg1";
 /// fexit programs and the kernel functions they attach to.
 pub const FEXIT_PROGRAMS: [(&str, &str); 4] = [
     ("bpftail_vfs_write", "vfs_write"),

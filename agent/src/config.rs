@@ -226,6 +226,9 @@ pub enum EbpfAttach {
     TpBtf,
     /// Raw tracepoint on sys_exit.
     RawTp,
+    /// Raw tracepoints of the write path itself (timestamp and writeback
+    /// tracepoints): they fire for file writes only.
+    WritePath,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]

@@ -43,6 +43,7 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
         EbpfAttach::Fexit => vec![Attach::Fexit],
         EbpfAttach::TpBtf => vec![Attach::TpBtf],
         EbpfAttach::RawTp => vec![Attach::RawTp],
+        EbpfAttach::WritePath => vec![Attach::WritePath],
     };
     // Test instrumentation, compiled in only with the `test-hooks` feature
     // (the end-to-end tests' build): the hook drops every event, as if its
@@ -64,6 +65,7 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
             tick: cfg.ebpf_tick,
             ring_bytes: crate::watch::ebpf::RING_BYTES,
             sabotage,
+            ignore_own_threads: true,
         },
         poll_interval: cfg.poll_interval,
     }

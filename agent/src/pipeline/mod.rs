@@ -423,6 +423,7 @@ impl<S: Sink> Pipeline<S> {
             return ReadEnd::Eof;
         };
         let before = position(f);
+        let read_from = f.read_offset;
         let end = if f.meta.suppressed {
             let mut discard = Discard::default();
             let end = self.reader.read(f, &mut discard, &self.metrics, quota);
@@ -443,6 +444,16 @@ impl<S: Sink> Pipeline<S> {
             && let Ok(fp) = Fingerprint::read(&f.file, Fingerprint::MAX_LEN)
         {
             f.fingerprint = fp;
+        }
+        if self.source.arms_by_stat() {
+            // The next write makes a kernel event only once the file's
+            // timestamps were queried; one between the read and this stat
+            // may have made none, so a file that grew (or holds unread
+            // bytes: a line without its end yet) is read once more.
+            let unread = f.file.stat().map_or(true, |st| st.len > f.read_offset);
+            if unread || f.read_offset != read_from {
+                self.source.recheck(f.key);
+            }
         }
         if position(f) != before {
             self.files.touch();

@@ -1,6 +1,9 @@
 //! A minimal reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): just
 //! enough to find struct member offsets and sizes, so the eBPF program can
-//! be told where `task_struct.files` and friends are on *this* kernel.
+//! be told where `task_struct.files` and friends are on *this* kernel, and
+//! which tracepoints the kernel has with which arguments. (Hand-written:
+//! aya's BTF API does not expose members, and its full parse costs tens of
+//! MB of memory; `btf-rs` is LGPL.)
 //!
 //! Format (Documentation/bpf/btf.rst): a header, a type section of
 //! variable-length records, a string section. Only structs, unions and the
@@ -244,6 +247,52 @@ impl Btf {
         }))
     }
 
+    /// The arguments of tracepoint `name` as the kernel declares them
+    /// (`struct inode *`, `int`, …), from its probe type
+    /// `btf_trace_<name>` (a pointer to a function whose first parameter,
+    /// the probe's data, is left out). `None`: no such tracepoint.
+    pub fn tracepoint_args(&self, name: &str) -> Option<Vec<String>> {
+        let want = format!("btf_trace_{name}");
+        let id = (1..=self.types.len() as u32).find(|&id| {
+            self.ty(id)
+                .is_some_and(|(n, kind, ..)| kind == TYPEDEF && self.name(n) == want.as_bytes())
+        })?;
+        let (_, _, _, _, ptr, _) = self.ty(id)?;
+        let (_, kind, _, _, proto, _) = self.ty(ptr)?;
+        if kind != PTR {
+            return None;
+        }
+        let (_, kind, _, vlen, _, at) = self.ty(proto)?;
+        if kind != FUNC_PROTO || vlen == 0 {
+            return None;
+        }
+        (1..vlen)
+            .map(|i| {
+                let ty = self.u32_at(at + 12 + 8 * i + 4).ok()?;
+                Some(self.describe(ty, 0))
+            })
+            .collect()
+    }
+
+    /// A type as C spells it, without qualifiers (`struct inode *`).
+    fn describe(&self, id: u32, depth: u32) -> String {
+        if id == 0 {
+            return "void".into();
+        }
+        let Some((n, kind, _, _, st, _)) = self.ty(id).filter(|_| depth < 16) else {
+            return "?".into();
+        };
+        let name = String::from_utf8_lossy(self.name(n));
+        match kind {
+            PTR => format!("{} *", self.describe(st, depth + 1)),
+            STRUCT => format!("struct {name}"),
+            UNION => format!("union {name}"),
+            FWD => format!("struct {name}"),
+            CONST | VOLATILE | RESTRICT | TYPE_TAG => self.describe(st, depth + 1),
+            _ => name.into_owned(),
+        }
+    }
+
     /// True if the kernel has a function named `name` (FUNC record).
     pub fn has_function(&self, name: &str) -> bool {
         (1..=self.types.len() as u32).any(|id| {
@@ -363,5 +412,25 @@ mod tests {
         assert_eq!(btf.member("file", "f_inode").unwrap().size, 8);
         assert_eq!(btf.member("task_struct", "files").unwrap().size, 8);
         assert!(btf.has_function("vfs_write"));
+    }
+
+    #[test]
+    fn this_kernel_declares_the_write_path_tracepoints_with_their_arguments() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF at /sys/kernel/btf/vmlinux");
+        let args = |tp| {
+            btf.tracepoint_args(tp)
+                .unwrap_or_else(|| panic!("no tracepoint {tp}"))
+        };
+        assert_eq!(
+            args("writeback_mark_inode_dirty"),
+            vec!["struct inode *", "int"]
+        );
+        assert_eq!(
+            args("writeback_dirty_folio"),
+            vec!["struct folio *", "struct address_space *"]
+        );
+        assert_eq!(args("ctime_ns_xchg")[0], "struct inode *");
+        assert_eq!(args("sys_exit"), vec!["struct pt_regs *", "long int"]);
+        assert_eq!(btf.tracepoint_args("no_such_tracepoint"), None);
     }
 }

@@ -53,8 +53,8 @@ mod shared;
 
 use shared::{
     CLEAN, COUNTER_DROPS, COUNTER_EVENTS, COUNTER_HITS, COUNTER_SLOTS, COUNTER_WATCHED,
-    FEXIT_PROGRAMS, FileId, MAP_COUNTERS, MAP_EVENTS, MAP_FLAGS, MAP_WATCHED, PROG_RAW_TP,
-    PROG_TP_BTF, WriteEvent,
+    FEXIT_PROGRAMS, FileId, MAP_COUNTERS, MAP_EVENTS, MAP_FLAGS, MAP_WATCHED, PROG_INODE_ARG0,
+    PROG_MAPPING_ARG1, PROG_RAW_TP, PROG_TP_BTF, WriteEvent,
 };
 
 /// The default size of the ring buffer in bytes: the one the eBPF object
@@ -83,19 +83,100 @@ pub enum Attach {
     TpBtf,
     /// Raw tracepoint `sys_exit`.
     RawTp,
+    /// Raw tracepoints of the write path itself ([`WRITE_PATH`]): they
+    /// fire for file writes only. Reading must arm them: see
+    /// [`EbpfSource`]'s protocol.
+    WritePath,
 }
 
 impl Attach {
-    /// In order of preference.
+    /// In order of preference, for `--ebpf-attach auto`. (The write-path
+    /// tracepoints are chosen explicitly for now.)
     pub const ALL: [Attach; 3] = [Attach::Fexit, Attach::TpBtf, Attach::RawTp];
+    /// Every attachment, as `bpftail probe` reports them.
+    pub const PROBED: [Attach; 4] = [
+        Attach::WritePath,
+        Attach::Fexit,
+        Attach::TpBtf,
+        Attach::RawTp,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Attach::Fexit => "fexit",
             Attach::TpBtf => "tp_btf",
             Attach::RawTp => "raw_tp",
+            Attach::WritePath => "write_path",
         }
     }
+
+    /// Whether attaching needs aya's parse of the kernel's whole BTF (tens
+    /// of MB at startup).
+    fn needs_aya_btf(self) -> bool {
+        matches!(self, Attach::Fexit | Attach::TpBtf)
+    }
+}
+
+/// How a write-path program finds the written inode in its tracepoint's
+/// arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InodeArg {
+    /// The first argument is the `struct inode *`.
+    First,
+    /// The second is a `struct address_space *`, whose `host` is.
+    MappingSecond,
+}
+
+impl InodeArg {
+    fn program(self) -> &'static str {
+        match self {
+            InodeArg::First => PROG_INODE_ARG0,
+            InodeArg::MappingSecond => PROG_MAPPING_ARG1,
+        }
+    }
+
+    /// Whether a tracepoint with these arguments suits the program.
+    fn fits(self, args: &[String]) -> bool {
+        match self {
+            InodeArg::First => args.first().is_some_and(|a| a == "struct inode *"),
+            InodeArg::MappingSecond => args.get(1).is_some_and(|a| a == "struct address_space *"),
+        }
+    }
+}
+
+/// The write path's static tracepoints the hook attaches to (each
+/// optional: those the kernel has, with the arguments expected). None of
+/// them runs for anything but a change of a file; the per-write ones after
+/// the data copy (`ext4_da_write_end`, `iomap_iter`) are left out, as they
+/// cost every write on the node.
+/// - `ctime_ns_xchg` (and `ctime_xchg_skip`): a write re-stamps ctime. With
+///   multigrain timestamps, a `stat` of the file guarantees the next write
+///   a fresh stamp, so the agent stats each file after reading it.
+/// - `inode_set_ctime_to_ts`: the same on filesystems without multigrain
+///   timestamps (coarse: once per timer tick).
+/// - `writeback_mark_inode_dirty`: timestamps updated, or a page first
+///   dirtied; `writeback_dirty_folio`: a page went from clean to dirty.
+const WRITE_PATH: [(&str, InodeArg); 5] = [
+    ("ctime_ns_xchg", InodeArg::First),
+    ("ctime_xchg_skip", InodeArg::First),
+    ("inode_set_ctime_to_ts", InodeArg::First),
+    ("writeback_mark_inode_dirty", InodeArg::First),
+    ("writeback_dirty_folio", InodeArg::MappingSecond),
+];
+
+/// The write-path tracepoints this kernel has with the expected
+/// arguments, and why the others are left out.
+fn write_path_tracepoints(btf: &Btf) -> (Vec<(&'static str, InodeArg)>, Vec<String>) {
+    let mut usable = Vec::new();
+    let mut missing = Vec::new();
+    for (tp, arg) in WRITE_PATH {
+        match btf.tracepoint_args(tp) {
+            Some(args) if arg.fits(&args) => usable.push((tp, arg)),
+            Some(args) => missing.push(format!("{tp}: unexpected arguments ({})", args.join(", "))),
+            None => missing.push(format!("{tp}: not in this kernel")),
+        }
+    }
+    (usable, missing)
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +192,10 @@ pub struct Options {
     /// Tests only: the program drops every event as if the ring buffer
     /// were full.
     pub sabotage: bool,
+    /// The write-path tracepoints ignore this process's own threads (its
+    /// reads and stats must not report themselves). Tests that write from
+    /// the process that loads the hook turn it off.
+    pub ignore_own_threads: bool,
 }
 
 impl Default for Options {
@@ -121,6 +206,7 @@ impl Default for Options {
             tick: Duration::from_millis(10),
             ring_bytes: RING_BYTES,
             sabotage: false,
+            ignore_own_threads: true,
         }
     }
 }
@@ -155,6 +241,7 @@ fn globals(btf: &Btf) -> Result<Vec<GlobalValue>, String> {
         ("OFF_INODE_INO", "inode", "i_ino", 8),
         ("OFF_INODE_SB", "inode", "i_sb", 8),
         ("OFF_SB_DEV", "super_block", "s_dev", 4),
+        ("OFF_MAPPING_HOST", "address_space", "host", 8),
         #[cfg(target_arch = "x86_64")]
         ("OFF_REGS_NR", "pt_regs", "orig_ax", 8),
         #[cfg(target_arch = "x86_64")]
@@ -288,19 +375,24 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     may_use_bpf()?;
     let btf = Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
     let globals = globals(&btf).map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
+    let (write_path, absent) = write_path_tracepoints(&btf);
     drop(btf);
     let sabotage = u32::from(opts.sabotage).to_le_bytes();
+    let tgid = if opts.ignore_own_threads {
+        std::process::id()
+    } else {
+        0
+    }
+    .to_le_bytes();
     // The loader parses the kernel's BTF for CO-RE relocations, which this
-    // object has none of (offsets are globals): drop that copy at once, so
-    // only one parsed BTF (tens of MB) exists at a time.
+    // object has none of (offsets are globals).
     let mut loader = EbpfLoader::new();
     loader.btf(None);
-    let aya_btf =
-        aya::Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF (aya): {e}")))?;
     for g in &globals {
         loader.override_global(g.name, &g.bytes[..g.len], MUST_EXIST);
     }
     loader.override_global("SABOTAGE", &sabotage[..], MUST_EXIST);
+    loader.override_global("AGENT_TGID", &tgid[..], MUST_EXIST);
     let entries = opts.max_files.max(1);
     loader.map_max_entries(MAP_WATCHED, entries);
     loader.map_max_entries(MAP_FLAGS, entries);
@@ -311,11 +403,24 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
 
     let mut reasons = Vec::new();
     let mut chosen = None;
+    // fexit and tp_btf need aya's parse of the kernel's whole BTF (tens of
+    // MB, freed after attaching): made only if one of them is tried.
+    let mut aya_btf = None;
     for &attach in &opts.attach {
-        match attach_one(&mut ebpf, attach, &aya_btf).map_err(|e| e.to_string().replace('\n', " "))
+        if attach.needs_aya_btf() && aya_btf.is_none() {
+            match aya::Btf::from_sys_fs() {
+                Ok(b) => aya_btf = Some(b),
+                Err(e) => {
+                    reasons.push(format!("{}: kernel BTF (aya): {e}", attach.name()));
+                    continue;
+                }
+            }
+        }
+        match attach_one(&mut ebpf, attach, aya_btf.as_ref(), &write_path)
+            .map_err(|e| e.to_string().replace('\n', " "))
         {
-            Ok(()) => {
-                chosen = Some(attach);
+            Ok(names) => {
+                chosen = Some((attach, names));
                 break;
             }
             Err(e) => {
@@ -331,18 +436,17 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         }
     }
     drop(aya_btf);
-    let Some(attach) = chosen else {
+    let Some((attach, names)) = chosen else {
         return Err(Unusable(reasons.join("; ")));
     };
     for r in &reasons {
         tracing::info!(reason = %r, "eBPF attachment not used");
     }
-
-    let names: Vec<&str> = match attach {
-        Attach::Fexit => FEXIT_PROGRAMS.iter().map(|(n, _)| *n).collect(),
-        Attach::TpBtf => vec![PROG_TP_BTF],
-        Attach::RawTp => vec![PROG_RAW_TP],
-    };
+    if attach == Attach::WritePath {
+        for r in &absent {
+            tracing::info!(reason = %r, "write-path tracepoint not used");
+        }
+    }
     let mut programs = Vec::new();
     for name in names {
         let fd = ebpf
@@ -385,7 +489,7 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
 
 /// Tries every attachment on its own: whether it loads and attaches here.
 pub fn probe() -> Vec<(Attach, Result<(), Unusable>)> {
-    Attach::ALL
+    Attach::PROBED
         .iter()
         .map(|&a| {
             let opts = Options {
@@ -421,30 +525,32 @@ enum AttachError {
     LoadFexit(&'static str, ProgramError),
     #[error("attach {0}: {1}")]
     AttachFexit(&'static str, ProgramError),
+    #[error("no kernel BTF for aya")]
+    NoBtf,
+    #[error("{0}")]
+    NoTracepoint(String),
 }
 
 /// Loads and attaches the program(s) of one attachment; on failure,
 /// unloads whatever part of it had loaded.
-fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), AttachError> {
-    fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
-    where
-        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-    {
-        ebpf.program_mut(name)
-            .ok_or(AttachError::NoProgram(name))?
-            .try_into()
-            .map_err(AttachError::ProgramType)
-    }
+fn attach_one(
+    ebpf: &mut Ebpf,
+    attach: Attach,
+    btf: Option<&aya::Btf>,
+    write_path: &[(&'static str, InodeArg)],
+) -> Result<Vec<&'static str>, AttachError> {
     match attach {
         Attach::TpBtf => {
+            let btf = btf.ok_or(AttachError::NoBtf)?;
             let p: &mut BtfTracePoint = prog(ebpf, PROG_TP_BTF)?;
             p.load("sys_exit", btf).map_err(AttachError::Load)?;
             if let Err(e) = p.attach() {
                 let _ = p.unload();
                 return Err(AttachError::Attach(e));
             }
-            Ok(())
+            Ok(vec![PROG_TP_BTF])
         }
+        Attach::WritePath => attach_write_path(ebpf, write_path),
         Attach::RawTp => {
             let p: &mut RawTracePoint = prog(ebpf, PROG_RAW_TP)?;
             p.load().map_err(AttachError::Load)?;
@@ -452,9 +558,10 @@ fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), Att
                 let _ = p.unload();
                 return Err(AttachError::Attach(e));
             }
-            Ok(())
+            Ok(vec![PROG_RAW_TP])
         }
         Attach::Fexit => {
+            let btf = btf.ok_or(AttachError::NoBtf)?;
             let mut done = Vec::new();
             let mut result = Ok(());
             for (name, function) in FEXIT_PROGRAMS {
@@ -478,9 +585,56 @@ fn attach_one(ebpf: &mut Ebpf, attach: Attach, btf: &aya::Btf) -> Result<(), Att
                     }
                 }
             }
-            result
+            result.map(|()| FEXIT_PROGRAMS.iter().map(|(n, _)| *n).collect())
         }
     }
+}
+
+/// The program of `name`, as type `T`.
+fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(AttachError::NoProgram(name))?
+        .try_into()
+        .map_err(AttachError::ProgramType)
+}
+
+/// Attaches the write-path programs to every tracepoint of `tracepoints`
+/// that accepts them; fails if none does. Returns the programs in use.
+fn attach_write_path(
+    ebpf: &mut Ebpf,
+    tracepoints: &[(&'static str, InodeArg)],
+) -> Result<Vec<&'static str>, AttachError> {
+    let mut used = Vec::new();
+    let mut refused = Vec::new();
+    for &(tp, arg) in tracepoints {
+        let name = arg.program();
+        let p: &mut RawTracePoint = prog(ebpf, name)?;
+        if !used.contains(&name) {
+            p.load().map_err(AttachError::Load)?;
+        }
+        match p.attach(tp) {
+            Ok(_) => {
+                if !used.contains(&name) {
+                    used.push(name);
+                }
+            }
+            Err(e) => refused.push(format!("{tp}: {e}")),
+        }
+    }
+    if used.is_empty() {
+        return Err(AttachError::NoTracepoint(if refused.is_empty() {
+            "none of the write path's tracepoints is in this kernel".into()
+        } else {
+            refused.join("; ")
+        }));
+    }
+    for r in &refused {
+        tracing::info!(reason = %r, "write-path tracepoint not used");
+    }
+    Ok(used)
 }
 
 /// The `FLAGS` array, mmapped: one u64 per slot.
@@ -697,6 +851,9 @@ pub struct EbpfSource {
     metrics: Arc<Metrics>,
     attach: Attach,
     counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    /// Files to report once more at the reader's next pass
+    /// ([`ChangeSource::recheck`]).
+    recheck: Arc<Mutex<Vec<FileKey>>>,
     /// Keeps the program attached and the maps alive.
     _hook: Hook,
 }
@@ -738,7 +895,9 @@ impl EbpfSource {
             .map(|fd| fd.try_clone())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Unusable(format!("program fds: {e}")))?;
+        let recheck = Arc::new(Mutex::new(Vec::new()));
         let reader = Reader {
+            recheck: recheck.clone(),
             ring,
             counters: counters.clone(),
             programs,
@@ -764,6 +923,7 @@ impl EbpfSource {
             metrics,
             attach: hook.attach,
             counters,
+            recheck,
             _hook: hook,
         })
     }
@@ -814,6 +974,20 @@ impl ChangeSource for EbpfSource {
         self.suspects.retain(|_, (_, last)| *last + 1 >= now);
     }
 
+    fn arms_by_stat(&self) -> bool {
+        self.attach == Attach::WritePath
+    }
+
+    fn recheck(&mut self, key: FileKey) {
+        let mut keys = lock(&self.recheck);
+        if keys.is_empty() {
+            wake(&self.wake);
+        }
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+
     fn missed(&mut self, key: FileKey) {
         // Growth found by MISSES_TO_POLL sweeps in a row that no event
         // announced: the hook does not see this file's writes (e.g. its
@@ -861,6 +1035,7 @@ fn publish(metrics: &Metrics, c: Counters) {
 }
 
 struct Reader {
+    recheck: Arc<Mutex<Vec<FileKey>>>,
     ring: RingBuf<MapData>,
     counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
     programs: Vec<OwnedFd>,
@@ -961,6 +1136,7 @@ impl Reader {
                 self.flags.clear(slot);
                 batch.keys.insert(key);
             }
+            batch.keys.extend(lock(&self.recheck).drain(..));
             std::sync::atomic::fence(Ordering::SeqCst);
             while let Some(item) = self.ring.next() {
                 if item.len() < std::mem::size_of::<WriteEvent>() {
