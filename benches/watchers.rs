@@ -304,7 +304,7 @@ fn node_cost(pods: &Path, broker: &Broker, tmp: &Path) {
     let _ = measure();
     let base1 = measure();
     let mut rows = Vec::new();
-    for attach in ["tp-btf", "raw-tp"] {
+    for attach in ["write-path", "tp-btf", "raw-tp"] {
         let data = tmp.join(format!("data-cost-{attach}"));
         let args = agent_args(
             pods,

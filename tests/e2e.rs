@@ -115,8 +115,10 @@ fn every_line_of_eight_growing_files_arrives_once_and_in_order() {
 
 #[test]
 fn watcher_ebpf_every_line_arrives_with_few_kernel_events() {
-    let (_, m) = eight_growing_files(&["--watcher", "ebpf"], &Launch::default());
-    assert!(watcher(&m).starts_with("ebpf ("), "{}", watcher(&m));
+    // The sys_exit hook, which sees every write-family syscall.
+    let extra = ["--watcher", "ebpf", "--ebpf-attach", "tp-btf"];
+    let (_, m) = eight_growing_files(&extra, &Launch::default());
+    assert_eq!(watcher(&m), "ebpf (tp_btf)");
     // Hundreds of thousands of writes (the writers flush every few lines):
     // the hook coalesces them into a few hundred events.
     let (writes, events, misses) = (
@@ -154,6 +156,7 @@ fn watcher_ebpf_write_path_every_line_arrives_without_the_sweep() {
     assert!(events > 0);
     assert_eq!(m["bpftail_ebpf_drops_total"], 0);
     assert_eq!(m["bpftail_sweeps_total"], 0, "the sweep never ran");
+    assert_eq!(m["bpftail_sweep_found_bytes_total"], 0);
 }
 
 #[test]
@@ -1000,7 +1003,7 @@ fn probe_reports_this_machines_kernel_features_without_a_broker() {
     assert_eq!(line("ebpf object:"), "embedded");
     // Each attachment is reported; on these machines (lockdown) fexit is
     // refused and the tracepoints load.
-    for a in ["fexit", "tp_btf", "raw_tp"] {
+    for a in ["write_path", "fexit", "tp_btf", "raw_tp"] {
         let l = line(&format!("ebpf {a}:"));
         assert!(
             l == "loads and attaches" || l.starts_with("refused: "),
@@ -1008,20 +1011,27 @@ fn probe_reports_this_machines_kernel_features_without_a_broker() {
         );
     }
     assert_eq!(line("ebpf tp_btf:"), "loads and attaches");
+    assert_eq!(line("ebpf write_path:"), "loads and attaches");
+    // Each of the write path's tracepoints, and whether it is used.
+    for tp in [
+        "ctime_ns_xchg",
+        "writeback_mark_inode_dirty",
+        "writeback_dirty_folio",
+    ] {
+        assert_eq!(line(&format!("  tracepoint {tp}:")), "attaches");
+    }
     assert!(line("ebpf:").starts_with("usable ("));
     assert_eq!(line("fanotify:"), "usable");
     assert_eq!(line("inotify:"), "usable");
-    // auto's order, from what the probe found usable here: fexit if the
-    // kernel allows trampolines, then fanotify, and only then the
-    // tracepoint hook (which puts every syscall of the node through it),
-    // inotify, poll.
+    // auto's order, from what the probe found usable here: the write
+    // path's tracepoints, fexit if the kernel allows trampolines, then
+    // fanotify, inotify, poll (never the sys_exit hook, which puts every
+    // syscall of the node through it).
     let loads = |a: &str| line(&format!("ebpf {a}:")) == "loads and attaches";
-    let expected = if loads("fexit") {
-        "ebpf (fexit)".to_owned()
+    let expected = if let Some(a) = ["write_path", "fexit"].into_iter().find(|a| loads(a)) {
+        format!("ebpf ({a})")
     } else if line("fanotify:") == "usable" {
         "fanotify".to_owned()
-    } else if let Some(a) = ["tp_btf", "raw_tp"].into_iter().find(|a| loads(a)) {
-        format!("ebpf ({a})")
     } else if line("inotify:") == "usable" {
         "inotify".to_owned()
     } else {

@@ -78,7 +78,7 @@ pub struct RunArgs {
     /// Change-detection backend [default: auto].
     #[arg(long, env = "BPFTAIL_WATCHER")]
     pub watcher: Option<WatcherKind>,
-    /// How the eBPF hook attaches; auto tries fexit, then tp-btf, then raw-tp [default: auto].
+    /// How the eBPF hook attaches: auto tries the write path's tracepoints, then fexit; tp-btf and raw-tp (the sys_exit tracepoint: every syscall pays) only when named [default: auto].
     #[arg(long, env = "BPFTAIL_EBPF_ATTACH")]
     pub ebpf_attach: Option<EbpfAttach>,
     /// eBPF and fanotify watchers: minimum milliseconds between passes over kernel events (and the re-arm delay) [default: 40].
@@ -218,7 +218,8 @@ impl WatcherKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EbpfAttach {
-    /// fexit where the kernel allows BPF trampolines, else tp-btf, else raw-tp.
+    /// The write path's tracepoints, else fexit where the kernel allows BPF
+    /// trampolines (the `sys_exit` tracepoints only when named).
     Auto,
     /// fexit on vfs_write, vfs_writev, vfs_iter_write, vfs_iocb_iter_write.
     Fexit,

@@ -89,6 +89,16 @@ fn probe() {
             }
             Err(e) => println!("ebpf {}: refused: {e}", attach.name()),
         }
+        if attach == ebpf::Attach::WritePath
+            && let Ok(tracepoints) = ebpf::probe_tracepoints()
+        {
+            for (tp, r) in tracepoints {
+                match r {
+                    Ok(()) => println!("  tracepoint {tp}: attaches"),
+                    Err(e) => println!("  tracepoint {tp}: not used: {e}"),
+                }
+            }
+        }
     }
     match usable.first() {
         Some(a) => println!("ebpf: usable ({})", a.name()),
@@ -107,9 +117,9 @@ fn probe() {
     println!("poll: usable");
     let auto = bpftail::watch::auto_choice(&usable, fan.is_ok(), inotify.is_ok());
     println!("auto picks: {auto}");
-    if !usable.contains(&ebpf::Attach::Fexit) && !usable.is_empty() {
+    if !usable.iter().any(|a| ebpf::Attach::ALL.contains(a)) && !usable.is_empty() {
         println!(
-            "  (eBPF runs here only on the sys_exit tracepoint, which slows every syscall on the node; auto prefers fanotify. --watcher ebpf forces it.)"
+            "  (eBPF runs here only on the sys_exit tracepoint, which slows every syscall on the node; auto prefers fanotify. --watcher ebpf --ebpf-attach tp-btf forces it.)"
         );
     }
 }

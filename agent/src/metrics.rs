@@ -105,6 +105,9 @@ pub struct Metrics {
     /// one to pass instead of sleeping).
     pub scans: Counter,
     pub sweeps: Counter,
+    /// Unread bytes the sweep found that no change report announced (the
+    /// change source missed a write, or it was a few ms old).
+    pub sweep_found_bytes: Counter,
     /// The Kafka client's in-flight budget, set once by the client: read
     /// for `bpftail_inflight_bytes`.
     pub inflight: std::sync::OnceLock<Arc<crate::sink::Budget>>,
@@ -210,6 +213,11 @@ const COUNTERS: &[Row] = &[
         "scans_total",
         "Full discoveries of the log directories done.",
         |m| m.scans.get(),
+    ),
+    (
+        "sweep_found_bytes_total",
+        "Unread bytes the sweep found while reading was not held back: a write the change source did not report (or one a few ms old).",
+        |m| m.sweep_found_bytes.get(),
     ),
     (
         "sweeps_total",

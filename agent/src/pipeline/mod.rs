@@ -448,10 +448,12 @@ impl<S: Sink> Pipeline<S> {
         if self.source.arms_by_stat() {
             // The next write makes a kernel event only once the file's
             // timestamps were queried; one between the read and this stat
-            // may have made none, so a file that grew (or holds unread
-            // bytes: a line without its end yet) is read once more.
-            let unread = f.file.stat().map_or(true, |st| st.len > f.read_offset);
-            if unread || f.read_offset != read_from {
+            // may have made none, so a file that changed since the last
+            // such stat is read once more (a read that then finds nothing
+            // new ends it: later writes make events).
+            let size = f.file.stat().map_or(u64::MAX, |st| st.len);
+            if size != f.size_armed || f.read_offset != read_from {
+                f.size_armed = size;
                 self.source.recheck(f.key);
             }
         }
@@ -500,6 +502,7 @@ impl<S: Sink> Pipeline<S> {
                 self.schedule.mark(f.id);
             }
             if look.missed_write {
+                self.metrics.sweep_found_bytes.add(size - f.read_offset);
                 self.source.missed(f.key);
             }
             lag += size.saturating_sub(f.acks.committed());

@@ -90,9 +90,10 @@ pub enum Attach {
 }
 
 impl Attach {
-    /// In order of preference, for `--ebpf-attach auto`. (The write-path
-    /// tracepoints are chosen explicitly for now.)
-    pub const ALL: [Attach; 3] = [Attach::Fexit, Attach::TpBtf, Attach::RawTp];
+    /// In order of preference, for `--ebpf-attach auto`: hooks that run
+    /// for file writes only. The `sys_exit` tracepoint (every syscall of
+    /// the node pays for it) is used only when asked for.
+    pub const ALL: [Attach; 2] = [Attach::WritePath, Attach::Fexit];
     /// Every attachment, as `bpftail probe` reports them.
     pub const PROBED: [Attach; 4] = [
         Attach::WritePath,
@@ -166,18 +167,25 @@ const WRITE_PATH: [(&str, InodeArg); 5] = [
 
 /// The write-path tracepoints this kernel has with the expected
 /// arguments, and why the others are left out.
-fn write_path_tracepoints(btf: &Btf) -> (Vec<(&'static str, InodeArg)>, Vec<String>) {
+fn write_path_tracepoints(btf: &Btf) -> (Vec<(&'static str, InodeArg)>, Vec<TracepointUse>) {
     let mut usable = Vec::new();
     let mut missing = Vec::new();
     for (tp, arg) in WRITE_PATH {
         match btf.tracepoint_args(tp) {
             Some(args) if arg.fits(&args) => usable.push((tp, arg)),
-            Some(args) => missing.push(format!("{tp}: unexpected arguments ({})", args.join(", "))),
-            None => missing.push(format!("{tp}: not in this kernel")),
+            Some(args) => missing.push((
+                tp,
+                Err(format!("unexpected arguments ({})", args.join(", "))),
+            )),
+            None => missing.push((tp, Err("not in this kernel".into()))),
         }
     }
     (usable, missing)
 }
+
+/// A write-path tracepoint, and whether the hook is attached to it (or
+/// why not).
+pub type TracepointUse = (&'static str, Result<(), String>);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -308,6 +316,8 @@ pub struct Hook {
     /// The attached programs (duplicated fds), for their run statistics.
     programs: Vec<OwnedFd>,
     max_files: u32,
+    /// With [`Attach::WritePath`]: each tracepoint and whether it is used.
+    pub tracepoints: Vec<TracepointUse>,
 }
 
 /// `bpf(cmd, attr, sizeof attr)`. By hand: rustix has no `bpf` wrapper.
@@ -375,7 +385,7 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     may_use_bpf()?;
     let btf = Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
     let globals = globals(&btf).map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
-    let (write_path, absent) = write_path_tracepoints(&btf);
+    let (write_path, mut tracepoints) = write_path_tracepoints(&btf);
     drop(btf);
     let sabotage = u32::from(opts.sabotage).to_le_bytes();
     let tgid = if opts.ignore_own_threads {
@@ -416,8 +426,14 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
                 }
             }
         }
-        match attach_one(&mut ebpf, attach, aya_btf.as_ref(), &write_path)
-            .map_err(|e| e.to_string().replace('\n', " "))
+        match attach_one(
+            &mut ebpf,
+            attach,
+            aya_btf.as_ref(),
+            &write_path,
+            &mut tracepoints,
+        )
+        .map_err(|e| e.to_string().replace('\n', " "))
         {
             Ok(names) => {
                 chosen = Some((attach, names));
@@ -443,9 +459,13 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         tracing::info!(reason = %r, "eBPF attachment not used");
     }
     if attach == Attach::WritePath {
-        for r in &absent {
-            tracing::info!(reason = %r, "write-path tracepoint not used");
+        for (tp, r) in &tracepoints {
+            if let Err(e) = r {
+                tracing::info!(tracepoint = tp, reason = %e, "write-path tracepoint not used");
+            }
         }
+    } else {
+        tracepoints.clear();
     }
     let mut programs = Vec::new();
     for name in names {
@@ -484,7 +504,19 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         counters: Some(counters),
         programs,
         max_files: entries,
+        tracepoints,
     })
+}
+
+/// Each write-path tracepoint: whether the hook attaches to it here.
+pub fn probe_tracepoints() -> Result<Vec<TracepointUse>, Unusable> {
+    let opts = Options {
+        attach: vec![Attach::WritePath],
+        max_files: 16,
+        ring_bytes: 4096,
+        ..Options::default()
+    };
+    load(&opts).map(|h| h.tracepoints.clone())
 }
 
 /// Tries every attachment on its own: whether it loads and attaches here.
@@ -538,6 +570,7 @@ fn attach_one(
     attach: Attach,
     btf: Option<&aya::Btf>,
     write_path: &[(&'static str, InodeArg)],
+    tracepoints: &mut Vec<TracepointUse>,
 ) -> Result<Vec<&'static str>, AttachError> {
     match attach {
         Attach::TpBtf => {
@@ -550,7 +583,7 @@ fn attach_one(
             }
             Ok(vec![PROG_TP_BTF])
         }
-        Attach::WritePath => attach_write_path(ebpf, write_path),
+        Attach::WritePath => attach_write_path(ebpf, write_path, tracepoints),
         Attach::RawTp => {
             let p: &mut RawTracePoint = prog(ebpf, PROG_RAW_TP)?;
             p.load().map_err(AttachError::Load)?;
@@ -606,6 +639,7 @@ where
 fn attach_write_path(
     ebpf: &mut Ebpf,
     tracepoints: &[(&'static str, InodeArg)],
+    outcome: &mut Vec<TracepointUse>,
 ) -> Result<Vec<&'static str>, AttachError> {
     let mut used = Vec::new();
     let mut refused = Vec::new();
@@ -620,8 +654,12 @@ fn attach_write_path(
                 if !used.contains(&name) {
                     used.push(name);
                 }
+                outcome.push((tp, Ok(())));
             }
-            Err(e) => refused.push(format!("{tp}: {e}")),
+            Err(e) => {
+                refused.push(format!("{tp}: {e}"));
+                outcome.push((tp, Err(e.to_string())));
+            }
         }
     }
     if used.is_empty() {
@@ -630,9 +668,6 @@ fn attach_write_path(
         } else {
             refused.join("; ")
         }));
-    }
-    for r in &refused {
-        tracing::info!(reason = %r, "write-path tracepoint not used");
     }
     Ok(used)
 }

@@ -258,9 +258,8 @@ fn plan(kind: WatcherKind, attach: &[ebpf::Attach]) -> Vec<Step> {
     let default_attach = attach == Attach::ALL;
     match kind {
         WatcherKind::Auto if default_attach => vec![
-            Step::Ebpf(vec![Attach::Fexit]),
+            Step::Ebpf(Attach::ALL.to_vec()),
             Step::Fanotify,
-            Step::Ebpf(vec![Attach::TpBtf, Attach::RawTp]),
             Step::Inotify,
             Step::Poll,
         ],
