@@ -423,7 +423,12 @@ impl<S: Sink> Pipeline<S> {
             return ReadEnd::Eof;
         };
         let before = position(f);
-        let read_from = f.read_offset;
+        if self.source.arms_by_stat() {
+            // The file's next write makes a kernel event only once its
+            // timestamps were queried: stat, then read. A write after the
+            // stat makes an event; one before it is seen by this read.
+            let _ = f.file.stat();
+        }
         let end = if f.meta.suppressed {
             let mut discard = Discard::default();
             let end = self.reader.read(f, &mut discard, &self.metrics, quota);
@@ -444,18 +449,6 @@ impl<S: Sink> Pipeline<S> {
             && let Ok(fp) = Fingerprint::read(&f.file, Fingerprint::MAX_LEN)
         {
             f.fingerprint = fp;
-        }
-        if self.source.arms_by_stat() {
-            // The next write makes a kernel event only once the file's
-            // timestamps were queried; one between the read and this stat
-            // may have made none, so a file that changed since the last
-            // such stat is read once more (a read that then finds nothing
-            // new ends it: later writes make events).
-            let size = f.file.stat().map_or(u64::MAX, |st| st.len);
-            if size != f.size_armed || f.read_offset != read_from {
-                f.size_armed = size;
-                self.source.recheck(f.key);
-            }
         }
         if position(f) != before {
             self.files.touch();

@@ -71,9 +71,6 @@ pub struct TailedFile {
     pub before_truncation: Truncations,
     /// File size at the last sweep.
     pub size_seen: u64,
-    /// File size at the `fstat` after the last read (write-path eBPF
-    /// watcher: see [`crate::watch::ChangeSource::arms_by_stat`]).
-    pub size_armed: u64,
     /// ctime (s, ns) at the last sweep.
     pub ctime_seen: (i64, i64),
     /// Last time the sweep saw the file grow, or its status changed.
@@ -110,7 +107,6 @@ impl TailedFile {
             rotation_counted: false,
             before_truncation: Truncations::default(),
             size_seen: 0,
-            size_armed: 0,
             ctime_seen: (0, 0),
             last_activity: Instant::now(),
         }

@@ -387,77 +387,9 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     let globals = globals(&btf).map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
     let (write_path, mut tracepoints) = write_path_tracepoints(&btf);
     drop(btf);
-    let sabotage = u32::from(opts.sabotage).to_le_bytes();
-    let tgid = if opts.ignore_own_threads {
-        std::process::id()
-    } else {
-        0
-    }
-    .to_le_bytes();
-    // The loader parses the kernel's BTF for CO-RE relocations, which this
-    // object has none of (offsets are globals).
-    let mut loader = EbpfLoader::new();
-    loader.btf(None);
-    for g in &globals {
-        loader.override_global(g.name, &g.bytes[..g.len], MUST_EXIST);
-    }
-    loader.override_global("SABOTAGE", &sabotage[..], MUST_EXIST);
-    loader.override_global("AGENT_TGID", &tgid[..], MUST_EXIST);
     let entries = opts.max_files.max(1);
-    loader.map_max_entries(MAP_WATCHED, entries);
-    loader.map_max_entries(MAP_FLAGS, entries);
-    loader.map_max_entries(MAP_EVENTS, opts.ring_bytes.next_power_of_two().max(4096));
-    let mut ebpf = loader
-        .load(object)
-        .map_err(|e| Unusable(format!("loading the eBPF object: {e}")))?;
-
-    let mut reasons = Vec::new();
-    let mut chosen = None;
-    // fexit and tp_btf need aya's parse of the kernel's whole BTF (tens of
-    // MB, freed after attaching): made only if one of them is tried.
-    let mut aya_btf = None;
-    for &attach in &opts.attach {
-        if attach.needs_aya_btf() && aya_btf.is_none() {
-            match aya::Btf::from_sys_fs() {
-                Ok(b) => aya_btf = Some(b),
-                Err(e) => {
-                    reasons.push(format!("{}: kernel BTF (aya): {e}", attach.name()));
-                    continue;
-                }
-            }
-        }
-        match attach_one(
-            &mut ebpf,
-            attach,
-            aya_btf.as_ref(),
-            &write_path,
-            &mut tracepoints,
-        )
-        .map_err(|e| e.to_string().replace('\n', " "))
-        {
-            Ok(names) => {
-                chosen = Some((attach, names));
-                break;
-            }
-            Err(e) => {
-                // aya appends the verifier log; an empty one is noise.
-                let e = e.trim_end().trim_end_matches("Verifier output:").trim_end();
-                let hint = if attach == Attach::Fexit && e.contains("Operation not permitted") {
-                    " (BPF trampolines refused: kernel lockdown, or missing CAP_SYS_ADMIN)"
-                } else {
-                    ""
-                };
-                reasons.push(format!("{}: {e}{hint}", attach.name()))
-            }
-        }
-    }
-    drop(aya_btf);
-    let Some((attach, names)) = chosen else {
-        return Err(Unusable(reasons.join("; ")));
-    };
-    for r in &reasons {
-        tracing::info!(reason = %r, "eBPF attachment not used");
-    }
+    let mut ebpf = load_object(object, opts, &globals, entries)?;
+    let (attach, names) = attach_first(&mut ebpf, &opts.attach, &write_path, &mut tracepoints)?;
     if attach == Attach::WritePath {
         for (tp, r) in &tracepoints {
             if let Err(e) = r {
@@ -467,18 +399,7 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     } else {
         tracepoints.clear();
     }
-    let mut programs = Vec::new();
-    for name in names {
-        let fd = ebpf
-            .program(name)
-            .ok_or_else(|| Unusable(format!("no program {name}")))?
-            .fd()
-            .map_err(|e| Unusable(format!("{name}: {e}")))?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Unusable(format!("{name}: {e}")))?;
-        programs.push(fd);
-    }
+    let programs = program_fds(&ebpf, &names)?;
     let flags = Flags::map(&ebpf, entries).map_err(|e| Unusable(format!("mmap of FLAGS: {e}")))?;
     let watched = BpfHashMap::try_from(
         ebpf.take_map(MAP_WATCHED)
@@ -506,6 +427,104 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         max_files: entries,
         tracepoints,
     })
+}
+
+/// Loads the object with this kernel's offsets, the options' sizes and
+/// switches (nothing is attached yet).
+fn load_object(
+    object: &[u8],
+    opts: &Options,
+    globals: &[GlobalValue],
+    entries: u32,
+) -> Result<Ebpf, Unusable> {
+    let sabotage = u32::from(opts.sabotage).to_le_bytes();
+    let tgid = if opts.ignore_own_threads {
+        std::process::id()
+    } else {
+        0
+    }
+    .to_le_bytes();
+    // The loader parses the kernel's BTF for CO-RE relocations, which this
+    // object has none of (offsets are globals).
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    for g in globals {
+        loader.override_global(g.name, &g.bytes[..g.len], MUST_EXIST);
+    }
+    loader.override_global("SABOTAGE", &sabotage[..], MUST_EXIST);
+    loader.override_global("AGENT_TGID", &tgid[..], MUST_EXIST);
+    loader.map_max_entries(MAP_WATCHED, entries);
+    loader.map_max_entries(MAP_FLAGS, entries);
+    loader.map_max_entries(MAP_EVENTS, opts.ring_bytes.next_power_of_two().max(4096));
+    loader
+        .load(object)
+        .map_err(|e| Unusable(format!("loading the eBPF object: {e}")))
+}
+
+/// Attaches the first of `order` the kernel accepts; returns it and its
+/// programs, or why each was refused.
+fn attach_first(
+    ebpf: &mut Ebpf,
+    order: &[Attach],
+    write_path: &[(&'static str, InodeArg)],
+    tracepoints: &mut Vec<TracepointUse>,
+) -> Result<(Attach, Vec<&'static str>), Unusable> {
+    let mut reasons = Vec::new();
+    let mut chosen = None;
+    // fexit and tp_btf need aya's parse of the kernel's whole BTF (tens of
+    // MB, freed after attaching): made only if one of them is tried.
+    let mut aya_btf = None;
+    for &attach in order {
+        if attach.needs_aya_btf() && aya_btf.is_none() {
+            match aya::Btf::from_sys_fs() {
+                Ok(b) => aya_btf = Some(b),
+                Err(e) => {
+                    reasons.push(format!("{}: kernel BTF (aya): {e}", attach.name()));
+                    continue;
+                }
+            }
+        }
+        match attach_one(ebpf, attach, aya_btf.as_ref(), write_path, tracepoints)
+            .map_err(|e| e.to_string().replace('\n', " "))
+        {
+            Ok(names) => {
+                chosen = Some((attach, names));
+                break;
+            }
+            Err(e) => {
+                // aya appends the verifier log; an empty one is noise.
+                let e = e.trim_end().trim_end_matches("Verifier output:").trim_end();
+                let hint = if attach == Attach::Fexit && e.contains("Operation not permitted") {
+                    " (BPF trampolines refused: kernel lockdown, or missing CAP_SYS_ADMIN)"
+                } else {
+                    ""
+                };
+                reasons.push(format!("{}: {e}{hint}", attach.name()))
+            }
+        }
+    }
+    let chosen = chosen.ok_or_else(|| Unusable(reasons.join("; ")))?;
+    for r in &reasons {
+        tracing::info!(reason = %r, "eBPF attachment not used");
+    }
+    Ok(chosen)
+}
+
+/// Duplicated descriptors of the attached programs (for their run
+/// statistics).
+fn program_fds(ebpf: &Ebpf, names: &[&'static str]) -> Result<Vec<OwnedFd>, Unusable> {
+    names
+        .iter()
+        .map(|&name| {
+            ebpf.program(name)
+                .ok_or_else(|| Unusable(format!("no program {name}")))?
+                .fd()
+                .map_err(|e| Unusable(format!("{name}: {e}")))?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Unusable(format!("{name}: {e}")))
+        })
+        .collect()
 }
 
 /// Each write-path tracepoint: whether the hook attaches to it here.
@@ -886,9 +905,6 @@ pub struct EbpfSource {
     metrics: Arc<Metrics>,
     attach: Attach,
     counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
-    /// Files to report once more at the reader's next pass
-    /// ([`ChangeSource::recheck`]).
-    recheck: Arc<Mutex<Vec<FileKey>>>,
     /// Keeps the program attached and the maps alive.
     _hook: Hook,
 }
@@ -930,9 +946,7 @@ impl EbpfSource {
             .map(|fd| fd.try_clone())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Unusable(format!("program fds: {e}")))?;
-        let recheck = Arc::new(Mutex::new(Vec::new()));
         let reader = Reader {
-            recheck: recheck.clone(),
             ring,
             counters: counters.clone(),
             programs,
@@ -958,7 +972,6 @@ impl EbpfSource {
             metrics,
             attach: hook.attach,
             counters,
-            recheck,
             _hook: hook,
         })
     }
@@ -1013,16 +1026,6 @@ impl ChangeSource for EbpfSource {
         self.attach == Attach::WritePath
     }
 
-    fn recheck(&mut self, key: FileKey) {
-        let mut keys = lock(&self.recheck);
-        if keys.is_empty() {
-            wake(&self.wake);
-        }
-        if !keys.contains(&key) {
-            keys.push(key);
-        }
-    }
-
     fn missed(&mut self, key: FileKey) {
         // Growth found by MISSES_TO_POLL sweeps in a row that no event
         // announced: the hook does not see this file's writes (e.g. its
@@ -1070,7 +1073,6 @@ fn publish(metrics: &Metrics, c: Counters) {
 }
 
 struct Reader {
-    recheck: Arc<Mutex<Vec<FileKey>>>,
     ring: RingBuf<MapData>,
     counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
     programs: Vec<OwnedFd>,
@@ -1106,127 +1108,152 @@ fn timeout_until(t: Instant) -> Timespec {
 
 impl Reader {
     fn run(mut self) {
+        let mut st = PassState::new(&self);
         let mut batch = Pending::default();
-        // Slots reported in the previous pass: cleared in the next one.
-        let mut reported: Vec<(u32, FileKey)> = Vec::new();
-        let mut fresh: Vec<(u32, FileKey)> = Vec::new();
-        let mut last_pass = Instant::now() - self.tick;
-        let mut last_drops = 0;
-        let mut last_misses = recursion_misses(&self.programs);
-        let mut miss_pending = false;
-        let mut next_miss_read = Instant::now();
-        let mut linger_until = Instant::now();
-        let mut next_poll = Instant::now() + Duration::from_secs(1);
-        let mut next_counters = Instant::now();
         loop {
             let has_overflow = lock(&self.table).polled_len() > 0;
-            let now = Instant::now();
-            let mut deadline: Option<Instant> = None;
-            let mut wake_at = |t: Instant| deadline = Some(deadline.map_or(t, |d| d.min(t)));
-            if !reported.is_empty() {
-                wake_at(now + self.tick);
-            }
-            if miss_pending {
-                wake_at(next_miss_read);
-            }
-            if now < linger_until {
-                wake_at(now + LINGER_EVERY);
-            }
-            if has_overflow {
-                wake_at(next_poll);
-            }
-            let timeout = deadline.map(timeout_until);
-            let polled = {
-                let mut pfds = [
-                    PollFd::new(&self.ring, PollFlags::IN),
-                    PollFd::new(&*self.wake, PollFlags::IN),
-                ];
-                rustix::event::poll(&mut pfds, timeout.as_ref())
-                    .map(|n| n > 0 && pfds[1].revents().contains(PollFlags::IN))
-            };
-            match polled {
-                Ok(true) => {
-                    // Resets the eventfd's counter; nothing to do if that
-                    // fails (it stays readable: one more pass).
-                    let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
-                }
-                Ok(false) => {}
+            match self.wait(st.deadline(self.tick, has_overflow)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let e = std::io::Error::from(e);
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
                     tracing::error!(error = %e, "polling the eBPF ring buffer failed; falling back to the safety sweep");
                     return;
                 }
             }
             // Events gather in the ring buffer meanwhile.
-            pace(&mut last_pass, self.tick);
+            pace(&mut st.last_pass, self.tick);
             self.metrics.watcher_wakeups.inc();
-
-            // Re-arm what the previous pass reported, then have the loop
-            // read it again (a write before the clear is read then; one
-            // after it makes a new event).
-            for (slot, key) in reported.drain(..) {
-                self.flags.clear(slot);
-                batch.keys.insert(key);
-            }
-            batch.keys.extend(lock(&self.recheck).drain(..));
-            std::sync::atomic::fence(Ordering::SeqCst);
-            while let Some(item) = self.ring.next() {
-                if item.len() < std::mem::size_of::<WriteEvent>() {
-                    continue;
-                }
-                // SAFETY: length checked; WriteEvent is plain integers.
-                let ev: WriteEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let key = FileKey {
-                    dev: user_dev(ev.file.dev),
-                    ino: ev.file.ino,
-                };
-                batch.keys.insert(key);
-                fresh.push((ev.slot, key));
-            }
-            std::mem::swap(&mut reported, &mut fresh);
+            self.collect(&mut st, &mut batch);
             let now = Instant::now();
-            if !reported.is_empty() && last_misses > 0 {
-                linger_until = now + LINGER;
-            }
-
-            let drops = read_counter(&lock(&self.counters), COUNTER_DROPS);
-            if drops > last_drops {
-                // Some write was not reported: read every file.
-                tracing::debug!(
-                    lost = drops - last_drops,
-                    "eBPF events lost; reading every file"
-                );
-                batch.all_files = true;
-                last_drops = drops;
-            }
-            let misses = recursion_misses(&self.programs);
-            if misses > last_misses {
-                miss_pending = true;
-                last_misses = misses;
-                linger_until = now + LINGER;
-            }
-            if miss_pending && now >= next_miss_read {
-                batch.all_files = true;
-                miss_pending = false;
-                next_miss_read = now + MISS_READ_EVERY;
-            }
-            if has_overflow && now >= next_poll {
+            self.check_losses(&mut st, &mut batch, now);
+            if has_overflow && now >= st.next_poll {
                 batch.keys.extend(lock(&self.table).polled().copied());
-                next_poll = now + Duration::from_secs(1);
+                st.next_poll = now + Duration::from_secs(1);
             }
             // Fresh figures every second while busy, and when going idle.
-            if now >= next_counters || (reported.is_empty() && now >= linger_until) {
+            if now >= st.next_counters || (st.reported.is_empty() && now >= st.linger_until) {
                 publish(
                     &self.metrics,
                     read_counters(&lock(&self.counters), &self.programs),
                 );
-                next_counters = now + Duration::from_secs(1);
+                st.next_counters = now + Duration::from_secs(1);
             }
             self.queue.merge(&mut batch);
         }
+    }
+
+    /// Sleeps until the ring buffer has events, the eventfd is written, or
+    /// `deadline`.
+    fn wait(&self, deadline: Option<Instant>) -> std::io::Result<()> {
+        let timeout = deadline.map(timeout_until);
+        let mut pfds = [
+            PollFd::new(&self.ring, PollFlags::IN),
+            PollFd::new(&*self.wake, PollFlags::IN),
+        ];
+        let n = rustix::event::poll(&mut pfds, timeout.as_ref()).map_err(std::io::Error::from)?;
+        if n > 0 && pfds[1].revents().contains(PollFlags::IN) {
+            // Resets the eventfd's counter; nothing to do if that fails
+            // (it stays readable: one more pass).
+            let _ = rustix::io::read(&*self.wake, &mut [0u8; 8]);
+        }
+        Ok(())
+    }
+
+    /// Re-arms what the previous pass reported and has the loop read it
+    /// again (a write before the clear is read then; one after it makes a
+    /// new event), then takes the new events.
+    fn collect(&mut self, st: &mut PassState, batch: &mut Pending) {
+        for (slot, key) in st.reported.drain(..) {
+            self.flags.clear(slot);
+            batch.keys.insert(key);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<WriteEvent>() {
+                continue;
+            }
+            // SAFETY: length checked; WriteEvent is plain integers.
+            let ev: WriteEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let key = FileKey {
+                dev: user_dev(ev.file.dev),
+                ino: ev.file.ino,
+            };
+            batch.keys.insert(key);
+            st.reported.push((ev.slot, key));
+        }
+        if !st.reported.is_empty() && st.last_misses > 0 {
+            st.linger_until = Instant::now() + LINGER;
+        }
+    }
+
+    /// Events the program could not deliver, or runs the kernel skipped:
+    /// the loop reads every file.
+    fn check_losses(&self, st: &mut PassState, batch: &mut Pending, now: Instant) {
+        let drops = read_counter(&lock(&self.counters), COUNTER_DROPS);
+        if drops > st.last_drops {
+            tracing::debug!(
+                lost = drops - st.last_drops,
+                "eBPF events lost; reading every file"
+            );
+            batch.all_files = true;
+            st.last_drops = drops;
+        }
+        let misses = recursion_misses(&self.programs);
+        if misses > st.last_misses {
+            st.miss_pending = true;
+            st.last_misses = misses;
+            st.linger_until = now + LINGER;
+        }
+        if st.miss_pending && now >= st.next_miss_read {
+            batch.all_files = true;
+            st.miss_pending = false;
+            st.next_miss_read = now + MISS_READ_EVERY;
+        }
+    }
+}
+
+/// What the reader remembers between passes.
+struct PassState {
+    /// Slots reported in the previous pass: cleared in the next one.
+    reported: Vec<(u32, FileKey)>,
+    last_pass: Instant,
+    last_drops: u64,
+    last_misses: u64,
+    miss_pending: bool,
+    next_miss_read: Instant,
+    linger_until: Instant,
+    next_poll: Instant,
+    next_counters: Instant,
+}
+
+impl PassState {
+    fn new(r: &Reader) -> PassState {
+        let now = Instant::now();
+        PassState {
+            reported: Vec::new(),
+            last_pass: now - r.tick,
+            last_drops: 0,
+            last_misses: recursion_misses(&r.programs),
+            miss_pending: false,
+            next_miss_read: now,
+            linger_until: now,
+            next_poll: now + Duration::from_secs(1),
+            next_counters: now,
+        }
+    }
+
+    /// When the reader must wake without an event (`None`: only for one).
+    fn deadline(&self, tick: Duration, has_overflow: bool) -> Option<Instant> {
+        let now = Instant::now();
+        [
+            (!self.reported.is_empty()).then_some(now + tick),
+            self.miss_pending.then_some(self.next_miss_read),
+            (now < self.linger_until).then_some(now + LINGER_EVERY),
+            has_overflow.then_some(self.next_poll),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 

@@ -159,16 +159,13 @@ pub trait ChangeSource: Send {
     fn sweep(&mut self) {}
     /// The sweep found unread bytes in this file that no report announced.
     fn missed(&mut self, _key: FileKey) {}
-    /// Whether the data loop must `fstat` each file after reading it: the
-    /// backend's kernel events fire for the next write only once the
-    /// file's timestamps were queried (multigrain timestamps).
+    /// Whether the data loop must `fstat` each file just before reading
+    /// it: the backend's kernel events fire for a file's next write only
+    /// once its timestamps were queried (multigrain timestamps). A write
+    /// after that stat makes an event; one before it is seen by the read.
     fn arms_by_stat(&self) -> bool {
         false
     }
-    /// A read of this file (followed by an `fstat`) found new bytes: a
-    /// write between that read and the `fstat` may have made no event, so
-    /// the backend reports the file once more, a tick later.
-    fn recheck(&mut self, _key: FileKey) {}
 }
 
 /// Keeps a reader thread to at most one pass per `tick`: sleeps out the
