@@ -133,28 +133,13 @@ fn scan_container(
         let declare::Source::Path(glob) = &d.source else {
             continue;
         };
-        let listing =
-            match volumes::resolve(glob, pod, c, roots.kubelet_pods_dir, roots.allow_hostpath) {
-                Ok(r) => volumes::list_matches(&r),
-                Err(reason) => {
-                    let reason = reason.to_string();
-                    out.notes
-                        .push(note(&d.name, Problem::Unresolvable, glob, reason));
-                    continue;
-                }
-            };
-        let listing = match listing {
+        let listing = match list_declared(glob, pod, c, roots) {
             Ok(l) => l,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                out.notes
-                    .push(note(&d.name, Problem::NoOpenat2, glob, e.to_string()));
+            Err(Some((problem, reason))) => {
+                out.notes.push(note(&d.name, problem, glob, reason));
                 continue;
             }
-            Err(e) => {
-                // e.g. the volume's directory is not made yet.
-                tracing::debug!(declaration = %d.name, error = %e, "cannot list a declared volume");
-                continue;
-            }
+            Err(None) => continue,
         };
         if listing.truncated {
             let reason = format!(
@@ -177,6 +162,27 @@ fn scan_container(
             confined: Some(f),
         }));
     }
+}
+
+/// The files a declared path `glob` matches beneath the container's
+/// volumes; `Err(Some(..))`: a problem to report, `Err(None)`: nothing to
+/// list yet (e.g. the volume's directory is not made yet).
+fn list_declared(
+    glob: &str,
+    pod: &PodInfo,
+    c: &ContainerInfo,
+    roots: &Roots<'_>,
+) -> Result<volumes::Listing, Option<(Problem, String)>> {
+    let resolved = volumes::resolve(glob, pod, c, roots.kubelet_pods_dir, roots.allow_hostpath)
+        .map_err(|reason| Some((Problem::Unresolvable, reason.to_string())))?;
+    volumes::list_matches(&resolved).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            Some((Problem::NoOpenat2, e.to_string()))
+        } else {
+            tracing::debug!(path = %glob, error = %e, "cannot list a declared volume");
+            None
+        }
+    })
 }
 
 /// A hash of every in-container path the live `pods` declare: a rescan
