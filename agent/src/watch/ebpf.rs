@@ -11,11 +11,12 @@
 //! - consumes the ring buffer on its own thread, at most one pass per tick
 //!   (default 10 ms), so a write storm over many files costs one wakeup per
 //!   tick, not one per event;
-//! - re-arms on the next pass: clears the flags reported in the previous
-//!   pass and hands those files to the loop again, so a write between the
-//!   loop's read and the clear is read too. Nothing is missed: the program
-//!   checks the flag after the write completed, and the agent reads after
-//!   clearing it.
+//! - re-arms at once: clears the flags of a pass's events before handing
+//!   their files to the loop, so the loop's read comes after the clear. A
+//!   write before the clear is read then; one after it makes a new event
+//!   (taken at the next pass, a tick later: a write storm is one event and
+//!   one read per tick per file). Nothing is missed: the program checks the
+//!   flag after the write completed, and the agent reads after clearing it.
 //! - Lost events (ring buffer full) are counted by the program, which
 //!   clears the flag again; a rising drop count makes the loop read every
 //!   file. Files the map has no room for are polled every second.
@@ -1112,7 +1113,7 @@ impl Reader {
         let mut batch = Pending::default();
         loop {
             let has_overflow = lock(&self.table).polled_len() > 0;
-            match self.wait(st.deadline(self.tick, has_overflow)) {
+            match self.wait(st.deadline(has_overflow)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -1131,7 +1132,7 @@ impl Reader {
                 st.next_poll = now + Duration::from_secs(1);
             }
             // Fresh figures every second while busy, and when going idle.
-            if now >= st.next_counters || (st.reported.is_empty() && now >= st.linger_until) {
+            if now >= st.next_counters || (st.slots.is_empty() && now >= st.linger_until) {
                 publish(
                     &self.metrics,
                     read_counters(&lock(&self.counters), &self.programs),
@@ -1159,15 +1160,12 @@ impl Reader {
         Ok(())
     }
 
-    /// Re-arms what the previous pass reported and has the loop read it
-    /// again (a write before the clear is read then; one after it makes a
-    /// new event), then takes the new events.
+    /// Takes the new events and re-arms their files before handing them to
+    /// the loop: the loop reads after the clear, so a write before it is
+    /// read then, and one after it makes a new event (at most one per file
+    /// per pass, a tick apart).
     fn collect(&mut self, st: &mut PassState, batch: &mut Pending) {
-        for (slot, key) in st.reported.drain(..) {
-            self.flags.clear(slot);
-            batch.keys.insert(key);
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
+        st.slots.clear();
         while let Some(item) = self.ring.next() {
             if item.len() < std::mem::size_of::<WriteEvent>() {
                 continue;
@@ -1179,9 +1177,13 @@ impl Reader {
                 ino: ev.file.ino,
             };
             batch.keys.insert(key);
-            st.reported.push((ev.slot, key));
+            st.slots.push(ev.slot);
         }
-        if !st.reported.is_empty() && st.last_misses > 0 {
+        for &slot in &st.slots {
+            self.flags.clear(slot);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !st.slots.is_empty() && st.last_misses > 0 {
             st.linger_until = Instant::now() + LINGER;
         }
     }
@@ -1214,8 +1216,8 @@ impl Reader {
 
 /// What the reader remembers between passes.
 struct PassState {
-    /// Slots reported in the previous pass: cleared in the next one.
-    reported: Vec<(u32, FileKey)>,
+    /// Slots of this pass's events (a reused buffer).
+    slots: Vec<u32>,
     last_pass: Instant,
     last_drops: u64,
     last_misses: u64,
@@ -1230,7 +1232,7 @@ impl PassState {
     fn new(r: &Reader) -> PassState {
         let now = Instant::now();
         PassState {
-            reported: Vec::new(),
+            slots: Vec::new(),
             last_pass: now - r.tick,
             last_drops: 0,
             last_misses: recursion_misses(&r.programs),
@@ -1243,10 +1245,9 @@ impl PassState {
     }
 
     /// When the reader must wake without an event (`None`: only for one).
-    fn deadline(&self, tick: Duration, has_overflow: bool) -> Option<Instant> {
+    fn deadline(&self, has_overflow: bool) -> Option<Instant> {
         let now = Instant::now();
         [
-            (!self.reported.is_empty()).then_some(now + tick),
             self.miss_pending.then_some(self.next_miss_read),
             (now < self.linger_until).then_some(now + LINGER_EVERY),
             has_overflow.then_some(self.next_poll),
