@@ -355,9 +355,13 @@ fn a_full_ring_buffer_makes_the_agent_read_every_file() {
         r.src.watch_file(k);
         files.push(f);
     }
-    // Make the reader start a pass (and its 300 ms pause) first.
+    // Make the reader take a pass first: the next one is 300 ms away.
     files[0].write_all(b"first\n").unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.metrics.watcher_wakeups.get() == 0 {
+        assert!(Instant::now() < deadline, "the reader never woke");
+        std::thread::yield_now();
+    }
     for f in &mut files {
         f.write_all(b"x\n").unwrap();
     }

@@ -36,6 +36,22 @@ struct ModelSink {
     fail_one_in: u64,
 }
 
+impl ModelSink {
+    /// A budget of 50 records in flight; one record in `fail_one_in` (0:
+    /// none) fails transiently, drawn from `seed`.
+    fn new(seed: u64, fail_one_in: u64) -> ModelSink {
+        ModelSink {
+            sent: Vec::new(),
+            failing: RefCell::default(),
+            acks: RefCell::default(),
+            in_flight: Cell::new(0),
+            budget: 50,
+            rng: Cell::new(seed),
+            fail_one_in,
+        }
+    }
+}
+
 impl RecordSink for ModelSink {
     fn has_budget(&self) -> bool {
         self.in_flight.get() < self.budget
@@ -330,15 +346,8 @@ fn run_model(world: &World, seed: u64, steps: usize) {
         })
         .collect();
     let rng = Cell::new(seed.max(1));
-    let mut sink = ModelSink {
-        sent: Vec::new(),
-        failing: RefCell::default(),
-        acks: RefCell::default(),
-        in_flight: Cell::new(0),
-        budget: 50,
-        rng: Cell::new(seed ^ 0x9E37_79B9_7F4A_7C15),
-        fail_one_in: if seed.is_multiple_of(2) { 0 } else { 97 },
-    };
+    let fail_one_in = if seed.is_multiple_of(2) { 0 } else { 97 };
+    let mut sink = ModelSink::new(seed ^ 0x9E37_79B9_7F4A_7C15, fail_one_in);
     let mut resent_allowed = seed % 2 == 1;
     let mut actions = Vec::new();
     {
@@ -491,15 +500,7 @@ fn a_file_rotated_while_its_directory_was_listed_is_read_before_its_successor() 
         written: 0,
         rotations: 0,
     };
-    let mut sink = ModelSink {
-        sent: Vec::new(),
-        failing: RefCell::default(),
-        acks: RefCell::default(),
-        in_flight: Cell::new(0),
-        budget: 50,
-        rng: Cell::new(1),
-        fail_one_in: 0,
-    };
+    let mut sink = ModelSink::new(1, 0);
     {
         let mut p = pipeline(&cfg, &mut sink, world);
         k.write(0, 10);

@@ -437,6 +437,20 @@ pub mod testing {
 
     /// A file of no pod (reading `/dev/null`) with the given identity.
     pub fn tailed_file(id: u32, key: FileKey, path: PathBuf) -> TailedFile {
+        let file = File::open("/dev/null").unwrap();
+        open_tailed(id, key, file, path, decode::Format::Raw, 4096)
+    }
+
+    /// The opened `file`, followed from offset 0 with the metadata of a
+    /// file of no pod.
+    pub fn open_tailed(
+        id: u32,
+        key: FileKey,
+        file: File,
+        path: PathBuf,
+        format: decode::Format,
+        max_record: usize,
+    ) -> TailedFile {
         let ctx = MetaContext {
             topic: TopicTemplate::parse("t").unwrap(),
             node: "n".into(),
@@ -445,16 +459,8 @@ pub mod testing {
             annotations: Default::default(),
             policy: Default::default(),
         };
-        let meta = Arc::new(ctx.render(Origin::default(), decode::Format::Raw));
-        TailedFile::new(
-            id,
-            key,
-            File::open("/dev/null").unwrap().into(),
-            path,
-            meta,
-            0,
-            4096,
-        )
+        let meta = Arc::new(ctx.render(Origin::default(), format));
+        TailedFile::new(id, key, file.into(), path, meta, 0, max_record)
     }
 }
 
@@ -462,8 +468,6 @@ pub mod testing {
 mod tests {
     use super::decode::Format;
     use super::*;
-    use crate::config::TopicTemplate;
-    use crate::discover::{MetaContext, Origin};
     use std::fs::File;
 
     #[derive(Default)]
@@ -485,23 +489,9 @@ mod tests {
     }
 
     fn tailed(path: &std::path::Path, format: Format, max: usize) -> TailedFile {
-        let ctx = MetaContext {
-            topic: TopicTemplate::parse("t").unwrap(),
-            node: "n".into(),
-            pods: None,
-            labels: Default::default(),
-            annotations: Default::default(),
-            policy: Default::default(),
-        };
-        TailedFile::new(
-            1,
-            FileKey { dev: 0, ino: 0 },
-            File::open(path).unwrap().into(),
-            path.to_owned(),
-            Arc::new(ctx.render(Origin::default(), format)),
-            0,
-            max,
-        )
+        let file = File::open(path).unwrap();
+        let key = FileKey { dev: 0, ino: 0 };
+        testing::open_tailed(1, key, file, path.to_owned(), format, max)
     }
 
     fn msgs(s: &VecSink) -> Vec<String> {
