@@ -252,11 +252,7 @@ impl Btf {
     /// `btf_trace_<name>` (a pointer to a function whose first parameter,
     /// the probe's data, is left out). `None`: no such tracepoint.
     pub fn tracepoint_args(&self, name: &str) -> Option<Vec<String>> {
-        let want = format!("btf_trace_{name}");
-        let id = (1..=self.types.len() as u32).find(|&id| {
-            self.ty(id)
-                .is_some_and(|(n, kind, ..)| kind == TYPEDEF && self.name(n) == want.as_bytes())
-        })?;
+        let id = self.typedef_id(&format!("btf_trace_{name}"))?;
         let (_, _, _, _, ptr, _) = self.ty(id)?;
         let (_, kind, _, _, proto, _) = self.ty(ptr)?;
         if kind != PTR {
@@ -293,12 +289,28 @@ impl Btf {
         }
     }
 
+    /// The id of the first type of `kind` named `name`.
+    fn id_of(&self, kind: u32, name: &str) -> Option<u32> {
+        (1..=self.types.len() as u32).find(|&id| {
+            self.ty(id)
+                .is_some_and(|(n, k, ..)| k == kind && self.name(n) == name.as_bytes())
+        })
+    }
+
+    /// The id of typedef `name` (a tracepoint's `btf_trace_<name>`, which
+    /// `tp_btf` programs attach by).
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
+        self.id_of(TYPEDEF, name)
+    }
+
+    /// The id of kernel function `name` (FUNC record; fexit attaches by it).
+    pub fn function_id(&self, name: &str) -> Option<u32> {
+        self.id_of(FUNC, name)
+    }
+
     /// True if the kernel has a function named `name` (FUNC record).
     pub fn has_function(&self, name: &str) -> bool {
-        (1..=self.types.len() as u32).any(|id| {
-            self.ty(id)
-                .is_some_and(|(n, kind, ..)| kind == FUNC && self.name(n) == name.as_bytes())
-        })
+        self.function_id(name).is_some()
     }
 }
 

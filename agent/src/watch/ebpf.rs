@@ -32,18 +32,17 @@
 //! (with the tracepoints); the safety sweep covers those.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, FExit, ProgramError, RawTracePoint};
-use aya::{Ebpf, EbpfLoader};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use super::btf::Btf;
+use super::loader::{self, LoadError, Loaded, ProgramKind, bpf};
 use super::{ChangeQueue, ChangeSource, InotifySource, Pending, pace};
 use crate::checkpoint::FileKey;
 use crate::metrics::Metrics;
@@ -110,12 +109,6 @@ impl Attach {
             Attach::RawTp => "raw_tp",
             Attach::WritePath => "write_path",
         }
-    }
-
-    /// Whether attaching needs aya's parse of the kernel's whole BTF (tens
-    /// of MB at startup).
-    fn needs_aya_btf(self) -> bool {
-        matches!(self, Attach::Fexit | Attach::TpBtf)
     }
 }
 
@@ -307,44 +300,22 @@ impl std::error::Error for Unusable {}
 
 /// The program, loaded and attached, with its maps.
 pub struct Hook {
-    /// Owns the programs and their links: dropping it detaches.
-    _ebpf: Ebpf,
+    /// The attachments: closing them detaches.
+    _links: Vec<OwnedFd>,
     pub attach: Attach,
     watched: Option<BpfHashMap<MapData, FileId, u32>>,
     flags: Arc<Flags>,
     ring: Option<RingBuf<MapData>>,
     counters: Option<PerCpuArray<MapData, u64>>,
-    /// The attached programs (duplicated fds), for their run statistics.
+    /// The attached programs, for their run statistics.
     programs: Vec<OwnedFd>,
     max_files: u32,
     /// With [`Attach::WritePath`]: each tracepoint and whether it is used.
     pub tracepoints: Vec<TracepointUse>,
 }
 
-/// `bpf(cmd, attr, sizeof attr)`. By hand: rustix has no `bpf` wrapper.
-///
-/// # Safety
-///
-/// `attr` must be a `#[repr(C)]` prefix of `union bpf_attr` laid out as
-/// `cmd` expects (the kernel zero-fills the rest), and every address it
-/// holds must point to memory that is valid for what `cmd` does with it
-/// (read or written, of the size the attribute gives) until the call
-/// returns. An fd the call creates is the caller's to close.
-unsafe fn bpf<T>(cmd: aya_obj::generated::bpf_cmd, attr: &T) -> libc::c_long {
-    // SAFETY: the kernel reads size_of::<T>() bytes of `attr`, a valid
-    // reference for the call; what it points to is the caller's promise.
-    unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *const T,
-            std::mem::size_of::<T>(),
-        )
-    }
-}
-
 /// Whether this process may create BPF maps at all: answered in
-/// microseconds, before the (slow) BTF parsing.
+/// microseconds, before reading the kernel's BTF.
 fn may_use_bpf() -> Result<(), Unusable> {
     #[repr(C)]
     struct MapCreate {
@@ -373,9 +344,36 @@ fn may_use_bpf() -> Result<(), Unusable> {
     Ok(())
 }
 
-/// `EbpfLoader::override_global`'s last argument: the load fails if the
-/// object has no such global (a renamed one is an error, not a no-op).
-const MUST_EXIST: bool = true;
+/// What attaching needs to know of the running kernel, read from its BTF
+/// once, before loading (the BTF is dropped before any program loads).
+struct Kernel {
+    globals: Vec<GlobalValue>,
+    /// The write-path tracepoints it has, and why the others are not used.
+    write_path: Vec<(&'static str, InodeArg)>,
+    missing: Vec<TracepointUse>,
+    /// The BTF id of `btf_trace_sys_exit` (for `tp_btf`).
+    sys_exit: Option<u32>,
+    /// The BTF ids of the fexit programs' functions.
+    fexit: Vec<Option<u32>>,
+}
+
+impl Kernel {
+    fn read() -> Result<Kernel, Unusable> {
+        let btf = Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
+        let globals = globals(&btf).map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
+        let (write_path, missing) = write_path_tracepoints(&btf);
+        Ok(Kernel {
+            globals,
+            write_path,
+            missing,
+            sys_exit: btf.typedef_id("btf_trace_sys_exit"),
+            fexit: FEXIT_PROGRAMS
+                .iter()
+                .map(|(_, f)| btf.function_id(f))
+                .collect(),
+        })
+    }
+}
 
 /// Loads the program and attaches it the first way in `opts.attach` that
 /// the kernel accepts. The error says why each way failed.
@@ -384,13 +382,11 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         Unusable("this bpftail was built without its eBPF object (BPFTAIL_NO_EBPF=1)".into())
     })?;
     may_use_bpf()?;
-    let btf = Btf::from_sys_fs().map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
-    let globals = globals(&btf).map_err(|e| Unusable(format!("kernel BTF: {e}")))?;
-    let (write_path, mut tracepoints) = write_path_tracepoints(&btf);
-    drop(btf);
+    let kernel = Kernel::read()?;
     let entries = opts.max_files.max(1);
-    let mut ebpf = load_object(object, opts, &globals, entries)?;
-    let (attach, names) = attach_first(&mut ebpf, &opts.attach, &write_path, &mut tracepoints)?;
+    let loaded = load_object(object, opts, &kernel.globals, entries)?;
+    let mut tracepoints = kernel.missing.clone();
+    let (attach, attached) = attach_first(&loaded, &opts.attach, &kernel, &mut tracepoints)?;
     if attach == Attach::WritePath {
         for (tp, r) in &tracepoints {
             if let Err(e) = r {
@@ -400,44 +396,39 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
     } else {
         tracepoints.clear();
     }
-    let programs = program_fds(&ebpf, &names)?;
-    let flags = Flags::map(&ebpf, entries).map_err(|e| Unusable(format!("mmap of FLAGS: {e}")))?;
-    let watched = BpfHashMap::try_from(
-        ebpf.take_map(MAP_WATCHED)
-            .ok_or_else(|| Unusable("no WATCHED map".into()))?,
-    )
-    .map_err(|e| Unusable(format!("WATCHED: {e}")))?;
-    let ring = RingBuf::try_from(
-        ebpf.take_map(MAP_EVENTS)
-            .ok_or_else(|| Unusable("no EVENTS map".into()))?,
-    )
-    .map_err(|e| Unusable(format!("EVENTS: {e}")))?;
-    let counters = PerCpuArray::try_from(
-        ebpf.take_map(MAP_COUNTERS)
-            .ok_or_else(|| Unusable("no COUNTERS map".into()))?,
-    )
-    .map_err(|e| Unusable(format!("COUNTERS: {e}")))?;
+    let map = |name: &str| loaded.map(name).map_err(|e| Unusable(e.to_string()));
+    let flags = loaded
+        .map_fd(MAP_FLAGS)
+        .map_err(|e| Unusable(e.to_string()))
+        .and_then(|fd| {
+            Flags::map(fd, entries).map_err(|e| Unusable(format!("mmap of FLAGS: {e}")))
+        })?;
+    let watched =
+        BpfHashMap::try_from(map(MAP_WATCHED)?).map_err(|e| Unusable(format!("WATCHED: {e}")))?;
+    let ring = RingBuf::try_from(map(MAP_EVENTS)?).map_err(|e| Unusable(format!("EVENTS: {e}")))?;
+    let counters = PerCpuArray::try_from(map(MAP_COUNTERS)?)
+        .map_err(|e| Unusable(format!("COUNTERS: {e}")))?;
     Ok(Hook {
-        _ebpf: ebpf,
+        _links: attached.links,
         attach,
         watched: Some(watched),
         flags: Arc::new(flags),
         ring: Some(ring),
         counters: Some(counters),
-        programs,
+        programs: attached.programs,
         max_files: entries,
         tracepoints,
     })
 }
 
-/// Loads the object with this kernel's offsets, the options' sizes and
-/// switches (nothing is attached yet).
+/// Creates the object's maps with this kernel's offsets, the options'
+/// sizes and switches (no program is loaded yet).
 fn load_object(
     object: &[u8],
     opts: &Options,
     globals: &[GlobalValue],
     entries: u32,
-) -> Result<Ebpf, Unusable> {
+) -> Result<Loaded, Unusable> {
     let sabotage = u32::from(opts.sabotage).to_le_bytes();
     let tgid = if opts.ignore_own_threads {
         std::process::id()
@@ -445,56 +436,50 @@ fn load_object(
         0
     }
     .to_le_bytes();
-    // The loader parses the kernel's BTF for CO-RE relocations, which this
-    // object has none of (offsets are globals).
-    let mut loader = EbpfLoader::new();
-    loader.btf(None);
-    for g in globals {
-        loader.override_global(g.name, &g.bytes[..g.len], MUST_EXIST);
-    }
-    loader.override_global("SABOTAGE", &sabotage[..], MUST_EXIST);
-    loader.override_global("AGENT_TGID", &tgid[..], MUST_EXIST);
-    loader.map_max_entries(MAP_WATCHED, entries);
-    loader.map_max_entries(MAP_FLAGS, entries);
-    loader.map_max_entries(MAP_EVENTS, opts.ring_bytes.next_power_of_two().max(4096));
-    loader
-        .load(object)
-        .map_err(|e| Unusable(format!("loading the eBPF object: {e}")))
+    let mut values: Vec<(&str, &[u8])> = globals
+        .iter()
+        .map(|g| (g.name, &g.bytes[..g.len]))
+        .collect();
+    values.push(("SABOTAGE", &sabotage[..]));
+    values.push(("AGENT_TGID", &tgid[..]));
+    let ring = opts.ring_bytes.next_power_of_two().max(4096);
+    Loaded::new(
+        object,
+        &values,
+        &[
+            (MAP_WATCHED, entries),
+            (MAP_FLAGS, entries),
+            (MAP_EVENTS, ring),
+        ],
+    )
+    .map_err(|e| Unusable(format!("loading the eBPF object: {e}")))
+}
+
+/// Loaded programs and their attachments (closing a link detaches it).
+#[derive(Default)]
+struct Attached {
+    programs: Vec<OwnedFd>,
+    links: Vec<OwnedFd>,
 }
 
 /// Attaches the first of `order` the kernel accepts; returns it and its
 /// programs, or why each was refused.
 fn attach_first(
-    ebpf: &mut Ebpf,
+    loaded: &Loaded,
     order: &[Attach],
-    write_path: &[(&'static str, InodeArg)],
+    kernel: &Kernel,
     tracepoints: &mut Vec<TracepointUse>,
-) -> Result<(Attach, Vec<&'static str>), Unusable> {
+) -> Result<(Attach, Attached), Unusable> {
     let mut reasons = Vec::new();
     let mut chosen = None;
-    // fexit and tp_btf need aya's parse of the kernel's whole BTF (tens of
-    // MB, freed after attaching): made only if one of them is tried.
-    let mut aya_btf = None;
     for &attach in order {
-        if attach.needs_aya_btf() && aya_btf.is_none() {
-            match aya::Btf::from_sys_fs() {
-                Ok(b) => aya_btf = Some(b),
-                Err(e) => {
-                    reasons.push(format!("{}: kernel BTF (aya): {e}", attach.name()));
-                    continue;
-                }
-            }
-        }
-        match attach_one(ebpf, attach, aya_btf.as_ref(), write_path, tracepoints)
-            .map_err(|e| e.to_string().replace('\n', " "))
-        {
-            Ok(names) => {
-                chosen = Some((attach, names));
+        match attach_one(loaded, attach, kernel, tracepoints) {
+            Ok(a) => {
+                chosen = Some((attach, a));
                 break;
             }
             Err(e) => {
-                // aya appends the verifier log; an empty one is noise.
-                let e = e.trim_end().trim_end_matches("Verifier output:").trim_end();
+                let e = e.to_string();
                 let hint = if attach == Attach::Fexit && e.contains("Operation not permitted") {
                     " (BPF trampolines refused: kernel lockdown, or missing CAP_SYS_ADMIN)"
                 } else {
@@ -509,23 +494,6 @@ fn attach_first(
         tracing::info!(reason = %r, "eBPF attachment not used");
     }
     Ok(chosen)
-}
-
-/// Duplicated descriptors of the attached programs (for their run
-/// statistics).
-fn program_fds(ebpf: &Ebpf, names: &[&'static str]) -> Result<Vec<OwnedFd>, Unusable> {
-    names
-        .iter()
-        .map(|&name| {
-            ebpf.program(name)
-                .ok_or_else(|| Unusable(format!("no program {name}")))?
-                .fd()
-                .map_err(|e| Unusable(format!("{name}: {e}")))?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| Unusable(format!("{name}: {e}")))
-        })
-        .collect()
 }
 
 /// Each write-path tracepoint: whether the hook attaches to it here.
@@ -563,117 +531,74 @@ pub fn embedded() -> bool {
 /// Why one attachment could not be made.
 #[derive(Debug, thiserror::Error)]
 enum AttachError {
-    #[error("no program {0}")]
-    NoProgram(&'static str),
-    /// The program is not of the type the attachment needs.
     #[error("{0}")]
-    ProgramType(ProgramError),
-    #[error("load: {0}")]
-    Load(ProgramError),
-    #[error("attach: {0}")]
-    Attach(ProgramError),
-    /// Loading the fexit program for this kernel function failed.
-    #[error("load {0}: {1}")]
-    LoadFexit(&'static str, ProgramError),
+    Load(#[from] LoadError),
     #[error("attach {0}: {1}")]
-    AttachFexit(&'static str, ProgramError),
-    #[error("no kernel BTF for aya")]
-    NoBtf,
+    Attach(&'static str, std::io::Error),
+    /// The kernel's BTF has no type to attach this program to.
+    #[error("no {0} in the kernel's BTF")]
+    NoBtfId(&'static str),
     #[error("{0}")]
     NoTracepoint(String),
 }
 
 /// Loads and attaches the program(s) of one attachment; on failure,
-/// unloads whatever part of it had loaded.
+/// whatever part of it had loaded is closed again.
 fn attach_one(
-    ebpf: &mut Ebpf,
+    loaded: &Loaded,
     attach: Attach,
-    btf: Option<&aya::Btf>,
-    write_path: &[(&'static str, InodeArg)],
+    kernel: &Kernel,
     tracepoints: &mut Vec<TracepointUse>,
-) -> Result<Vec<&'static str>, AttachError> {
+) -> Result<Attached, AttachError> {
+    let mut out = Attached::default();
+    let mut one = |name: &'static str, kind: ProgramKind, tp: Option<&'static str>| {
+        let prog = loaded.program(name, kind)?;
+        let link = loader::attach(prog.as_fd(), tp)
+            .map_err(|e| AttachError::Attach(tp.unwrap_or(name), e))?;
+        out.programs.push(prog);
+        out.links.push(link);
+        Ok::<(), AttachError>(())
+    };
     match attach {
+        Attach::WritePath => return attach_write_path(loaded, &kernel.write_path, tracepoints),
         Attach::TpBtf => {
-            let btf = btf.ok_or(AttachError::NoBtf)?;
-            let p: &mut BtfTracePoint = prog(ebpf, PROG_TP_BTF)?;
-            p.load("sys_exit", btf).map_err(AttachError::Load)?;
-            if let Err(e) = p.attach() {
-                let _ = p.unload();
-                return Err(AttachError::Attach(e));
-            }
-            Ok(vec![PROG_TP_BTF])
+            let btf_id = kernel
+                .sys_exit
+                .ok_or(AttachError::NoBtfId("btf_trace_sys_exit"))?;
+            one(PROG_TP_BTF, ProgramKind::BtfTracepoint { btf_id }, None)?;
         }
-        Attach::WritePath => attach_write_path(ebpf, write_path, tracepoints),
-        Attach::RawTp => {
-            let p: &mut RawTracePoint = prog(ebpf, PROG_RAW_TP)?;
-            p.load().map_err(AttachError::Load)?;
-            if let Err(e) = p.attach("sys_exit") {
-                let _ = p.unload();
-                return Err(AttachError::Attach(e));
-            }
-            Ok(vec![PROG_RAW_TP])
-        }
+        Attach::RawTp => one(PROG_RAW_TP, ProgramKind::RawTracepoint, Some("sys_exit"))?,
         Attach::Fexit => {
-            let btf = btf.ok_or(AttachError::NoBtf)?;
-            let mut done = Vec::new();
-            let mut result = Ok(());
-            for (name, function) in FEXIT_PROGRAMS {
-                let r = prog::<FExit>(ebpf, name).and_then(|p| {
-                    p.load(function, btf)
-                        .map_err(|e| AttachError::LoadFexit(function, e))?;
-                    done.push(name);
-                    p.attach()
-                        .map(|_| ())
-                        .map_err(|e| AttachError::AttachFexit(function, e))
-                });
-                if let Err(e) = r {
-                    result = Err(e);
-                    break;
-                }
+            for (&(name, function), &id) in FEXIT_PROGRAMS.iter().zip(&kernel.fexit) {
+                let btf_id = id.ok_or(AttachError::NoBtfId(function))?;
+                one(name, ProgramKind::Fexit { btf_id }, None)?;
             }
-            if result.is_err() {
-                for name in done {
-                    if let Ok(p) = prog::<FExit>(ebpf, name) {
-                        let _ = p.unload();
-                    }
-                }
-            }
-            result.map(|()| FEXIT_PROGRAMS.iter().map(|(n, _)| *n).collect())
         }
     }
-}
-
-/// The program of `name`, as type `T`.
-fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(AttachError::NoProgram(name))?
-        .try_into()
-        .map_err(AttachError::ProgramType)
+    Ok(out)
 }
 
 /// Attaches the write-path programs to every tracepoint of `tracepoints`
-/// that accepts them; fails if none does. Returns the programs in use.
+/// that accepts them; fails if none does.
 fn attach_write_path(
-    ebpf: &mut Ebpf,
+    loaded: &Loaded,
     tracepoints: &[(&'static str, InodeArg)],
     outcome: &mut Vec<TracepointUse>,
-) -> Result<Vec<&'static str>, AttachError> {
-    let mut used = Vec::new();
+) -> Result<Attached, AttachError> {
+    let mut out = Attached::default();
+    let mut programs: HashMap<&'static str, OwnedFd> = HashMap::new();
     let mut refused = Vec::new();
     for &(tp, arg) in tracepoints {
         let name = arg.program();
-        let p: &mut RawTracePoint = prog(ebpf, name)?;
-        if !used.contains(&name) {
-            p.load().map_err(AttachError::Load)?;
-        }
-        match p.attach(tp) {
-            Ok(_) => {
-                if !used.contains(&name) {
-                    used.push(name);
-                }
+        let prog = match programs.entry(name) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(loaded.program(name, ProgramKind::RawTracepoint)?)
+            }
+        };
+        match loader::attach(prog.as_fd(), Some(tp)) {
+            Ok(link) => {
+                out.links.push(link);
                 outcome.push((tp, Ok(())));
             }
             Err(e) => {
@@ -682,14 +607,15 @@ fn attach_write_path(
             }
         }
     }
-    if used.is_empty() {
+    if out.links.is_empty() {
         return Err(AttachError::NoTracepoint(if refused.is_empty() {
             "none of the write path's tracepoints is in this kernel".into()
         } else {
             refused.join("; ")
         }));
     }
-    Ok(used)
+    out.programs = programs.into_values().collect();
+    Ok(out)
 }
 
 /// The `FLAGS` array, mmapped: one u64 per slot.
@@ -706,13 +632,7 @@ unsafe impl Send for Flags {}
 unsafe impl Sync for Flags {}
 
 impl Flags {
-    fn map(ebpf: &Ebpf, entries: u32) -> std::io::Result<Flags> {
-        let map = ebpf
-            .map(MAP_FLAGS)
-            .ok_or_else(|| std::io::Error::other("no FLAGS map"))?;
-        let aya::maps::Map::Array(data) = map else {
-            return Err(std::io::Error::other("FLAGS is not an array"));
-        };
+    fn map(fd: BorrowedFd<'_>, entries: u32) -> std::io::Result<Flags> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = entries as usize;
@@ -726,7 +646,7 @@ impl Flags {
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
+                fd.as_raw_fd(),
                 0,
             )
         };

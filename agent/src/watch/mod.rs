@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 pub mod btf;
 pub mod ebpf;
 pub mod fanotify;
+mod loader;
 
 /// What the data loop must look at, coalesced.
 #[derive(Debug, Default)]
