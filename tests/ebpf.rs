@@ -4,7 +4,7 @@
 //! test` does).
 
 use std::io::{IoSlice, Write as _};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,7 +99,7 @@ fn a_watched_file_is_reported_an_unwatched_one_is_not() {
     assert!([Attach::TpBtf, Attach::RawTp].contains(&r.src.attach()));
     let (mut watched, wk) = r.file("watched.log");
     let (mut other, ok) = r.file("other.log");
-    r.src.watch_file(wk);
+    r.src.watch_file(wk, None);
     other.write_all(b"not watched\n").unwrap();
     let got = r.reported(Duration::from_millis(300), None);
     assert!(got.keys.is_empty(), "unwatched writes are silent: {got:?}");
@@ -145,7 +145,7 @@ fn write_path_tracepoints_ignore_the_agents_own_threads() {
         ..Options::default()
     });
     let (f, k) = r.file("0.log");
-    r.src.watch_file(k);
+    r.src.watch_file(k, Some(f.as_fd()));
     r.quiet();
     f.metadata().unwrap();
     (&f).write_all(b"from the agent's own process\n").unwrap();
@@ -170,7 +170,7 @@ fn write_path_tracepoints_ignore_the_agents_own_threads() {
 /// an `fstat` of it, as the agent does after each read.
 fn every_write_family_syscall_is_seen_by(mut r: Rig, stat_first: bool) {
     let (f, k) = r.file("0.log");
-    r.src.watch_file(k);
+    r.src.watch_file(k, Some(f.as_fd()));
     let (mut src_file, _) = r.file("source.txt");
     src_file.write_all(b"0123456789\n").unwrap();
     // sendfile, splice and copy_file_range refuse O_APPEND targets.
@@ -279,7 +279,7 @@ fn every_write_family_syscall_is_seen_by(mut r: Rig, stat_first: bool) {
 fn a_burst_of_writes_is_few_events_and_reading_on_reports_reads_everything() {
     let mut r = rig();
     let (mut f, k) = r.file("0.log");
-    r.src.watch_file(k);
+    r.src.watch_file(k, None);
     let path = r._dir.path().join("0.log");
     let reader = std::fs::File::open(&path).unwrap();
     let mut read_to = 0u64;
@@ -328,7 +328,7 @@ fn sabotaged_delivery_is_counted_in_the_kernel_and_nothing_is_reported() {
         ..Options::default()
     });
     let (mut f, k) = r.file("0.log");
-    r.src.watch_file(k);
+    r.src.watch_file(k, None);
     for _ in 0..3 {
         f.write_all(b"x\n").unwrap();
     }
@@ -352,7 +352,7 @@ fn a_full_ring_buffer_makes_the_agent_read_every_file() {
     let mut files = Vec::new();
     for i in 0..1000 {
         let (f, k) = r.file(&format!("{i}.log"));
-        r.src.watch_file(k);
+        r.src.watch_file(k, None);
         files.push(f);
     }
     // Make the reader take a pass first: the next one is 300 ms away.
@@ -386,7 +386,7 @@ fn files_beyond_the_maps_capacity_are_polled_every_second() {
     });
     let files: Vec<_> = (0..6).map(|i| r.file(&format!("{i}.log"))).collect();
     for (_, k) in &files {
-        r.src.watch_file(*k);
+        r.src.watch_file(*k, None);
     }
     assert_eq!(r.metrics.ebpf_unwatched_files.get(), 2);
     let (_, last) = files[5];
@@ -408,7 +408,7 @@ fn a_file_whose_writes_the_hook_does_not_see_is_polled_after_three_sweeps() {
         dev: real.dev + 1,
         ino: real.ino,
     };
-    r.src.watch_file(wrong);
+    r.src.watch_file(wrong, None);
     for round in 1..=3 {
         assert_eq!(r.metrics.ebpf_unwatched_files.get(), 0, "round {round}");
         r.src.sweep();
@@ -419,7 +419,7 @@ fn a_file_whose_writes_the_hook_does_not_see_is_polled_after_three_sweeps() {
     assert!(got.keys.contains(&wrong), "polled every second");
     // A miss now and then (a write just before a sweep) is not enough.
     let (_g, other) = r.file("1.log");
-    r.src.watch_file(other);
+    r.src.watch_file(other, None);
     for _ in 0..3 {
         r.src.sweep();
         r.src.missed(other);

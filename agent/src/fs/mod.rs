@@ -70,6 +70,15 @@ impl From<File> for Handle {
 }
 
 impl Handle {
+    /// The descriptor of a real file.
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Handle::Os(f) => Some(std::os::fd::AsFd::as_fd(f)),
+            #[cfg(test)]
+            Handle::Sim(_) => None,
+        }
+    }
+
     /// `fstat`.
     pub fn stat(&self) -> io::Result<Stat> {
         match self {

@@ -309,7 +309,8 @@ impl<S: Sink> Pipeline<S> {
         tracing::debug!(path = %found.path.display(), offset, id, rotated = found.rotated, "following file");
         // Watched before the first read: a write after this is reported, one
         // before it is seen by that read.
-        self.source.watch_file(key);
+        let fd = self.files.get(id).and_then(|f| f.file.fd());
+        self.source.watch_file(key, fd);
         self.schedule.mark(id);
         Some(id)
     }

@@ -42,6 +42,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use super::btf::Btf;
+use super::kernel_id;
 use super::loader::{self, LoadError, Loaded, ProgramKind, bpf};
 use super::{ChangeQueue, ChangeSource, InotifySource, Pending, pace};
 use crate::checkpoint::FileKey;
@@ -735,28 +736,55 @@ fn read_counters(map: &PerCpuArray<MapData, u64>, programs: &[OwnedFd]) -> Count
 /// Which files are in the map, and their slots.
 struct Table {
     watched: BpfHashMap<MapData, FileId, u32>,
-    slots: HashMap<FileKey, (FileId, u32)>,
+    /// Each file's kernel identities (see [`kernel_id`]) and slot.
+    slots: HashMap<FileKey, (Vec<FileId>, u32)>,
+    /// The file of each slot in use.
+    owners: Vec<Option<FileKey>>,
     free: Vec<u32>,
     next: u32,
     max: u32,
     /// Files the map had no room for: reported every second instead.
-    overflow: Vec<FileKey>,
-    /// Files in the map whose writes the hook does not seem to see (see
-    /// [`EbpfSource::missed`]): reported every second as well.
+    overflow: Vec<(FileKey, Vec<FileId>)>,
+    /// Files in the map whose writes the hook does not see, or may not
+    /// (see [`EbpfSource::missed`], [`needs_size_poll`]): reported every
+    /// second as well.
     also_polled: Vec<FileKey>,
 }
 
 impl Table {
+    fn new(watched: BpfHashMap<MapData, FileId, u32>, max: u32) -> Table {
+        Table {
+            watched,
+            slots: HashMap::new(),
+            owners: Vec::new(),
+            free: Vec::new(),
+            next: 0,
+            max,
+            overflow: Vec::new(),
+            also_polled: Vec::new(),
+        }
+    }
+
     fn polled(&self) -> impl Iterator<Item = &FileKey> {
-        self.overflow.iter().chain(&self.also_polled)
+        self.overflow
+            .iter()
+            .map(|(k, _)| k)
+            .chain(&self.also_polled)
     }
 
     fn polled_len(&self) -> usize {
         self.overflow.len() + self.also_polled.len()
     }
 
-    fn add(&mut self, key: FileKey, flags: &Flags) -> bool {
-        if self.slots.contains_key(&key) || self.overflow.contains(&key) {
+    /// The file whose slot this is.
+    fn owner(&self, slot: u32) -> Option<FileKey> {
+        self.owners.get(slot as usize).copied().flatten()
+    }
+
+    /// Puts `key` in the map under each of its kernel identities; false if
+    /// there is no room (it is polled instead).
+    fn add(&mut self, key: FileKey, ids: Vec<FileId>, flags: &Flags) -> bool {
+        if self.slots.contains_key(&key) || self.overflow.iter().any(|(k, _)| *k == key) {
             return true;
         }
         let slot = match self.free.pop() {
@@ -766,43 +794,55 @@ impl Table {
                 self.next - 1
             }
             None => {
-                self.overflow.push(key);
+                self.overflow.push((key, ids));
                 return false;
             }
         };
-        let id = FileId {
-            dev: kernel_dev(key.dev),
-            pad: 0,
-            ino: key.ino,
-        };
         flags.clear(slot);
-        match self.watched.insert(id, slot, 0) {
-            Ok(()) => {
-                self.slots.insert(key, (id, slot));
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "eBPF map full; polling this file every second");
-                self.free.push(slot);
-                self.overflow.push(key);
-                false
+        let mut inserted = 0;
+        let mut error = None;
+        for id in &ids {
+            match self.watched.insert(*id, slot, 0) {
+                Ok(()) => inserted += 1,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
             }
         }
+        if let Some(e) = error {
+            tracing::warn!(error = %e, "eBPF map full; polling this file every second");
+            for id in &ids[..inserted] {
+                let _ = self.watched.remove(id);
+            }
+            self.free.push(slot);
+            self.overflow.push((key, ids));
+            return false;
+        }
+        if self.owners.len() <= slot as usize {
+            self.owners.resize(slot as usize + 1, None);
+        }
+        self.owners[slot as usize] = Some(key);
+        self.slots.insert(key, (ids, slot));
+        true
     }
 
     /// Returns a polled file that took the freed place: the caller has it
     /// read once (a write just before it entered the map).
     fn remove(&mut self, key: FileKey, flags: &Flags) -> Option<FileKey> {
-        self.overflow.retain(|k| *k != key);
+        self.overflow.retain(|(k, _)| *k != key);
         self.also_polled.retain(|k| *k != key);
-        if let Some((id, slot)) = self.slots.remove(&key) {
-            let _ = self.watched.remove(&id);
+        if let Some((ids, slot)) = self.slots.remove(&key) {
+            for id in &ids {
+                let _ = self.watched.remove(id);
+            }
+            self.owners[slot as usize] = None;
             // A write racing the removal may still flag the slot: its next
             // owner then gets one spurious read.
             self.free.push(slot);
             // A polled file takes the free place.
-            if let Some(k) = self.overflow.pop() {
-                self.add(k, flags);
+            if let Some((k, ids)) = self.overflow.pop() {
+                self.add(k, ids, flags);
                 return Some(k);
             }
         }
@@ -826,8 +866,57 @@ pub struct EbpfSource {
     metrics: Arc<Metrics>,
     attach: Attach,
     counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    /// Mount facts, for each file's kernel identity.
+    mounts: kernel_id::Mounts,
+    /// Which files the hook sees every write of.
+    sees: Sees,
     /// Keeps the program attached and the maps alive.
     _hook: Hook,
+}
+
+/// Which writes the attached hook is known to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sees {
+    /// Every write, on every filesystem (it runs on the write syscalls or
+    /// the VFS write functions).
+    AllWrites,
+    /// The write path's tracepoints with multigrain timestamps
+    /// (`ctime_ns_xchg`): the next write after a `stat` of the file
+    /// re-stamps it, on the filesystems that have them ([`MULTIGRAIN`]).
+    MultigrainWrites,
+    /// The write path's tracepoints without them: a write into an already
+    /// dirty page within one timer tick may fire nothing.
+    SomeWrites,
+}
+
+impl Sees {
+    fn of(hook: &Hook) -> Sees {
+        match hook.attach {
+            Attach::WritePath
+                if hook
+                    .tracepoints
+                    .iter()
+                    .any(|(tp, r)| *tp == "ctime_ns_xchg" && r.is_ok()) =>
+            {
+                Sees::MultigrainWrites
+            }
+            Attach::WritePath => Sees::SomeWrites,
+            Attach::Fexit | Attach::TpBtf | Attach::RawTp => Sees::AllWrites,
+        }
+    }
+}
+
+/// Filesystems with multigrain timestamps (`FS_MGTIME`, Linux 6.13+).
+pub const MULTIGRAIN: [&str; 4] = ["ext4", "xfs", "btrfs", "tmpfs"];
+
+/// Whether a file on a filesystem of `fs_type` must also be polled by size
+/// every second: the hook may miss some of its writes.
+pub fn needs_size_poll(fs_type: &str, sees: Sees) -> bool {
+    match sees {
+        Sees::AllWrites => false,
+        Sees::MultigrainWrites => !MULTIGRAIN.contains(&fs_type),
+        Sees::SomeWrites => true,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -844,15 +933,7 @@ impl EbpfSource {
         let dirs = InotifySource::start_dirs_only(queue.clone(), metrics.clone())
             .map_err(|e| Unusable(format!("inotify for directory changes: {e}")))?;
         let watched = hook.watched.take().expect("watched map taken once");
-        let table = Arc::new(Mutex::new(Table {
-            watched,
-            slots: HashMap::new(),
-            free: Vec::new(),
-            next: 0,
-            max: hook.max_files,
-            overflow: Vec::new(),
-            also_polled: Vec::new(),
-        }));
+        let table = Arc::new(Mutex::new(Table::new(watched, hook.max_files)));
         let ring = hook.ring.take().expect("ring buffer taken once");
         let wake = Arc::new(
             rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
@@ -893,6 +974,8 @@ impl EbpfSource {
             metrics,
             attach: hook.attach,
             counters,
+            mounts: kernel_id::Mounts::default(),
+            sees: Sees::of(&hook),
             _hook: hook,
         })
     }
@@ -916,9 +999,27 @@ impl ChangeSource for EbpfSource {
         self.dirs.unwatch_dir(dir)
     }
 
-    fn watch_file(&mut self, key: FileKey) {
+    fn watch_file(&mut self, key: FileKey, file: Option<BorrowedFd<'_>>) {
+        let view = match file {
+            Some(fd) => self.mounts.view(fd, key.dev, key.ino),
+            None => kernel_id::View::of_fstat(key.dev, key.ino),
+        };
+        let ids = view
+            .ids
+            .iter()
+            .map(|&(dev, ino)| FileId {
+                dev: kernel_dev(dev),
+                pad: 0,
+                ino,
+            })
+            .collect();
+        let poll = needs_size_poll(&view.fs_type, self.sees);
         let mut t = lock(&self.table);
-        if !t.add(key, &self.flags) {
+        let in_map = t.add(key, ids, &self.flags);
+        if poll && in_map && !t.also_polled.contains(&key) {
+            t.also_polled.push(key);
+        }
+        if poll || !in_map {
             wake(&self.wake);
         }
         self.metrics.ebpf_unwatched_files.set(t.polled_len() as u64);
@@ -1092,12 +1193,13 @@ impl Reader {
             }
             // SAFETY: length checked; WriteEvent is plain integers.
             let ev: WriteEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            let key = FileKey {
-                dev: user_dev(ev.file.dev),
-                ino: ev.file.ino,
-            };
-            batch.keys.insert(key);
             st.slots.push(ev.slot);
+        }
+        if !st.slots.is_empty() {
+            let t = lock(&self.table);
+            batch
+                .keys
+                .extend(st.slots.iter().filter_map(|&slot| t.owner(slot)));
         }
         for &slot in &st.slots {
             self.flags.clear(slot);

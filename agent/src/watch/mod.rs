@@ -23,6 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ use crate::metrics::Metrics;
 pub mod btf;
 pub mod ebpf;
 pub mod fanotify;
+pub mod kernel_id;
 mod loader;
 
 /// What the data loop must look at, coalesced.
@@ -152,8 +154,9 @@ pub trait ChangeSource: Send {
     fn rearm(&mut self) -> Vec<PathBuf> {
         Vec::new()
     }
-    /// The data loop opened this file (backends that watch files).
-    fn watch_file(&mut self, _key: FileKey) {}
+    /// The data loop opened this file (backends that watch files); `file`
+    /// is its descriptor (none on the tests' simulated filesystem).
+    fn watch_file(&mut self, _key: FileKey, _file: Option<BorrowedFd<'_>>) {}
     /// The data loop closed this file.
     fn unwatch_file(&mut self, _key: FileKey) {}
     /// Called at each safety sweep (refresh figures, housekeeping).
