@@ -331,7 +331,13 @@ pub struct Config {
     pub max_record_bytes: usize,
     pub max_inflight_bytes: u64,
     pub checkpoint_interval: Duration,
+    /// The safety sweep's interval with a change source that may miss
+    /// writes (inotify, fanotify, poll).
     pub sweep_interval: Duration,
+    /// … and with one that sees every write (the eBPF hook on syscalls or
+    /// VFS functions, or on the write path with multigrain timestamps).
+    /// The same as `sweep_interval` when that is set.
+    pub sweep_interval_trusted: Duration,
     pub partial_flush: Duration,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
@@ -440,6 +446,7 @@ impl Config {
             max_inflight_bytes,
             checkpoint_interval: millis!(checkpoint_interval_ms, 1000, "checkpoint-interval-ms")?,
             sweep_interval: millis!(sweep_interval_ms, 5000, "sweep-interval-ms")?,
+            sweep_interval_trusted: millis!(sweep_interval_ms, 60_000, "sweep-interval-ms")?,
             partial_flush: millis!(partial_flush_ms, 5000, "partial-flush-ms")?,
             shutdown_timeout: millis!(shutdown_timeout_ms, 10_000, "shutdown-timeout-ms")?,
             log_format: pick!(log_format, LogFormat::Text),

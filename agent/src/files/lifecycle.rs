@@ -233,6 +233,18 @@ pub fn look(
     }
 }
 
+/// Whether a sweep between the full ones must look at `f`: it is not live
+/// (it closes once drained), was read past what the last look saw, holds an
+/// unfinished record, or was written less than `idle` ago (its partial
+/// record may be due). A live, settled, quiet file needs only the full
+/// safety sweep.
+pub fn needs_look(f: &TailedFile, now: Instant, idle: Duration) -> bool {
+    f.status != FileStatus::Live
+        || f.read_offset != f.size_seen
+        || f.decoder.has_pending()
+        || now.duration_since(f.last_activity) < idle
+}
+
 /// A file closes only when it is not live, drained to `size`,
 /// acknowledged, has nothing pending and is quiet.
 pub fn may_close(f: &TailedFile, size: u64, quiet: bool) -> bool {
@@ -438,5 +450,22 @@ mod tests {
         // Quiet with unread bytes (a record without its end): flushed.
         let l = look(&mut f, 20, (2, 0), t0 + 3 * idle, idle, false);
         assert!(l.quiet && l.flush);
+    }
+
+    #[test]
+    fn only_a_settled_quiet_live_file_can_wait_for_the_full_sweep() {
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(5);
+        let mut f = tailed_file(1, K, "/d/0.log".into());
+        f.last_activity = t0;
+        assert!(needs_look(&f, t0, idle), "written just now");
+        assert!(!needs_look(&f, t0 + idle, idle), "settled and quiet");
+        f.read_offset = 10;
+        assert!(needs_look(&f, t0 + idle, idle), "read past the last look");
+        look(&mut f, 10, (1, 0), t0 + idle, idle, true);
+        assert!(needs_look(&f, t0 + idle, idle), "its growth was just seen");
+        assert!(!needs_look(&f, t0 + 2 * idle, idle));
+        f.status = FileStatus::Rotated;
+        assert!(needs_look(&f, t0 + 2 * idle, idle), "rotated: to close");
     }
 }

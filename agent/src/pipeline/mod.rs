@@ -56,6 +56,10 @@ const READ_BUF: usize = 256 * 1024;
 const READ_QUOTA: u64 = 1 << 20;
 /// Full rediscovery, in case a directory event was lost.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// Between full sweeps, the files that need a look
+/// ([`lifecycle::needs_look`]: not live, read on, unfinished, recently
+/// written) get one this often (or at the sweep interval, if shorter).
+const LOOK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the checkpoint records of a file.
 fn entry(f: &TailedFile) -> Entry {
@@ -74,6 +78,7 @@ fn position(f: &TailedFile) -> (u64, Fingerprint) {
 
 /// The loop's timers.
 struct Timers {
+    /// The next safety sweep: every open file is looked at.
     sweep: Instant,
     rescan: Instant,
     checkpoint: Instant,
@@ -108,6 +113,9 @@ pub struct Pipeline<S: Sink> {
     writer: Writer,
     /// [`Registry::generation`] of the last checkpoint handed to the writer.
     saved: Option<u64>,
+    /// When the files that need a look between full sweeps get one; none
+    /// while every file is settled (an idle agent sleeps until the sweep).
+    look_at: Option<Instant>,
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
@@ -167,6 +175,7 @@ impl<S: Sink> Pipeline<S> {
             source,
             watched_dirs: HashSet::new(),
             saved: None,
+            look_at: None,
             stopping,
             read_errors: RateLimit::new(Duration::from_secs(10)),
             open_errors: RateLimit::new(Duration::from_secs(10)),
@@ -192,7 +201,7 @@ impl<S: Sink> Pipeline<S> {
         self.rescan();
         let now = Instant::now();
         let mut timers = Timers {
-            sweep: now + self.cfg.sweep_interval,
+            sweep: now + self.sweep_interval(),
             rescan: now + RESCAN_INTERVAL,
             checkpoint: now + self.cfg.checkpoint_interval,
         };
@@ -219,11 +228,32 @@ impl<S: Sink> Pipeline<S> {
         self.shutdown();
     }
 
+    /// The safety sweep's interval: long when the change source sees every
+    /// write.
+    fn sweep_interval(&self) -> Duration {
+        if self.source.sees_every_write() {
+            self.cfg.sweep_interval_trusted
+        } else {
+            self.cfg.sweep_interval
+        }
+    }
+
+    /// A file needs a look before the next sweep (it was read, opened or
+    /// changed status): one is due within [`LOOK_INTERVAL`].
+    fn look_soon(&mut self) {
+        if self.look_at.is_none() {
+            let every = LOOK_INTERVAL.min(self.cfg.sweep_interval);
+            self.look_at = Some(Instant::now() + every);
+        }
+    }
+
     fn run_timers(&mut self, t: &mut Timers) {
         let now = Instant::now();
         if now >= t.sweep {
-            self.sweep();
-            t.sweep = now + self.cfg.sweep_interval;
+            self.sweep_at(now, true);
+            t.sweep = now + self.sweep_interval();
+        } else if self.look_at.is_some_and(|at| now >= at) {
+            self.sweep_at(now, false);
         }
         let pod_rescan = self.pod_rescan.take_due(now);
         let pod_wait_over = self.pods.deadline().is_some_and(|d| now >= d);
@@ -249,6 +279,7 @@ impl<S: Sink> Pipeline<S> {
             self.saved != Some(self.files.generation()) || self.sink.inflight_bytes() > 0;
         let deadline = [
             Some(t.sweep),
+            self.look_at,
             Some(t.rescan),
             self.pods.deadline(),
             self.pod_rescan.deadline(),
@@ -427,7 +458,14 @@ impl<S: Sink> Pipeline<S> {
             // The file's next write makes a kernel event only once its
             // timestamps were queried: stat, then read. A write after the
             // stat makes an event; one before it is seen by this read.
-            let _ = f.file.stat();
+            // Shorter than what was read: truncated (copytruncate), found
+            // now rather than by the next (rare) safety sweep.
+            if let Ok(st) = f.file.stat()
+                && st.len < f.read_offset
+                && f.check_replaced(&self.metrics)
+            {
+                tracing::info!(path = %f.path.display(), "file truncated or replaced in place; reading it from the start");
+            }
         }
         let end = if f.meta.suppressed {
             let mut discard = Discard::default();
@@ -450,8 +488,13 @@ impl<S: Sink> Pipeline<S> {
         {
             f.fingerprint = fp;
         }
-        if position(f) != before {
+        let moved = position(f) != before;
+        let read_on = f.read_offset != f.size_seen;
+        if moved {
             self.files.touch();
+        }
+        if moved || read_on {
+            self.look_soon();
         }
         end
     }
@@ -472,29 +515,39 @@ impl<S: Sink> Pipeline<S> {
         f.last_activity = Instant::now();
         self.files.set_status(id, status);
         self.schedule.mark(id);
+        self.look_soon();
     }
 
     /// The slow safety net: finds what change events missed, flushes
     /// records stuck at EOF, closes drained files.
-    fn sweep(&mut self) {
-        self.sweep_at(Instant::now());
-    }
-
-    /// [`Pipeline::sweep`] as if it were `now` (tests move time on).
-    fn sweep_at(&mut self, now: Instant) {
-        self.source.sweep();
+    /// The safety sweep (`full`: every open file; a write the change
+    /// source missed is found and counted), or a look at the files that
+    /// need one between sweeps ([`lifecycle::needs_look`]). At `now`
+    /// (tests move time on).
+    fn sweep_at(&mut self, now: Instant, full: bool) {
+        if full {
+            self.source.sweep();
+        }
         let (mut lag, mut close, mut rescan, mut moved) = (0, Vec::new(), false, false);
         // Unread bytes while reading is not held back by the budget: the
         // change source missed a write (or it is a few ms old).
         let freely = !self.schedule.waits_for_budget() && self.sink.has_budget();
+        let idle = self.cfg.partial_flush;
+        let mut again = false;
         for f in self.files.iter_mut() {
+            if !full && !lifecycle::needs_look(f, now, idle) {
+                lag += f.size_seen.saturating_sub(f.acks.committed());
+                continue;
+            }
             let Ok(st) = f.file.stat() else { continue };
             let size = st.len;
-            let look = lifecycle::look(f, size, st.ctime, now, self.cfg.partial_flush, freely);
+            let look = lifecycle::look(f, size, st.ctime, now, idle, freely);
+            again |= lifecycle::needs_look(f, now, idle);
             if look.unread {
                 self.schedule.mark(f.id);
             }
-            if look.missed_write {
+            // Between sweeps, growth is a write a few ms old, not a miss.
+            if full && look.missed_write {
                 self.metrics.sweep_found_bytes.add(size - f.read_offset);
                 self.source.missed(f.key);
             }
@@ -542,7 +595,10 @@ impl<S: Sink> Pipeline<S> {
         if rescan || self.memory.waits_for_size() {
             self.rescan();
         }
-        self.metrics.sweeps.inc();
+        self.look_at = again.then(|| now + LOOK_INTERVAL.min(self.cfg.sweep_interval));
+        if full {
+            self.metrics.sweeps.inc();
+        }
     }
 
     fn close(&mut self, id: FileId) {

@@ -137,6 +137,7 @@ fn config(pods: &Path, data: &Path) -> Config {
         max_inflight_bytes: 1 << 20,
         checkpoint_interval: Duration::from_secs(3600),
         sweep_interval: Duration::from_secs(3600),
+        sweep_interval_trusted: Duration::from_secs(3600),
         partial_flush: Duration::from_millis(1),
         shutdown_timeout: Duration::from_secs(1),
         log_format: LogFormat::Text,
@@ -270,8 +271,8 @@ fn drain(p: &mut Pipeline<&mut ModelSink>) {
     // stuck at EOF are flushed by the first, drained files close at the
     // second.
     let later = std::time::Instant::now() + Duration::from_secs(3600);
-    p.sweep_at(later);
-    p.sweep_at(later + Duration::from_secs(3600));
+    p.sweep_at(later, true);
+    p.sweep_at(later + Duration::from_secs(3600), true);
 }
 
 fn checkpoint_now(p: &Pipeline<&mut ModelSink>, data: &Path) {

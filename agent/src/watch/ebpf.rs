@@ -1048,6 +1048,10 @@ impl ChangeSource for EbpfSource {
         self.attach == Attach::WritePath
     }
 
+    fn sees_every_write(&self) -> bool {
+        self.sees != Sees::SomeWrites
+    }
+
     fn missed(&mut self, key: FileKey) {
         // Growth found by MISSES_TO_POLL sweeps in a row that no event
         // announced: the hook does not see this file's writes (e.g. its
@@ -1152,13 +1156,17 @@ impl Reader {
                 batch.keys.extend(lock(&self.table).polled().copied());
                 st.next_poll = now + Duration::from_secs(1);
             }
-            // Fresh figures every second while busy, and when going idle.
-            if now >= st.next_counters || (st.slots.is_empty() && now >= st.linger_until) {
+            // Fresh figures every second while busy, and once more a
+            // second after the last events (then the reader sleeps).
+            if now >= st.next_counters {
                 publish(
                     &self.metrics,
                     read_counters(&lock(&self.counters), &self.programs),
                 );
                 st.next_counters = now + Duration::from_secs(1);
+                st.stale = false;
+            } else if !st.slots.is_empty() {
+                st.stale = true;
             }
             self.queue.merge(&mut batch);
         }
@@ -1248,6 +1256,8 @@ struct PassState {
     linger_until: Instant,
     next_poll: Instant,
     next_counters: Instant,
+    /// Events came since the counters were last published.
+    stale: bool,
 }
 
 impl PassState {
@@ -1263,6 +1273,7 @@ impl PassState {
             linger_until: now,
             next_poll: now + Duration::from_secs(1),
             next_counters: now,
+            stale: false,
         }
     }
 
@@ -1273,6 +1284,7 @@ impl PassState {
             self.miss_pending.then_some(self.next_miss_read),
             (now < self.linger_until).then_some(now + LINGER_EVERY),
             has_overflow.then_some(self.next_poll),
+            self.stale.then_some(self.next_counters),
         ]
         .into_iter()
         .flatten()

@@ -170,6 +170,12 @@ pub trait ChangeSource: Send {
     fn arms_by_stat(&self) -> bool {
         false
     }
+    /// Whether the backend reports every write to a watched file (the
+    /// files it cannot vouch for it polls itself): the safety sweep then
+    /// runs rarely (`Config::sweep_interval_trusted`).
+    fn sees_every_write(&self) -> bool {
+        false
+    }
 }
 
 /// Keeps a reader thread to at most one pass per `tick`: sleeps out the
