@@ -54,8 +54,12 @@ use crate::watch::{ChangeQueue, ChangeSource, Pending};
 const READ_BUF: usize = 256 * 1024;
 /// Bytes one file may read per turn before the next dirty file's turn.
 const READ_QUOTA: u64 = 1 << 20;
-/// Full rediscovery, in case a directory event was lost.
+/// Full rediscovery, in case a directory event was lost (a lost one is
+/// also signalled: queue overflow makes an immediate rescan). With a change
+/// source that sees every write, as rarely as [`RESCAN_INTERVAL_TRUSTED`]:
+/// a rescan of 1,000 pod directories is most of an idle agent's CPU.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+const RESCAN_INTERVAL_TRUSTED: Duration = Duration::from_secs(300);
 /// Between full sweeps, the files that need a look
 /// ([`lifecycle::needs_look`]: not live, read on, unfinished, recently
 /// written) get one this often (or at the sweep interval, if shorter).
@@ -202,7 +206,7 @@ impl<S: Sink> Pipeline<S> {
         let now = Instant::now();
         let mut timers = Timers {
             sweep: now + self.sweep_interval(),
-            rescan: now + RESCAN_INTERVAL,
+            rescan: now + self.rescan_interval(),
             checkpoint: now + self.cfg.checkpoint_interval,
         };
         while !self.stopping.load(Ordering::Relaxed) {
@@ -238,6 +242,14 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
+    fn rescan_interval(&self) -> Duration {
+        if self.source.sees_every_write() {
+            RESCAN_INTERVAL_TRUSTED
+        } else {
+            RESCAN_INTERVAL
+        }
+    }
+
     /// A file needs a look before the next sweep (it was read, opened or
     /// changed status): one is due within [`LOOK_INTERVAL`].
     fn look_soon(&mut self) {
@@ -259,7 +271,7 @@ impl<S: Sink> Pipeline<S> {
         let pod_wait_over = self.pods.deadline().is_some_and(|d| now >= d);
         if now >= t.rescan || pod_rescan || pod_wait_over {
             self.rescan();
-            t.rescan = now + RESCAN_INTERVAL;
+            t.rescan = now + self.rescan_interval();
         }
         if now >= t.checkpoint {
             self.apply_acks();
@@ -555,7 +567,7 @@ impl<S: Sink> Pipeline<S> {
             tracing::trace!(path = %f.path.display(), size, read = f.read_offset, committed = f.acks.committed(), in_flight = f.acks.in_flight(), "sweep");
             // Unchanged size and ctime since the last sweep: not written,
             // truncated, renamed or unlinked meanwhile (all set ctime); the
-            // 30 s rescan still looks at every path.
+            // periodic rescan still looks at every path.
             if f.status == FileStatus::Live && look.changed {
                 match self.fs.stat(&f.path) {
                     Ok(p) if p.dev == f.key.dev && p.ino == f.key.ino => {
