@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use support::scratch::{FsKind, ScratchFs};
 use support::*;
 
 const WRITERS: usize = 8;
@@ -138,6 +139,69 @@ fn watcher_ebpf_every_line_arrives_with_few_kernel_events() {
 /// hour): every line arrives from the kernel's events alone.
 #[test]
 fn watcher_ebpf_write_path_every_line_arrives_without_the_sweep() {
+    write_path_without_the_sweep(Node::new());
+}
+
+#[test]
+fn watcher_ebpf_write_path_without_the_sweep_on_tmpfs() {
+    write_path_without_the_sweep(Node::on(ScratchFs::new(FsKind::Tmpfs)));
+}
+
+#[test]
+fn watcher_ebpf_write_path_without_the_sweep_on_xfs() {
+    write_path_without_the_sweep(Node::on(ScratchFs::new(FsKind::Xfs)));
+}
+
+/// btrfs: a file's `st_dev` is its subvolume's anonymous device, not the
+/// superblock's `s_dev` the kernel's events carry.
+#[test]
+fn watcher_ebpf_write_path_without_the_sweep_on_btrfs() {
+    write_path_without_the_sweep(Node::on(ScratchFs::new(FsKind::Btrfs)));
+}
+
+#[test]
+fn watcher_ebpf_write_path_without_the_sweep_on_a_btrfs_subvolume() {
+    write_path_without_the_sweep(Node::on(ScratchFs::new(FsKind::BtrfsSubvolume)));
+}
+
+/// The logs written through an overlay mount (upper dir on the root file
+/// system): the kernel writes to the upper file system's inode; `fstat`
+/// names the overlay's device.
+#[test]
+fn watcher_ebpf_write_path_without_the_sweep_on_overlayfs() {
+    write_path_without_the_sweep(Node::on(ScratchFs::new(FsKind::Overlay)));
+}
+
+/// The logs are files of the overlay's lower layer, copied up when first
+/// opened for writing: `fstat` through the overlay names the lower inode,
+/// the kernel writes to the upper one.
+#[test]
+fn watcher_ebpf_write_path_without_the_sweep_on_overlayfs_copied_up_files() {
+    let lower: Vec<String> = (0..WRITERS)
+        .map(|w| format!("pods/ns_pod-{w}_uid-{w}/app/0.log"))
+        .collect();
+    let lower: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let node = Node::on(ScratchFs::overlay_with_lower(&lower));
+    let upper = node.fs.as_ref().unwrap().upper().unwrap();
+    for (w, path) in lower.iter().enumerate() {
+        use std::os::unix::fs::MetadataExt;
+        let log = node.container(w).join("0.log");
+        assert!(log.exists(), "the lower layer holds {path}");
+        // Opened for writing: copied up.
+        std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+        assert_ne!(
+            std::fs::metadata(&log).unwrap().ino(),
+            std::fs::metadata(upper.join(path)).unwrap().ino(),
+            "fstat through the overlay names the lower inode, not the upper one written to"
+        );
+    }
+    write_path_without_the_sweep(node);
+}
+
+/// The eBPF watcher on its write-path tracepoints with the sweep off: every
+/// line written to eight files in `node`'s pods dir arrives from the
+/// kernel's events alone.
+fn write_path_without_the_sweep(node: Node) {
     let extra = [
         "--watcher",
         "ebpf",
@@ -146,7 +210,7 @@ fn watcher_ebpf_write_path_every_line_arrives_without_the_sweep() {
         "--sweep-interval-ms",
         "3600000",
     ];
-    let (_, m) = eight_growing_files(&extra, &Launch::default());
+    let (_, m) = eight_growing_files_in(node, &extra, &Launch::default());
     assert_eq!(watcher(&m), "ebpf (write_path)");
     let (hits, events) = (
         m["bpftail_ebpf_hook_hits_total"],
@@ -279,9 +343,17 @@ fn eight_growing_files(
     extra: &[&str],
     how: &Launch,
 ) -> (String, std::collections::HashMap<String, u64>) {
+    eight_growing_files_in(Node::new(), extra, how)
+}
+
+/// [`eight_growing_files`] in `node`'s pods dir.
+fn eight_growing_files_in(
+    node: Node,
+    extra: &[&str],
+    how: &Launch,
+) -> (String, std::collections::HashMap<String, u64>) {
     let broker = Broker::start();
     broker.create_topic("logs", 4);
-    let node = Node::new();
     // The files exist before the agent starts, and grow while it runs.
     for w in 0..WRITERS {
         std::fs::write(node.container(w).join("0.log"), b"").unwrap();

@@ -23,6 +23,7 @@ use rdkafka::message::Headers;
 use rdkafka::{Offset, TopicPartitionList};
 
 pub mod kubeapi;
+pub mod scratch;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -840,6 +841,8 @@ pub struct Node {
     pub pods: PathBuf,
     pub data: PathBuf,
     pub log: PathBuf,
+    /// The file system the pods dir is on, if not the test dir's.
+    pub fs: Option<scratch::ScratchFs>,
 }
 
 impl Node {
@@ -850,7 +853,19 @@ impl Node {
             data: tmp.path().join("data"),
             log: tmp.path().join("bpftail.log"),
             _tmp: tmp,
+            fs: None,
         }
+    }
+
+    /// As [`Node::new`], with the pods dir on `fs` (its `pods`, made if
+    /// missing); the data dir and the agent's log stay in the test dir.
+    pub fn on(fs: scratch::ScratchFs) -> Node {
+        let mut node = Node::new();
+        node.pods = fs.path().join("pods");
+        std::fs::create_dir_all(&node.pods).unwrap();
+        eprintln!("pods dir on {}: {}", fs.kind(), node.pods.display());
+        node.fs = Some(fs);
+        node
     }
 
     /// `bpftail run` arguments for this node (`--node-name test-node`, no

@@ -35,6 +35,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // the tests' CA and certificates.
     "stunnel4",
     "openssl",
+    // mkfs.xfs, mkfs.btrfs and btrfs(8): the eBPF watcher's tests make xfs
+    // and btrfs file systems (loop-mounted images, a btrfs subvolume) to
+    // prove it on more than the root file system.
+    "xfsprogs",
+    "btrfs-progs",
 ];
 
 fn main() -> Result<()> {
