@@ -363,9 +363,11 @@ fn write_path_tracepoints_see_every_write_on_a_btrfs_subvolume() {
 
 /// A file made through overlayfs lives in the upper dir (on the root file
 /// system): the kernel writes to the upper inode, `fstat` names the
-/// overlay's device. (After each write overlayfs copies the upper inode's
-/// times to its own, `timestamp:inode_set_ctime_to_ts` on the overlay inode:
-/// seen with tracefs on 6.18.)
+/// overlay's device; the agent watches it under the upper file's name too.
+/// (After each write overlayfs copies the upper inode's times to its own,
+/// `timestamp:inode_set_ctime_to_ts` on the overlay inode — seen with
+/// tracefs on 6.18 — a tracepoint the hook leaves alone: it fires for every
+/// write through every overlay.)
 #[test]
 fn write_path_tracepoints_see_every_write_through_overlayfs() {
     every_write_family_syscall_is_seen_by(write_path_rig_on(ScratchFs::new(FsKind::Overlay)), true);

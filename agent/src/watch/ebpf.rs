@@ -148,14 +148,19 @@ impl InodeArg {
 /// - `ctime_ns_xchg` (and `ctime_xchg_skip`): a write re-stamps ctime. With
 ///   multigrain timestamps, a `stat` of the file guarantees the next write
 ///   a fresh stamp, so the agent stats each file after reading it.
-/// - `inode_set_ctime_to_ts`: the same on filesystems without multigrain
-///   timestamps (coarse: once per timer tick).
 /// - `writeback_mark_inode_dirty`: timestamps updated, or a page first
 ///   dirtied; `writeback_dirty_folio`: a page went from clean to dirty.
-const WRITE_PATH: [(&str, InodeArg); 5] = [
+///
+/// Not `inode_set_ctime_to_ts`: overlayfs fires it on its own inode after
+/// every write through it (copying the upper file's times), which would run
+/// the program for every write into every container's root filesystem; an
+/// overlay file is watched under its upper file's name instead
+/// ([`kernel_id`]), where `ctime_ns_xchg` fires. On filesystems without
+/// multigrain timestamps it fires once per timer tick at most, and files
+/// there are polled by size anyway ([`needs_size_poll`]).
+const WRITE_PATH: [(&str, InodeArg); 4] = [
     ("ctime_ns_xchg", InodeArg::First),
     ("ctime_xchg_skip", InodeArg::First),
-    ("inode_set_ctime_to_ts", InodeArg::First),
     ("writeback_mark_inode_dirty", InodeArg::First),
     ("writeback_dirty_folio", InodeArg::MappingSecond),
 ];

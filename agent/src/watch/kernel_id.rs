@@ -9,9 +9,11 @@
 //! - **overlayfs**: a write through the overlay lands on the upper
 //!   filesystem's real inode (its tracepoints fire there), and the
 //!   overlay's own inode gets its times copied over
-//!   (`inode_set_ctime_to_ts`). The file is watched under both: the
-//!   overlay's pair, and the upper file's (`upperdir` + the path below the
-//!   mount), when the upper directory is visible from here. A file still
+//!   (`inode_set_ctime_to_ts`, a tracepoint the hook does not use: it
+//!   fires for every write through every overlay). The file is watched
+//!   under both: the overlay's pair, and the upper file's (`upperdir` + the
+//!   path below the mount), when the upper directory is visible from here
+//!   (else it is polled by size: its filesystem type is then `overlay`). A file still
 //!   only in a lower layer gets its upper inode at copy-up: its writes are
 //!   then not seen until the file is reopened; the safety sweep finds them
 //!   and the watcher polls such a file (`EbpfSource::missed`).
