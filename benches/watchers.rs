@@ -3,11 +3,12 @@
 //! modest rate. Prints per backend: the agent's wakeups per second (context
 //! switches of all its threads, split into the agent's own threads and
 //! librdkafka's), its CPU, and lines per second delivered. Then the cost of
-//! the eBPF hook to the rest of the node: the slowdown of unrelated
-//! syscall-heavy loops (small writes to an unwatched file; getpid) with the
-//! hook attached versus not. Measures; asserts nothing.
+//! the agent to the rest of the node, per watcher: the slowdown of
+//! unrelated syscall-heavy loops (small writes to an unwatched file on the
+//! same filesystem; getpid) with the agent running versus not, in the
+//! loop's own CPU time. Measures; asserts nothing.
 //!
-//! `cargo xtask bench watchers [-- --files N --rate LINES_PER_FILE_PER_S --secs S --backends ebpf,inotify]`
+//! `cargo xtask bench watchers [-- --files N --rate LINES_PER_FILE_PER_S --secs S --backends ebpf,inotify --cost-rounds N]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -212,7 +213,7 @@ fn main() {
         let _ = agent.stop();
     }
 
-    node_cost(&pods, &broker, tmp.path());
+    node_cost(&pods, files, &broker, tmp.path());
 }
 
 /// Writes `rate` lines per second to every file for `secs` seconds, from 4
@@ -258,24 +259,55 @@ fn write_at_rate(
     }
 }
 
-/// Time of `n` iterations of a syscall loop, in ns per iteration (median of
-/// `reps` runs).
+/// This thread's CPU time in ns (`CLOCK_THREAD_CPUTIME_ID`): not the time
+/// it spent preempted by the agent, the broker or the writers.
+fn thread_cpu_ns() -> u64 {
+    // SAFETY: a plain C struct filled by clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a pointer to a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU time of `n` iterations of a syscall loop, in ns per iteration (the
+/// fastest of `reps` runs: interference only ever adds).
 fn loop_ns(reps: usize, n: u64, f: &dyn Fn(u64)) -> f64 {
     let mut v: Vec<f64> = (0..reps)
         .map(|_| {
-            let t = Instant::now();
+            let t = thread_cpu_ns();
             for i in 0..n {
                 f(i);
             }
-            t.elapsed().as_nanos() as f64 / n as f64
+            (thread_cpu_ns() - t) as f64 / n as f64
         })
         .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[0]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
-/// The eBPF hook's cost to processes that have nothing to do with logs.
-fn node_cost(pods: &Path, broker: &Broker, tmp: &Path) {
+/// The agent's cost to processes that have nothing to do with logs: the
+/// slowdown of a loop of 16-byte pwrites to an unwatched file on the same
+/// filesystem as the watched ones (the directory watches' share included),
+/// and of a getpid loop. Each round measures the loops without an agent,
+/// then with one (per watcher), on a thread pinned to one CPU, counting its
+/// own CPU time; the figure is the median over rounds of the ratio between
+/// neighbouring runs.
+fn node_cost(pods: &Path, files: usize, broker: &Broker, tmp: &Path) {
+    let rounds: usize = cli_arg("--cost-rounds", "5")
+        .parse()
+        .expect("--cost-rounds N");
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it;
+    // sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(1, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
     let scratch = tmp.join("unwatched.bin");
     let f = std::fs::File::create(&scratch).unwrap();
     let write = |i: u64| {
@@ -285,70 +317,72 @@ fn node_cost(pods: &Path, broker: &Broker, tmp: &Path) {
         // SAFETY: getpid has no preconditions.
         unsafe { libc::syscall(libc::SYS_getpid) };
     };
-    let (reps, n_write, n_getpid) = (7, 300_000, 1_000_000);
-    let measure = || {
+    let measure = || (loop_ns(5, 200_000, &write), loop_ns(5, 1_000_000, &getpid));
+    let watchers: [(&str, &[&str]); 4] = [
         (
-            loop_ns(reps, n_write, &write),
-            loop_ns(reps, n_getpid, &getpid),
-        )
-    };
+            "ebpf write-path",
+            &["--watcher", "ebpf", "--ebpf-attach", "write-path"],
+        ),
+        ("fanotify", &["--watcher", "fanotify"]),
+        ("inotify", &["--watcher", "inotify"]),
+        (
+            "ebpf tp-btf",
+            &["--watcher", "ebpf", "--ebpf-attach", "tp-btf"],
+        ),
+    ];
     println!();
     println!(
-        "cost to unrelated processes (median of {reps} runs; pwrite of 16 B to an unwatched file, getpid):"
+        "cost to unrelated processes ({rounds} rounds; per round the loops without, then with the agent; thread CPU time, pinned to CPU 1):"
     );
     println!(
-        "{:<26} {:>14} {:>10} {:>14} {:>10}",
-        "hook", "pwrite ns/op", "slowdown", "getpid ns/op", "slowdown"
+        "{:<18} {:>12} {:>12} {:>22} {:>12} {:>12} {:>22}",
+        "watcher", "pwrite ns", "vs none", "(min..max)", "getpid ns", "vs none", "(min..max)"
     );
-    // Warm up, then alternate: none, each attachment, none again.
     let _ = measure();
-    let base1 = measure();
-    let mut rows = Vec::new();
-    for attach in ["write-path", "tp-btf", "raw-tp"] {
-        let data = tmp.join(format!("data-cost-{attach}"));
-        let args = agent_args(
-            pods,
-            &data,
-            &broker.addr(),
-            "bench",
-            &[
-                "--kube",
-                "off",
-                "--watcher",
-                "ebpf",
-                "--ebpf-attach",
-                attach,
-            ],
-        );
-        let log = tmp.join(format!("bpftail-cost-{attach}.log"));
-        let agent = Agent::start(&args, &log);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while agent.metric("bpftail_files_watched") == 0 {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(50));
+    let mut results: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); watchers.len()];
+    for _ in 0..rounds {
+        for (i, (name, flags)) in watchers.iter().enumerate() {
+            let off = measure();
+            let data = tmp.join(format!("data-cost-{}", name.replace(' ', "-")));
+            let mut extra = vec!["--kube", "off"];
+            extra.extend_from_slice(flags);
+            let args = agent_args(pods, &data, &broker.addr(), "bench", &extra);
+            let log = tmp.join(format!("bpftail-cost-{}.log", name.replace(' ', "-")));
+            let agent = Agent::start(&args, &log);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while agent.metric("bpftail_files_watched") < files as u64 {
+                assert!(Instant::now() < deadline, "{name}: not every file watched");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Past its start-up reads (a bench: a settling pause is fine).
+            std::thread::sleep(Duration::from_secs(1));
+            let on = measure();
+            let _ = agent.stop();
+            results[i].push((on.0, on.0 / off.0, on.1, on.1 / off.1));
         }
-        std::thread::sleep(Duration::from_secs(2));
-        rows.push((attach, measure()));
-        let _ = agent.stop();
     }
-    let base2 = measure();
-    let base = ((base1.0 + base2.0) / 2.0, (base1.1 + base2.1) / 2.0);
-    println!(
-        "{:<26} {:>14.0} {:>10} {:>14.0} {:>10}",
-        "none (before/after avg)", base.0, "", base.1, ""
-    );
-    for (attach, (w, g)) in rows {
+    for ((name, _), r) in watchers.iter().zip(results) {
+        let pct = |v: Vec<f64>| median(v.clone()) * 100.0 - 100.0;
+        let range = |v: Vec<f64>| {
+            let lo = v.iter().cloned().fold(f64::MAX, f64::min) * 100.0 - 100.0;
+            let hi = v.iter().cloned().fold(f64::MIN, f64::max) * 100.0 - 100.0;
+            format!("({lo:+.1}..{hi:+.1} %)")
+        };
+        let (w, wr, g, gr): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = (
+            r.iter().map(|x| x.0).collect(),
+            r.iter().map(|x| x.1).collect(),
+            r.iter().map(|x| x.2).collect(),
+            r.iter().map(|x| x.3).collect(),
+        );
         println!(
-            "{:<26} {:>14.0} {:>9.1}% {:>14.0} {:>9.1}%",
-            format!("ebpf {attach}"),
-            w,
-            (w / base.0 - 1.0) * 100.0,
-            g,
-            (g / base.1 - 1.0) * 100.0
+            "{:<18} {:>12.0} {:>11.1}% {:>22} {:>12.0} {:>11.1}% {:>22}",
+            name,
+            median(w),
+            pct(wr.clone()),
+            range(wr),
+            median(g),
+            pct(gr.clone()),
+            range(gr)
         );
     }
-    println!(
-        "  (no run-to-run spread is removed: on this 2-core machine a few % is noise; compare the two 'none' runs: {:.0} / {:.0} ns pwrite)",
-        base1.0, base2.0
-    );
 }

@@ -34,7 +34,27 @@ pub enum Command {
     /// Ship every container log on this node to Kafka.
     Run(Box<RunArgs>),
     /// Report kernel features and which watcher `--watcher auto` picks.
-    Probe,
+    Probe(ProbeArgs),
+}
+
+/// Flags of `bpftail probe`: the log directories whose filesystems it
+/// reports (the same flags and variables as `bpftail run`).
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    #[arg(long, env = "BPFTAIL_PODS_DIR", default_value = "/var/log/pods")]
+    pub pods_dir: PathBuf,
+    #[arg(
+        long,
+        env = "BPFTAIL_DOCKER_DIR",
+        default_value = "/var/lib/docker/containers"
+    )]
+    pub docker_dir: PathBuf,
+    #[arg(
+        long,
+        env = "BPFTAIL_KUBELET_PODS_DIR",
+        default_value = "/var/lib/kubelet/pods"
+    )]
+    pub kubelet_pods_dir: PathBuf,
 }
 
 /// Flags of `bpftail run`. Every flag also reads `BPFTAIL_<NAME>`; unset

@@ -188,7 +188,23 @@ fn start_watcher(
             "auto does not use the eBPF sys_exit tracepoint hook (it would slow every syscall on this node); --watcher ebpf forces it"
         );
     }
-    // Starting the eBPF watcher parsed the kernel's BTF (tens of MB, freed
+    let sweep = if started.source.sees_every_write() {
+        cfg.sweep_interval_trusted
+    } else {
+        cfg.sweep_interval
+    };
+    tracing::info!(
+        watcher = %started.detail,
+        asked = cfg.watcher.as_str(),
+        sweep_interval_ms = sweep.as_millis() as u64,
+        why = if cfg.watcher == config::WatcherKind::Auto {
+            "auto: the first that starts of ebpf (write path, then fexit), fanotify, inotify, poll"
+        } else {
+            "named by --watcher"
+        },
+        "change detection"
+    );
+    // Starting the eBPF watcher read the kernel's BTF (a few MB, freed
     // since): hand those pages back to the system now.
     // SAFETY: mi_collect has no preconditions.
     unsafe { libmimalloc_sys::mi_collect(true) };

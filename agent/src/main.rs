@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use bpftail::config::{Cli, Command, Config, LogFormat};
+use bpftail::config::{Cli, Command, Config, LogFormat, ProbeArgs};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -28,8 +28,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe => {
-            probe();
+        Command::Probe(args) => {
+            probe(&args);
             ExitCode::SUCCESS
         }
     }
@@ -48,9 +48,10 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Reports what change detection this kernel offers, and what
-/// `--watcher auto` would choose. Needs no broker; always exits 0.
-fn probe() {
+/// Reports what change detection this kernel offers, what
+/// `--watcher auto` would choose, and the filesystems of the log
+/// directories. Needs no broker; always exits 0.
+fn probe(args: &ProbeArgs) {
     use bpftail::watch::{ebpf, fanotify};
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel: {}", release.trim());
@@ -81,6 +82,7 @@ fn probe() {
         }
     );
     let mut usable = Vec::new();
+    let mut multigrain = false;
     for (attach, result) in ebpf::probe() {
         match result {
             Ok(()) => {
@@ -93,6 +95,7 @@ fn probe() {
             && let Ok(tracepoints) = ebpf::probe_tracepoints()
         {
             for (tp, r) in tracepoints {
+                multigrain |= tp == "ctime_ns_xchg" && r.is_ok();
                 match r {
                     Ok(()) => println!("  tracepoint {tp}: attaches"),
                     Err(e) => println!("  tracepoint {tp}: not used: {e}"),
@@ -117,9 +120,45 @@ fn probe() {
     println!("poll: usable");
     let auto = bpftail::watch::auto_choice(&usable, fan.is_ok(), inotify.is_ok());
     println!("auto picks: {auto}");
+    if usable.first() == Some(&ebpf::Attach::WritePath) {
+        let sees = if multigrain {
+            ebpf::Sees::MultigrainWrites
+        } else {
+            ebpf::Sees::SomeWrites
+        };
+        print_filesystems(args, sees);
+    }
     if !usable.iter().any(|a| ebpf::Attach::ALL.contains(a)) && !usable.is_empty() {
         println!(
             "  (eBPF runs here only on the sys_exit tracepoint, which slows every syscall on the node; auto prefers fanotify. --watcher ebpf --ebpf-attach tp-btf forces it.)"
         );
+    }
+}
+
+/// The filesystem of each log directory, and whether its files are also
+/// polled by size with the write-path watcher.
+fn print_filesystems(args: &ProbeArgs, sees: bpftail::watch::ebpf::Sees) {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    println!("log directories (write-path watcher):");
+    let mut mounts = bpftail::watch::kernel_id::Mounts::default();
+    for dir in [&args.pods_dir, &args.docker_dir, &args.kubelet_pods_dir] {
+        let Ok(f) = std::fs::File::open(dir) else {
+            println!("  {}: missing", dir.display());
+            continue;
+        };
+        let Ok(md) = f.metadata() else { continue };
+        let view = mounts.view(f.as_fd(), md.dev(), md.ino());
+        let fs = if view.fs_type.is_empty() {
+            "unknown filesystem"
+        } else {
+            view.fs_type.as_str()
+        };
+        let how = if bpftail::watch::ebpf::needs_size_poll(&view.fs_type, sees) {
+            "its files are also polled by size every second"
+        } else {
+            "events only (multigrain timestamps)"
+        };
+        println!("  {}: {fs}: {how}", dir.display());
     }
 }

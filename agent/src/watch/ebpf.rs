@@ -24,12 +24,19 @@
 //! Directory changes (files created, renamed, deleted) come from inotify
 //! watches without `IN_MODIFY`: rare events, no write traffic.
 //!
-//! Attachment: fexit on the VFS write functions where the kernel allows BPF
-//! trampolines (runs only for writes), else the `sys_exit` BTF tracepoint,
-//! else the raw tracepoint (both run for every syscall and return early for
-//! all but the write family). Field offsets come from the kernel's BTF.
+//! Attachment ([`Attach`]): the write path's own tracepoints (they fire
+//! for file changes only; the data loop `fstat`s a file before reading it,
+//! which guarantees its next write a fresh ctime, hence an event, on
+//! filesystems with multigrain timestamps — files elsewhere are also polled
+//! by size every second, [`needs_size_poll`]); fexit on the VFS write
+//! functions where the kernel allows BPF trampolines; the `sys_exit`
+//! tracepoint (BTF-enabled or raw) only when named, as every syscall on the
+//! node pays for it. Field offsets and attach ids come from the kernel's
+//! BTF ([`super::btf`]); the object is loaded by [`super::loader`]. A file
+//! is in the map under the kernel's names for it ([`kernel_id`]: the
+//! superblock's device, and an overlay file's upper inode).
 //! Not seen by any of them: stores into a shared mmap, io_uring writes
-//! (with the tracepoints); the safety sweep covers those.
+//! (with the syscall tracepoints); the safety sweep covers those.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
