@@ -186,6 +186,8 @@ fn main() {
         // Let startup (and the first delivery of what exists) settle.
         std::thread::sleep(Duration::from_secs(6));
         let idle = measure(&agent, || std::thread::sleep(Duration::from_secs_f64(secs)));
+        let wake = idle_write_latency(&agent, &paths, seq);
+        seq += 1;
         let before = agent.metric("bpftail_records_delivered_total");
         let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let busy = measure(&agent, || {
@@ -210,10 +212,42 @@ fn main() {
             busy.cpu_percent,
             busy.lines_per_s,
         );
+        println!(
+            "{:<10} a line written to an idle file acknowledged by Kafka after {:.1} ms median, {:.1} ms max ({} files, one at a time)",
+            "",
+            wake[wake.len() / 2],
+            wake[wake.len() - 1],
+            wake.len()
+        );
         let _ = agent.stop();
     }
 
     node_cost(&pods, files, &broker, tmp.path());
+}
+
+/// With the agent idle, one line at a time into 10 of the files (each after
+/// the last was acknowledged): the time from the write to Kafka's
+/// acknowledgement (`records_delivered_total`, polled every ms), sorted.
+fn idle_write_latency(agent: &Agent, paths: &[PathBuf], seq: u64) -> Vec<f64> {
+    let mut v: Vec<f64> = (0..10)
+        .map(|k| {
+            let i = (k * 97 + 13) % paths.len();
+            let mut w = LineWriter::create(&paths[i]);
+            let before = agent.metric("bpftail_records_delivered_total");
+            let t = Instant::now();
+            w.line(i, seq, 120);
+            while agent.metric("bpftail_records_delivered_total") == before {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "an idle write never shipped"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v
 }
 
 /// Writes `rate` lines per second to every file for `secs` seconds, from 4

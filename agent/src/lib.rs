@@ -269,7 +269,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         node = %cfg.node_name,
         "bpftail starting"
     );
-    let stall = cfg.sweep_interval * 3 + Duration::from_secs(30);
+    // The loop turns at least every heartbeat (and every sweep, if shorter).
+    let stall = pipeline::HEARTBEAT.min(cfg.sweep_interval) * 3 + Duration::from_secs(30);
     let settings = kube::WatchSettings {
         node: cfg.node_name.clone(),
         grace: cfg.deleted_pod_grace,

@@ -494,7 +494,7 @@ fn unix_now() -> u64 {
 
 /// Serves `/metrics` and `/healthz` until the task is dropped. `/healthz`
 /// fails when the data loop has not turned for `stall` (it turns at least
-/// every sweep interval).
+/// every `pipeline::HEARTBEAT`).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stall: Duration) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {

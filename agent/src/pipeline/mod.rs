@@ -54,6 +54,9 @@ use crate::watch::{ChangeQueue, ChangeSource, Pending};
 const READ_BUF: usize = 256 * 1024;
 /// Bytes one file may read per turn before the next dirty file's turn.
 const READ_QUOTA: u64 = 1 << 20;
+/// The longest the loop sleeps: each turn proves it alive (`/healthz`).
+/// One wakeup per heartbeat is what an idle agent costs.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Full rediscovery, in case a directory event was lost (a lost one is
 /// also signalled: queue overflow makes an immediate rescan). With a change
 /// source that sees every write, as rarely as [`RESCAN_INTERVAL_TRUSTED`]:
@@ -290,6 +293,7 @@ impl<S: Sink> Pipeline<S> {
         let progress =
             self.saved != Some(self.files.generation()) || self.sink.inflight_bytes() > 0;
         let deadline = [
+            Some(Instant::now() + HEARTBEAT),
             Some(t.sweep),
             self.look_at,
             Some(t.rescan),
@@ -301,7 +305,7 @@ impl<S: Sink> Pipeline<S> {
         .into_iter()
         .flatten()
         .min()
-        .expect("the sweep is always due");
+        .expect("the heartbeat is always due");
         let timeout = deadline.saturating_duration_since(Instant::now());
         let _ = self.wake.recv_timeout(timeout);
     }
