@@ -325,6 +325,27 @@ fn without_cap_bpf_auto_falls_back_and_a_forced_ebpf_fails_fast() {
     assert!(agent.stop().success());
 }
 
+#[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "the agent reads BPFTAIL_TEST_EBPF_TRACEPOINTS only when built with --features bpftail/test-hooks (cargo xtask test does)"
+)]
+fn when_every_write_path_tracepoint_is_refused_auto_falls_back_and_ships_everything() {
+    // As on a kernel without any of them: the write-path attachment fails,
+    // fexit is refused here (lockdown), so auto goes on to fanotify.
+    let how = Launch {
+        env: vec![("BPFTAIL_TEST_EBPF_TRACEPOINTS".into(), "".into())],
+        ..Launch::default()
+    };
+    let (log, m) = eight_growing_files(&[], &how);
+    assert!(!watcher(&m).starts_with("ebpf"), "{}", watcher(&m));
+    assert!(
+        log.contains("none of the write path's tracepoints"),
+        "the reason is logged: {log}"
+    );
+    assert!(log.contains("change detection"), "{log}");
+}
+
 /// The change-detection backend the agent reports in its metrics.
 fn watcher(m: &std::collections::HashMap<String, u64>) -> String {
     m.keys()

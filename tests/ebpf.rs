@@ -177,6 +177,55 @@ fn write_path_tracepoints_see_every_write_after_a_stat() {
     every_write_family_syscall_is_seen_by(r, true);
 }
 
+/// The write-path hook on one tracepoint alone.
+fn one_tracepoint_rig(tp: &str) -> Rig {
+    let r = rig_with(Options {
+        attach: vec![Attach::WritePath],
+        ignore_own_threads: false,
+        only_tracepoints: Some(vec![tp.to_owned()]),
+        ..Options::default()
+    });
+    assert_eq!(r.src.attach(), Attach::WritePath);
+    r
+}
+
+/// What the agent's protocol rests on, per tracepoint: after a stat, the
+/// next write re-stamps ctime (multigrain timestamps), so `ctime_ns_xchg`
+/// alone sees every way of writing, appends into a dirty page included.
+#[test]
+fn ctime_ns_xchg_alone_sees_every_write_after_a_stat() {
+    every_write_family_syscall_is_seen_by(one_tracepoint_rig("ctime_ns_xchg"), true);
+}
+
+/// … and so does `writeback_mark_inode_dirty` (the timestamp update marks
+/// the inode dirty).
+#[test]
+fn writeback_mark_inode_dirty_alone_sees_every_write_after_a_stat() {
+    every_write_family_syscall_is_seen_by(one_tracepoint_rig("writeback_mark_inode_dirty"), true);
+}
+
+/// `writeback_dirty_folio` fires when a clean page becomes dirty: a write
+/// after the file's pages were written back.
+#[test]
+fn writeback_dirty_folio_fires_when_a_clean_page_is_dirtied() {
+    let mut r = one_tracepoint_rig("writeback_dirty_folio");
+    let (f, k) = r.file("0.log");
+    r.src.watch_file(k, Some(f.as_fd()));
+    for round in 0..3 {
+        (&f).write_all(b"some bytes\n").unwrap();
+        f.sync_data().unwrap();
+        r.quiet();
+        // Clean now: this write dirties the page again.
+        (&f).write_all(b"more\n").unwrap();
+        assert!(
+            r.reported(Duration::from_secs(5), Some(k))
+                .keys
+                .contains(&k),
+            "round {round}: dirtying a clean page was not reported"
+        );
+    }
+}
+
 /// The agent's own threads are ignored by the write-path tracepoints: its
 /// reads and stats must not report themselves.
 #[test]

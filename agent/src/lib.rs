@@ -58,6 +58,20 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
     };
     #[cfg(not(feature = "test-hooks"))]
     let sabotage = false;
+    // … and the write-path hook uses only the tracepoints named (comma-
+    // separated; empty: none, so that attachment fails).
+    #[cfg(feature = "test-hooks")]
+    let only_tracepoints = std::env::var("BPFTAIL_TEST_EBPF_TRACEPOINTS")
+        .ok()
+        .map(|v| {
+            tracing::warn!(tracepoints = %v, "BPFTAIL_TEST_EBPF_TRACEPOINTS: the write-path hook uses only these");
+            v.split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
+        });
+    #[cfg(not(feature = "test-hooks"))]
+    let only_tracepoints = None;
     WatchOptions {
         ebpf: Options {
             attach,
@@ -66,6 +80,7 @@ pub fn watch_options(cfg: &Config) -> WatchOptions {
             ring_bytes: crate::watch::ebpf::RING_BYTES,
             sabotage,
             ignore_own_threads: true,
+            only_tracepoints,
         },
         poll_interval: cfg.poll_interval,
     }

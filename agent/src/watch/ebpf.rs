@@ -211,6 +211,10 @@ pub struct Options {
     /// reads and stats must not report themselves). Tests that write from
     /// the process that loads the hook turn it off.
     pub ignore_own_threads: bool,
+    /// Tests: the write-path tracepoints to use, by name (`None`: every one
+    /// the kernel has; none: the attachment fails, as on a kernel that
+    /// has none of them).
+    pub only_tracepoints: Option<Vec<String>>,
 }
 
 impl Default for Options {
@@ -222,6 +226,7 @@ impl Default for Options {
             ring_bytes: RING_BYTES,
             sabotage: false,
             ignore_own_threads: true,
+            only_tracepoints: None,
         }
     }
 }
@@ -395,7 +400,12 @@ pub fn load(opts: &Options) -> Result<Hook, Unusable> {
         Unusable("this bpftail was built without its eBPF object (BPFTAIL_NO_EBPF=1)".into())
     })?;
     may_use_bpf()?;
-    let kernel = Kernel::read()?;
+    let mut kernel = Kernel::read()?;
+    if let Some(only) = &opts.only_tracepoints {
+        kernel
+            .write_path
+            .retain(|(tp, _)| only.iter().any(|o| o == tp));
+    }
     let entries = opts.max_files.max(1);
     let loaded = load_object(object, opts, &kernel.globals, entries)?;
     let mut tracepoints = kernel.missing.clone();
