@@ -410,6 +410,56 @@ fn write_path_tracepoints_see_every_write_on_a_btrfs_subvolume() {
     );
 }
 
+/// btrfs numbers inodes per subvolume: the first file of the top level and
+/// the first of a subvolume share one kernel identity (superblock, inode).
+/// The first is watched by the hook, the second polled: writes to both are
+/// reported.
+#[test]
+fn two_files_with_one_kernel_identity_are_both_reported() {
+    use std::os::unix::fs::MetadataExt;
+    let mut r = write_path_rig_on(ScratchFs::new(FsKind::BtrfsSubvolume));
+    let top = r.dir().parent().unwrap().join("top.log");
+    let a = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(&top)
+        .unwrap();
+    let ka = key_of(&a);
+    let (b, kb) = r.file("sub.log");
+    assert_ne!(
+        ka, kb,
+        "fstat tells them apart (the subvolume's own st_dev)"
+    );
+    assert_eq!(
+        a.metadata().unwrap().ino(),
+        b.metadata().unwrap().ino(),
+        "the premise: the same inode number in the top level and the subvolume"
+    );
+    r.src.watch_file(ka, Some(a.as_fd()));
+    r.src.watch_file(kb, Some(b.as_fd()));
+    assert_eq!(
+        r.metrics.ebpf_unwatched_files.get(),
+        1,
+        "the second is polled"
+    );
+    for (f, k, name) in [(&a, ka, "top level"), (&b, kb, "subvolume")] {
+        r.quiet();
+        f.metadata().unwrap();
+        let mut w = f;
+        w.write_all(b"a line\n").unwrap();
+        assert!(
+            r.reported(Duration::from_secs(5), Some(k))
+                .keys
+                .contains(&k),
+            "the {name} file's write was not reported"
+        );
+    }
+    r.src.unwatch_file(kb);
+    r.src.unwatch_file(ka);
+    assert_eq!(r.metrics.ebpf_unwatched_files.get(), 0);
+}
+
 /// A file made through overlayfs lives in the upper dir (on the root file
 /// system): the kernel writes to the upper inode, `fstat` names the
 /// overlay's device; the agent watches it under the upper file's name too.

@@ -152,7 +152,7 @@ pub struct RunArgs {
     /// How often acknowledged offsets are persisted, in milliseconds [default: 1000].
     #[arg(long, env = "BPFTAIL_CHECKPOINT_INTERVAL_MS")]
     pub checkpoint_interval_ms: Option<u64>,
-    /// Safety sweep (stat of open files) interval, in milliseconds [default: 5000].
+    /// Safety sweep (stat of open files) interval, in milliseconds [default: 5000; 60000 with the eBPF write-path watcher on multigrain timestamps].
     #[arg(long, env = "BPFTAIL_SWEEP_INTERVAL_MS")]
     pub sweep_interval_ms: Option<u64>,
     /// A record left partial at the end of an idle file is delivered (flagged partial) after this many milliseconds [default: 5000].

@@ -123,6 +123,9 @@ pub struct Pipeline<S: Sink> {
     /// When the files that need a look between full sweeps get one; none
     /// while every file is settled (an idle agent sleeps until the sweep).
     look_at: Option<Instant>,
+    /// The last rescan could not watch some directory: rescans stay
+    /// frequent (new files there are found only by them).
+    dirs_unwatched: bool,
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
@@ -183,6 +186,7 @@ impl<S: Sink> Pipeline<S> {
             watched_dirs: HashSet::new(),
             saved: None,
             look_at: None,
+            dirs_unwatched: false,
             stopping,
             read_errors: RateLimit::new(Duration::from_secs(10)),
             open_errors: RateLimit::new(Duration::from_secs(10)),
@@ -246,7 +250,7 @@ impl<S: Sink> Pipeline<S> {
     }
 
     fn rescan_interval(&self) -> Duration {
-        if self.source.sees_every_write() {
+        if self.source.sees_every_write() && !self.dirs_unwatched {
             RESCAN_INTERVAL_TRUSTED
         } else {
             RESCAN_INTERVAL
@@ -470,18 +474,13 @@ impl<S: Sink> Pipeline<S> {
             return ReadEnd::Eof;
         };
         let before = position(f);
+        let mut size = None;
         if self.source.arms_by_stat() {
             // The file's next write makes a kernel event only once its
             // timestamps were queried: stat, then read. A write after the
             // stat makes an event; one before it is seen by this read.
-            // Shorter than what was read: truncated (copytruncate), found
-            // now rather than by the next (rare) safety sweep.
-            if let Ok(st) = f.file.stat()
-                && st.len < f.read_offset
-                && f.check_replaced(&self.metrics)
-            {
-                tracing::info!(path = %f.path.display(), "file truncated or replaced in place; reading it from the start");
-            }
+            // Its size tells below whether the read left bytes unread.
+            size = f.file.stat().ok().map(|st| st.len);
         }
         let end = if f.meta.suppressed {
             let mut discard = Discard::default();
@@ -506,10 +505,13 @@ impl<S: Sink> Pipeline<S> {
         }
         let moved = position(f) != before;
         let read_on = f.read_offset != f.size_seen;
+        // Bytes left at the end (a line without its newline yet): its
+        // partial record is due after `--partial-flush-ms` of quiet.
+        let tail_left = size.is_some_and(|s| s > f.read_offset);
         if moved {
             self.files.touch();
         }
-        if moved || read_on {
+        if moved || read_on || tail_left {
             self.look_soon();
         }
         end
@@ -544,6 +546,9 @@ impl<S: Sink> Pipeline<S> {
         if full {
             self.source.sweep();
         }
+        // Set again below if a file still needs a look (or by the rescan
+        // this may start, for the files it changes).
+        self.look_at = None;
         let (mut lag, mut close, mut rescan, mut moved) = (0, Vec::new(), false, false);
         // Unread bytes while reading is not held back by the budget: the
         // change source missed a write (or it is a few ms old).
@@ -555,7 +560,10 @@ impl<S: Sink> Pipeline<S> {
                 lag += f.size_seen.saturating_sub(f.acks.committed());
                 continue;
             }
-            let Ok(st) = f.file.stat() else { continue };
+            let Ok(st) = f.file.stat() else {
+                again = true;
+                continue;
+            };
             let size = st.len;
             let look = lifecycle::look(f, size, st.ctime, now, idle, freely);
             again |= lifecycle::needs_look(f, now, idle);
@@ -611,7 +619,9 @@ impl<S: Sink> Pipeline<S> {
         if rescan || self.memory.waits_for_size() {
             self.rescan();
         }
-        self.look_at = again.then(|| now + LOOK_INTERVAL.min(self.cfg.sweep_interval));
+        if again {
+            self.look_soon();
+        }
         if full {
             self.metrics.sweeps.inc();
         }

@@ -77,6 +77,7 @@ impl<S: Sink> Pipeline<S> {
         let mut scan = Scan::default();
         // Watch new directories before trusting the listing, then list again
         // so nothing created in between is missed.
+        self.dirs_unwatched = false;
         for _ in 0..WATCH_PASSES {
             scan = Scan::default();
             discover::scan_docker_dir(&self.fs, &self.cfg.docker_dir, &mut scan);
@@ -94,7 +95,8 @@ impl<S: Sink> Pipeline<S> {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; the sweep covers it")
+                        self.dirs_unwatched = true;
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; the sweep and the 30 s rescan cover it")
                     }
                 }
             }
@@ -312,6 +314,14 @@ impl<S: Sink> Pipeline<S> {
         let fd = self.files.get(id).and_then(|f| f.file.fd());
         self.source.watch_file(key, fd);
         self.schedule.mark(id);
+        // Not live (a rotated file or a copy): it closes once drained.
+        if self
+            .files
+            .get(id)
+            .is_some_and(|f| f.status != FileStatus::Live)
+        {
+            self.look_soon();
+        }
         Some(id)
     }
 

@@ -465,12 +465,15 @@ fn load_object(
         .collect();
     values.push(("SABOTAGE", &sabotage[..]));
     values.push(("AGENT_TGID", &tgid[..]));
-    let ring = opts.ring_bytes.next_power_of_two().max(4096);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    let ring = opts.ring_bytes.next_power_of_two().max(page);
     Loaded::new(
         object,
         &values,
         &[
-            (MAP_WATCHED, entries),
+            // Two names for an overlay file (its own and its upper one's).
+            (MAP_WATCHED, entries.saturating_mul(2)),
             (MAP_FLAGS, entries),
             (MAP_EVENTS, ring),
         ],
@@ -758,8 +761,13 @@ fn read_counters(map: &PerCpuArray<MapData, u64>, programs: &[OwnedFd]) -> Count
 /// Which files are in the map, and their slots.
 struct Table {
     watched: BpfHashMap<MapData, FileId, u32>,
-    /// Each file's kernel identities (see [`kernel_id`]) and slot.
+    /// Each file's kernel identities in the map (see [`kernel_id`]) and
+    /// slot.
     slots: HashMap<FileKey, (Vec<FileId>, u32)>,
+    /// Which file each identity in the map is for. Two files can share one
+    /// (btrfs numbers inodes per subvolume): the first keeps it, the
+    /// second is polled.
+    id_owner: HashMap<FileId, FileKey>,
     /// The file of each slot in use.
     owners: Vec<Option<FileKey>>,
     free: Vec<u32>,
@@ -778,6 +786,7 @@ impl Table {
         Table {
             watched,
             slots: HashMap::new(),
+            id_owner: HashMap::new(),
             owners: Vec::new(),
             free: Vec::new(),
             next: 0,
@@ -803,8 +812,9 @@ impl Table {
         self.owners.get(slot as usize).copied().flatten()
     }
 
-    /// Puts `key` in the map under each of its kernel identities; false if
-    /// there is no room (it is polled instead).
+    /// Puts `key` in the map under each of its kernel identities not taken
+    /// by another file; false if there is no room, or another file has one
+    /// of them (it is polled then).
     fn add(&mut self, key: FileKey, ids: Vec<FileId>, flags: &Flags) -> bool {
         if self.slots.contains_key(&key) || self.overflow.iter().any(|(k, _)| *k == key) {
             return true;
@@ -821,9 +831,12 @@ impl Table {
             }
         };
         flags.clear(slot);
+        let (mine, shared): (Vec<FileId>, Vec<FileId>) = ids
+            .iter()
+            .partition(|id| self.id_owner.get(id).is_none_or(|k| *k == key));
         let mut inserted = 0;
         let mut error = None;
-        for id in &ids {
+        for id in &mine {
             match self.watched.insert(*id, slot, 0) {
                 Ok(()) => inserted += 1,
                 Err(e) => {
@@ -834,18 +847,29 @@ impl Table {
         }
         if let Some(e) = error {
             tracing::warn!(error = %e, "eBPF map full; polling this file every second");
-            for id in &ids[..inserted] {
+            for id in &mine[..inserted] {
                 let _ = self.watched.remove(id);
             }
             self.free.push(slot);
             self.overflow.push((key, ids));
             return false;
         }
+        for id in &mine {
+            self.id_owner.insert(*id, key);
+        }
         if self.owners.len() <= slot as usize {
             self.owners.resize(slot as usize + 1, None);
         }
         self.owners[slot as usize] = Some(key);
-        self.slots.insert(key, (ids, slot));
+        self.slots.insert(key, (mine, slot));
+        if !shared.is_empty() {
+            tracing::info!(
+                dev = key.dev,
+                ino = key.ino,
+                "another followed file has this file's kernel identity (btrfs subvolumes number inodes alike); polling it every second"
+            );
+            return false;
+        }
         true
     }
 
@@ -857,6 +881,7 @@ impl Table {
         if let Some((ids, slot)) = self.slots.remove(&key) {
             for id in &ids {
                 let _ = self.watched.remove(id);
+                self.id_owner.remove(id);
             }
             self.owners[slot as usize] = None;
             // A write racing the removal may still flag the slot: its next
@@ -864,7 +889,9 @@ impl Table {
             self.free.push(slot);
             // A polled file takes the free place.
             if let Some((k, ids)) = self.overflow.pop() {
-                self.add(k, ids, flags);
+                if !self.add(k, ids, flags) && self.slots.contains_key(&k) {
+                    self.also_polled.push(k);
+                }
                 return Some(k);
             }
         }
@@ -899,12 +926,14 @@ pub struct EbpfSource {
 /// Which writes the attached hook is known to see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sees {
-    /// Every write, on every filesystem (it runs on the write syscalls or
-    /// the VFS write functions).
-    AllWrites,
+    /// Every write call (it runs on the write syscalls or the VFS write
+    /// functions), on every filesystem; not io_uring or AIO writes (they
+    /// call `->write_iter` directly) nor stores into a shared mmap.
+    WriteCalls,
     /// The write path's tracepoints with multigrain timestamps
     /// (`ctime_ns_xchg`): the next write after a `stat` of the file
-    /// re-stamps it, on the filesystems that have them ([`MULTIGRAIN`]).
+    /// re-stamps it, whatever made it (io_uring and AIO included), on the
+    /// filesystems that have them ([`MULTIGRAIN`]).
     MultigrainWrites,
     /// The write path's tracepoints without them: a write into an already
     /// dirty page within one timer tick may fire nothing.
@@ -923,7 +952,7 @@ impl Sees {
                 Sees::MultigrainWrites
             }
             Attach::WritePath => Sees::SomeWrites,
-            Attach::Fexit | Attach::TpBtf | Attach::RawTp => Sees::AllWrites,
+            Attach::Fexit | Attach::TpBtf | Attach::RawTp => Sees::WriteCalls,
         }
     }
 }
@@ -935,7 +964,7 @@ pub const MULTIGRAIN: [&str; 4] = ["ext4", "xfs", "btrfs", "tmpfs"];
 /// every second: the hook may miss some of its writes.
 pub fn needs_size_poll(fs_type: &str, sees: Sees) -> bool {
     match sees {
-        Sees::AllWrites => false,
+        Sees::WriteCalls => false,
         Sees::MultigrainWrites => !MULTIGRAIN.contains(&fs_type),
         Sees::SomeWrites => true,
     }
@@ -1037,11 +1066,14 @@ impl ChangeSource for EbpfSource {
             .collect();
         let poll = needs_size_poll(&view.fs_type, self.sees);
         let mut t = lock(&self.table);
-        let in_map = t.add(key, ids, &self.flags);
-        if poll && in_map && !t.also_polled.contains(&key) {
+        let fully = t.add(key, ids, &self.flags);
+        // In the map but not under all its names (or on a filesystem the
+        // hook cannot vouch for): polled as well.
+        let partly = !fully && t.slots.contains_key(&key);
+        if (poll && fully || partly) && !t.also_polled.contains(&key) {
             t.also_polled.push(key);
         }
-        if poll || !in_map {
+        if poll || !fully {
             wake(&self.wake);
         }
         self.metrics.ebpf_unwatched_files.set(t.polled_len() as u64);
@@ -1071,14 +1103,14 @@ impl ChangeSource for EbpfSource {
     }
 
     fn sees_every_write(&self) -> bool {
-        self.sees != Sees::SomeWrites
+        self.sees == Sees::MultigrainWrites
     }
 
     fn missed(&mut self, key: FileKey) {
         // Growth found by MISSES_TO_POLL sweeps in a row that no event
-        // announced: the hook does not see this file's writes (e.g. its
-        // st_dev is not the kernel's s_dev, as on btrfs subvolumes, or it
-        // is written through mmap). It stays in the map and is also polled
+        // announced: the hook does not see this file's writes (e.g. it is
+        // written through a shared mmap, or an overlay copied it up after
+        // it was opened). It stays in the map and is also polled
         // every second. A busy file can be caught by chance (a write a few
         // ms before the sweep): then it is only read once more a second.
         let now = self.sweeps;

@@ -150,16 +150,19 @@ pub struct Mounts {
 }
 
 impl Mounts {
-    /// The mount `id`, re-reading mountinfo if it is new.
-    fn get(&mut self, id: u64) -> Option<&Mount> {
-        if !self.by_id.contains_key(&id) {
+    /// The mount `id`, re-reading mountinfo if it is new, or if `stale`
+    /// says the one known under that id is not it (ids are reused).
+    fn get(&mut self, id: u64, stale: impl Fn(&Mount) -> bool) -> Option<&Mount> {
+        if self.by_id.get(&id).is_none_or(&stale) {
             let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
             self.by_id = text.lines().filter_map(parse_line).collect();
         }
-        self.by_id.get(&id)
+        self.by_id.get(&id).filter(|m| !stale(m))
     }
 
-    /// The mount a file (or path) is on.
+    /// The mount a file (or path) is on. A mount whose device is not the
+    /// file's is taken for a stale entry (a reused mount id), except on
+    /// btrfs and overlayfs, where they differ by design.
     fn mount_of(&mut self, fd: BorrowedFd<'_>, path: Option<&Path>) -> Option<&Mount> {
         let st = match path {
             None => rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID),
@@ -169,7 +172,10 @@ impl Mounts {
         if !StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
             return None;
         }
-        self.get(st.stx_mnt_id)
+        let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
+        self.get(st.stx_mnt_id, |m| {
+            m.dev != dev && !["btrfs", "overlay"].contains(&m.fs_type.as_str())
+        })
     }
 
     /// How the kernel's write path sees the open file `fd`, whose `fstat`

@@ -219,10 +219,11 @@ impl Loaded {
             // two and writes at most `log_size` bytes of the third.
             unsafe { bpf_fd(bpf_cmd::BPF_PROG_LOAD, &attr) }
         };
-        load(&mut []).or_else(|_| {
-            // Again, with the verifier's log, for the error.
+        load(&mut []).or_else(|first| {
+            // Again, with the verifier's log, for the error (the first
+            // attempt's errno is the one reported).
             let mut log = vec![0u8; 256 * 1024];
-            load(&mut log).map_err(|e| LoadError::Program(name.into(), e, verifier_tail(&log)))
+            load(&mut log).map_err(|_| LoadError::Program(name.into(), first, verifier_tail(&log)))
         })
     }
 }
