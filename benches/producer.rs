@@ -204,6 +204,7 @@ fn metas(cfg: &Config) -> Vec<bpftail::discover::FileMeta> {
             output: cfg.format,
             ..Policy::default()
         },
+        multiline: Default::default(),
     };
     (0..STREAMS)
         .map(|i| {

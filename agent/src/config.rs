@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::discover::MultilineDefaults;
+use crate::tail::multiline::Rule;
 use serde::Deserialize;
 
 /// Default maximum size of one logical record (after P/F reassembly).
@@ -158,6 +161,15 @@ pub struct RunArgs {
     /// A record left partial at the end of an idle file is delivered (flagged partial) after this many milliseconds [default: 5000].
     #[arg(long, env = "BPFTAIL_PARTIAL_FLUSH_MS")]
     pub partial_flush_ms: Option<u64>,
+    /// Multiline records, for containers that choose none: off, java, python, go or regex:<start pattern> [default: off].
+    #[arg(long, env = "BPFTAIL_MULTILINE")]
+    pub multiline: Option<String>,
+    /// A multiline record ends after this many milliseconds without a new line [default: 1000].
+    #[arg(long, env = "BPFTAIL_MULTILINE_TIMEOUT_MS")]
+    pub multiline_timeout_ms: Option<u64>,
+    /// A multiline record ends after this many lines [default: 500].
+    #[arg(long, env = "BPFTAIL_MULTILINE_MAX_LINES")]
+    pub multiline_max_lines: Option<u64>,
     /// How long shutdown waits for Kafka to acknowledge what is in flight, in milliseconds [default: 10000].
     #[arg(long, env = "BPFTAIL_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
@@ -310,6 +322,9 @@ struct FileConfig {
     checkpoint_interval_ms: Option<u64>,
     sweep_interval_ms: Option<u64>,
     partial_flush_ms: Option<u64>,
+    multiline: Option<String>,
+    multiline_timeout_ms: Option<u64>,
+    multiline_max_lines: Option<u64>,
     shutdown_timeout_ms: Option<u64>,
     log_format: Option<LogFormat>,
 }
@@ -359,6 +374,8 @@ pub struct Config {
     /// The same as `sweep_interval` when that is set.
     pub sweep_interval_trusted: Duration,
     pub partial_flush: Duration,
+    /// `--multiline` and its limits.
+    pub multiline: MultilineDefaults,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
 }
@@ -468,6 +485,16 @@ impl Config {
             sweep_interval: millis!(sweep_interval_ms, 5000, "sweep-interval-ms")?,
             sweep_interval_trusted: millis!(sweep_interval_ms, 60_000, "sweep-interval-ms")?,
             partial_flush: millis!(partial_flush_ms, 5000, "partial-flush-ms")?,
+            multiline: MultilineDefaults {
+                rule: Rule::parse(&pick!(multiline, "off".into()))
+                    .map_err(|e| invalid("multiline", e))?,
+                timeout: millis!(multiline_timeout_ms, 1000, "multiline-timeout-ms")?,
+                max_lines: within(
+                    "multiline-max-lines",
+                    pick!(multiline_max_lines, 500),
+                    1..=1_000_000,
+                )? as usize,
+            },
             shutdown_timeout: millis!(shutdown_timeout_ms, 10_000, "shutdown-timeout-ms")?,
             log_format: pick!(log_format, LogFormat::Text),
         };

@@ -4,11 +4,13 @@
 //! - log-pilot's, unchanged: container env `<prefix>_logs_<name>=stdout|<path
 //!   glob>`, with `<prefix>_logs_<name>_tags="k=v,k2=v2"`, `_target=<topic>`
 //!   and `_format=none|json`; Docker labels `<prefix>.logs.<name>…` with `.`
-//!   for `_`. Prefixes are configurable (`--declaration-prefixes`, default
+//!   for `_`, and bpftail's `_multiline=<rule>` for the declared logs.
+//!   Prefixes are configurable (`--declaration-prefixes`, default
 //!   `aliyun`).
 //! - bpftail's pod annotations, per container:
 //!   `logs.bpftail.io/<container>.<name>: stdout|<path glob>` with the
-//!   suffixes `.tags`, `.target`, `.format`; opt-out
+//!   suffixes `.tags`, `.target`, `.format`, `.multiline`; the container's
+//!   own log's multiline rule `logs.bpftail.io/<container>.multiline`; opt-out
 //!   `bpftail.io/exclude: "true"` (whole pod) or
 //!   `bpftail.io/exclude.<container>: "true"`.
 //!
@@ -44,6 +46,9 @@ pub struct Declaration {
     /// The Kafka topic: `_target`, else the name.
     pub topic: String,
     pub format: LineFormat,
+    /// `_multiline`: the rule joining its lines, as written (parsed, and
+    /// refused if bad, where the file's metadata is rendered).
+    pub multiline: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +81,7 @@ struct Raw {
     tags: Option<String>,
     target: Option<String>,
     format: Option<String>,
+    multiline: Option<String>,
 }
 
 /// Kafka's topic rule: 1–249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
@@ -89,7 +95,7 @@ pub fn valid_topic(t: &str) -> bool {
 }
 
 fn split_option(rest: &str, sep: char) -> (&str, Option<&'static str>) {
-    for opt in ["tags", "target", "format"] {
+    for opt in ["tags", "target", "format", "multiline"] {
         if let Some(name) = rest
             .strip_suffix(opt)
             .and_then(|r| r.strip_suffix(sep))
@@ -114,6 +120,7 @@ fn collect<'a>(
             None => &mut r.value,
             Some("tags") => &mut r.tags,
             Some("target") => &mut r.target,
+            Some("multiline") => &mut r.multiline,
             _ => &mut r.format,
         };
         *slot = Some(v.to_owned());
@@ -142,7 +149,9 @@ fn build(raw: BTreeMap<String, Raw>) -> Declared {
 /// entries dropped; or why it is refused.
 fn declaration(name: &str, r: Raw) -> Result<(Declaration, usize), String> {
     let Some(value) = r.value else {
-        return Err("options (_tags/_target/_format) without the declaration itself".into());
+        return Err(
+            "options (_tags/_target/_format/_multiline) without the declaration itself".into(),
+        );
     };
     check_name(name)?;
     let source = parse_source(&value)?;
@@ -155,6 +164,7 @@ fn declaration(name: &str, r: Raw) -> Result<(Declaration, usize), String> {
         tags,
         topic,
         format,
+        multiline: r.multiline.map(|m| m.trim().to_owned()),
     };
     Ok((d, bad_tags))
 }
@@ -268,18 +278,35 @@ fn from_prefixed<'a>(
 }
 
 /// bpftail's pod annotations for `container`:
-/// `logs.bpftail.io/<container>.<name>[.tags|.target|.format]`.
+/// `logs.bpftail.io/<container>.<name>[.tags|.target|.format|.multiline]`
+/// (`logs.bpftail.io/<container>.multiline` is not a declaration: see
+/// [`multiline_annotation`]).
 pub fn from_annotations<'a>(
     container: &str,
     annotations: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> Declared {
     build(collect(annotations, |k| {
-        let rest = k
-            .strip_prefix("logs.bpftail.io/")?
-            .strip_prefix(container)?
-            .strip_prefix('.')?;
-        (!rest.is_empty()).then(|| split_option(rest, '.'))
+        let rest = annotation_rest(k, container)?;
+        (!rest.is_empty() && rest != "multiline").then(|| split_option(rest, '.'))
     }))
+}
+
+/// What follows `logs.bpftail.io/<container>.` in `key`.
+fn annotation_rest<'a>(key: &'a str, container: &str) -> Option<&'a str> {
+    key.strip_prefix("logs.bpftail.io/")?
+        .strip_prefix(container)?
+        .strip_prefix('.')
+}
+
+/// The multiline rule a pod's annotation `logs.bpftail.io/<container>.multiline`
+/// chooses for the container's own log, as written.
+pub fn multiline_annotation<'a>(
+    container: &str,
+    mut annotations: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Option<&'a str> {
+    annotations
+        .find(|(k, _)| annotation_rest(k, container) == Some("multiline"))
+        .map(|(_, v)| v)
 }
 
 /// Merges declarations of several origins; earlier ones win per name.

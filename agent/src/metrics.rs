@@ -93,6 +93,8 @@ pub struct Metrics {
     pub malformed: Counter,
     pub invalid_utf8: Counter,
     pub partial_flushed: Counter,
+    /// Multiline records delivered because no line came to end them.
+    pub multiline_flushed: Counter,
     pub bytes_skipped: Counter,
     pub truncations: Counter,
     pub rotations: Counter,
@@ -266,6 +268,11 @@ const COUNTERS: &[Row] = &[
         "records_partial_flushed_total",
         "Records delivered without their end (file ended inside them).",
         |m| m.partial_flushed.get(),
+    ),
+    (
+        "multiline_flushed_total",
+        "Multiline records delivered at their timeout (or when their file ended), not at their next line.",
+        |m| m.multiline_flushed.get(),
     ),
     (
         "bytes_skipped_total",

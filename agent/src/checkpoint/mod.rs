@@ -134,11 +134,18 @@ impl AckTracker {
         seq
     }
 
-    /// Lowers the commit target of the record registered last: a record of
-    /// another stream that began before it is still being reassembled.
-    pub fn cap_last(&mut self, safe: u64) {
-        if let Some(last) = self.in_flight.back_mut() {
-            last.0 = last.0.min(safe);
+    /// The sequence number the next record sent gets.
+    pub fn next_seq(&self) -> u64 {
+        self.base_seq + self.in_flight.len() as u64
+    }
+
+    /// Lowers the commit target of the records registered from `first` on:
+    /// a record that began before them (of another stream being
+    /// reassembled, or a multiline record being joined) is still open.
+    pub fn cap_from(&mut self, first: u64, safe: u64) {
+        let skip = first.saturating_sub(self.base_seq) as usize;
+        for slot in self.in_flight.iter_mut().skip(skip) {
+            slot.0 = slot.0.min(safe);
         }
     }
 

@@ -24,6 +24,7 @@ use crate::declare::{self, Declaration, Declared, LineFormat, Refusal};
 use crate::fs::Fs;
 use crate::kube::{PodCache, PodInfo};
 use crate::tail::decode::{Format, Stream};
+use crate::tail::multiline::{Multiline, Rule};
 
 /// What every record of one file carries, rendered once per file (and again
 /// when its pod's metadata changes).
@@ -58,6 +59,8 @@ pub struct FileMeta {
     /// The declaration routing this container's stdout (topic, tags,
     /// format), if any.
     pub route: Option<Declaration>,
+    /// How its records are joined into multiline records (`None`: not).
+    pub multiline: Option<Multiline>,
     /// The pod's annotations opt this container out.
     pub excluded: bool,
     /// Not to be shipped: opted out, or undeclared under `--ship
@@ -127,6 +130,27 @@ pub struct MetaContext {
     pub labels: Globs,
     pub annotations: Globs,
     pub policy: Policy,
+    /// `--multiline` and its limits: the rule of files that choose none.
+    pub multiline: MultilineDefaults,
+}
+
+/// The operator's multiline setting: the default rule and the limits
+/// every rule gets.
+#[derive(Debug, Clone)]
+pub struct MultilineDefaults {
+    pub rule: Option<Arc<Rule>>,
+    pub max_lines: usize,
+    pub timeout: std::time::Duration,
+}
+
+impl Default for MultilineDefaults {
+    fn default() -> MultilineDefaults {
+        MultilineDefaults {
+            rule: None,
+            max_lines: 500,
+            timeout: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 /// The identity fields discovery finds for a file.
@@ -230,6 +254,8 @@ impl MetaContext {
                 p.annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             )
         });
+        let mut refused = declared.refused;
+        let multiline = self.multiline_of(&o, pod.as_deref(), route.as_ref(), &mut refused);
         let (namespace, pod_name) = names(&o, pod.as_deref());
         let vars = TopicVars {
             namespace: &namespace,
@@ -268,9 +294,51 @@ impl MetaContext {
             suppressed: excluded || (self.policy.ship == ShipMode::Declared && route.is_none()),
             route,
             excluded,
-            refused: declared.refused,
+            multiline,
+            refused,
             bad_tags: declared.bad_tags + parts.dropped_tags,
         }
+    }
+
+    /// A file's multiline rule: its declaration's `_multiline`, else (for
+    /// the container's own log) the pod's `logs.bpftail.io/<container>.multiline`
+    /// annotation, else `--multiline`. A setting that does not parse is
+    /// refused (and the next one down applies).
+    fn multiline_of(
+        &self,
+        o: &Origin,
+        pod: Option<&PodInfo>,
+        route: Option<&Declaration>,
+        refused: &mut Vec<Refusal>,
+    ) -> Option<Multiline> {
+        let annotation = match (&o.declaration, pod) {
+            (None, Some(p)) => declare::multiline_annotation(
+                &o.container,
+                p.annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .map(|v| (format!("{}.multiline", o.container), v)),
+            _ => None,
+        };
+        let declared = route.and_then(|r| {
+            r.multiline
+                .as_deref()
+                .map(|v| (format!("{}_multiline", r.name), v))
+        });
+        let mut rule = self.multiline.rule.clone();
+        for (name, value) in [annotation, declared].into_iter().flatten() {
+            match Rule::parse(value) {
+                Ok(r) => rule = r,
+                Err(reason) => refused.push(Refusal {
+                    name,
+                    reason: format!("multiline: {reason}; the default applies"),
+                }),
+            }
+        }
+        rule.map(|rule| Multiline {
+            rule,
+            max_lines: self.multiline.max_lines,
+            timeout: self.multiline.timeout,
+        })
     }
 
     /// The stdout and stderr topics: a declaration's, else the template's.
@@ -671,6 +739,7 @@ mod tests {
             labels: Default::default(),
             annotations: Default::default(),
             policy: Default::default(),
+            multiline: Default::default(),
         };
         let m = ctx.render(
             Origin {
@@ -721,6 +790,7 @@ mod tests {
             labels: Globs::parse("pod-labels", "app").unwrap(),
             annotations: Globs::parse("pod-annotations", "team*").unwrap(),
             policy: Default::default(),
+            multiline: Default::default(),
         };
         let cri = Origin {
             namespace: "ns".into(),

@@ -13,7 +13,8 @@
 //!    while the in-flight budget allows ([`crate::files::schedule`]);
 //! 4. timers: `sweep` (look at every open file: missed writes, rotations,
 //!    truncation, partial records to flush, drained files to close),
-//!    `rescan` (full discovery, [`scan`]) and `checkpoint`;
+//!    `joined` (multiline records whose timeout passed), `rescan` (full
+//!    discovery, [`scan`]) and `checkpoint`;
 //! 5. `rearm`: let the change source report writes again where it
 //!    coalesced them off, and read those directories' files once more;
 //! 6. sleep until a change, a report or the next timer.
@@ -126,6 +127,10 @@ pub struct Pipeline<S: Sink> {
     /// The last rescan could not watch some directory: rescans stay
     /// frequent (new files there are found only by them).
     dirs_unwatched: bool,
+    /// Files holding an open multiline record, and when the first of those
+    /// records is due (its timeout).
+    joined: HashSet<FileId>,
+    joined_at: Option<Instant>,
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
@@ -159,6 +164,7 @@ impl<S: Sink> Pipeline<S> {
                 prefixes: cfg.declaration_prefixes.clone(),
                 topic_allow: cfg.topic_allow.clone(),
             },
+            multiline: cfg.multiline.clone(),
         };
         let reader = Reader::new(READ_BUF, cfg.max_record_bytes + 256);
         Ok(Pipeline {
@@ -187,6 +193,8 @@ impl<S: Sink> Pipeline<S> {
             saved: None,
             look_at: None,
             dirs_unwatched: false,
+            joined: HashSet::new(),
+            joined_at: None,
             stopping,
             read_errors: RateLimit::new(Duration::from_secs(10)),
             open_errors: RateLimit::new(Duration::from_secs(10)),
@@ -274,6 +282,9 @@ impl<S: Sink> Pipeline<S> {
         } else if self.look_at.is_some_and(|at| now >= at) {
             self.sweep_at(now, false);
         }
+        if self.joined_at.is_some_and(|at| now >= at) {
+            self.flush_joined(now);
+        }
         let pod_rescan = self.pod_rescan.take_due(now);
         let pod_wait_over = self.pods.deadline().is_some_and(|d| now >= d);
         if now >= t.rescan || pod_rescan || pod_wait_over {
@@ -300,6 +311,7 @@ impl<S: Sink> Pipeline<S> {
             Some(Instant::now() + HEARTBEAT),
             Some(t.sweep),
             self.look_at,
+            self.joined_at,
             Some(t.rescan),
             self.pods.deadline(),
             self.pod_rescan.deadline(),
@@ -459,6 +471,11 @@ impl<S: Sink> Pipeline<S> {
                 if matches!(end, ReadEnd::Budget) {
                     break;
                 }
+                // Its successor is read next: a multiline record it ended
+                // inside of goes out first.
+                if matches!(end, ReadEnd::Eof) {
+                    self.flush_joined_of(pred, None);
+                }
             }
             if !matches!(end, ReadEnd::Budget) {
                 end = self.read_one(id, READ_QUOTA);
@@ -514,7 +531,80 @@ impl<S: Sink> Pipeline<S> {
         if moved || read_on || tail_left {
             self.look_soon();
         }
+        self.note_joined(id);
         end
+    }
+
+    /// Keeps track of `id` if it holds an open multiline record: it is due
+    /// after its rule's timeout.
+    fn note_joined(&mut self, id: FileId) {
+        let Some(f) = self.files.get(id) else { return };
+        let (Some(since), Some(ml)) = (f.decoder.joined_since(), &f.meta.multiline) else {
+            return;
+        };
+        self.joined.insert(id);
+        let due = since + ml.timeout;
+        self.joined_at = Some(self.joined_at.map_or(due, |at| at.min(due)));
+    }
+
+    /// Delivers the multiline records whose timeout passed: no next line
+    /// came to end them. A file with bytes still unread is read first (the
+    /// quiet may only be the reader being behind).
+    fn flush_joined(&mut self, now: Instant) {
+        self.joined_at = None;
+        for id in std::mem::take(&mut self.joined) {
+            let Some(f) = self.files.get(id) else {
+                continue;
+            };
+            let Some(since) = f.decoder.joined_since() else {
+                continue;
+            };
+            let timeout = f
+                .meta
+                .multiline
+                .as_ref()
+                .map_or(Duration::ZERO, |ml| ml.timeout);
+            let due = since + timeout;
+            let again = if now < due {
+                Some(due)
+            } else if f.file.stat().is_ok_and(|st| st.len > f.read_offset) {
+                self.schedule.mark(id);
+                Some(now + timeout.max(Duration::from_millis(10)))
+            } else {
+                self.flush_joined_of(id, now.checked_sub(timeout));
+                self.files
+                    .get(id)
+                    .and_then(|f| f.decoder.joined_since())
+                    .map(|since| since + timeout)
+            };
+            if let Some(due) = again {
+                self.joined.insert(id);
+                self.joined_at = Some(self.joined_at.map_or(due, |at| at.min(due)));
+            }
+        }
+    }
+
+    /// Delivers `id`'s open multiline records that got no line since
+    /// `quiet_since` (all of them: `None`).
+    fn flush_joined_of(&mut self, id: FileId, quiet_since: Option<Instant>) {
+        let Some(f) = self.files.get_mut(id) else {
+            return;
+        };
+        if f.decoder.joined_since().is_none() {
+            return;
+        }
+        let before = position(f);
+        if f.meta.suppressed {
+            let mut discard = Discard::default();
+            Reader::flush_joined(f, quiet_since, &mut discard, &self.metrics);
+            discard.settle(f, &self.metrics);
+        } else {
+            Reader::flush_joined(f, quiet_since, &mut self.sink, &self.metrics);
+        }
+        if position(f) != before {
+            self.files.touch();
+        }
+        self.joined.remove(&id);
     }
 
     /// Changes a file's status (counting a rotation once), and reads it.

@@ -139,6 +139,7 @@ fn config(pods: &Path, data: &Path) -> Config {
         sweep_interval: Duration::from_secs(3600),
         sweep_interval_trusted: Duration::from_secs(3600),
         partial_flush: Duration::from_millis(1),
+        multiline: Default::default(),
         shutdown_timeout: Duration::from_secs(1),
         log_format: LogFormat::Text,
     }

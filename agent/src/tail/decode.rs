@@ -7,12 +7,20 @@
 //!   are decoded; a `log` without a trailing `\n` is a partial record.
 //! - raw: every line is a record.
 //!
+//! - Then, per stream, multiline joining if the file has a rule
+//!   ([`super::multiline`]).
+//!
 //! Invariants: a record that fits in one physical line is lent out without a
-//! copy (CRI, raw); only multi-chunk records and JSON-escaped messages are
-//! copied, into buffers the decoder keeps and reuses. A record never holds
+//! copy (CRI, raw); only multi-chunk records, JSON-escaped messages and
+//! records a multiline rule may continue are copied, into buffers the
+//! decoder keeps and reuses. A record never holds
 //! more than `max_record` message bytes: the rest of it is dropped and the
 //! record is marked truncated. A line the format cannot parse is delivered
 //! whole as a raw record and counted, never dropped.
+
+use std::time::Instant;
+
+use super::multiline::{Joiner, Multiline};
 
 /// Which output stream a record was written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +117,14 @@ impl Pending {
     }
 }
 
+/// How a file's records are joined into multiline records, for one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Joining<'a> {
+    pub multiline: &'a Multiline,
+    /// The time the lines were read (taken once per read).
+    pub now: Instant,
+}
+
 /// Per-file decoding state.
 #[derive(Debug)]
 pub struct Decoder {
@@ -116,6 +132,8 @@ pub struct Decoder {
     max_record: usize,
     /// Records being reassembled, indexed by `Stream as usize`.
     pending: [Pending; 2],
+    /// Multiline records being joined, indexed by `Stream as usize`.
+    joins: [Joiner; 2],
     /// Docker json: the decoded `log` of the current line.
     scratch: Vec<u8>,
 }
@@ -126,6 +144,7 @@ impl Decoder {
             format,
             max_record,
             pending: Default::default(),
+            joins: Default::default(),
             scratch: Vec::new(),
         }
     }
@@ -136,7 +155,14 @@ impl Decoder {
         self.pending
             .iter()
             .filter_map(|p| p.start)
+            .chain(self.joins.iter().filter_map(Joiner::start))
             .fold(read_to, u64::min)
+    }
+
+    /// When the oldest open multiline record last got a line: it is due
+    /// after the rule's timeout.
+    pub fn joined_since(&self) -> Option<Instant> {
+        self.joins.iter().filter_map(Joiner::last).min()
     }
 
     /// True while a record waits for its final chunk.
@@ -145,140 +171,74 @@ impl Decoder {
     }
 
     /// Decodes one physical line, calling `emit` for each completed record.
-    pub fn decode<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, mut emit: E) {
+    /// With `join`, complete records go through the stream's multiline
+    /// joiner first.
+    pub fn decode<E: FnMut(Record<'_>)>(
+        &mut self,
+        line: Line<'_>,
+        join: Option<Joining<'_>>,
+        mut emit: E,
+    ) {
+        let max = self.max_record;
+        let joins = &mut self.joins;
+        let mut out = |rec: Record<'_>, start: u64| match join {
+            Some(j) => {
+                joins[rec.stream as usize].push(j.multiline, max, j.now, rec, start, &mut emit)
+            }
+            None => emit(rec),
+        };
         match self.format {
-            Format::Raw => emit(self.whole(line.bytes, b"", Stream::Stdout, line.cut)),
-            Format::Cri => self.decode_cri(line, &mut emit),
-            Format::DockerJson => self.decode_docker(line, &mut emit),
-        }
-    }
-
-    /// A record that is one whole line's message.
-    fn whole<'a>(&self, msg: &'a [u8], time: &'a [u8], stream: Stream, cut: bool) -> Record<'a> {
-        let truncated = cut || msg.len() > self.max_record;
-        Record {
-            time,
-            stream,
-            msg: &msg[..msg.len().min(self.max_record)],
-            partial: false,
-            truncated,
-            malformed: false,
-        }
-    }
-
-    /// A line that is not in the file's format, shipped as it is.
-    fn malformed<'a>(&self, line: &Line<'a>) -> Record<'a> {
-        Record {
-            malformed: true,
-            ..self.whole(line.bytes, b"", Stream::Stdout, line.cut)
-        }
-    }
-
-    fn decode_cri<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, emit: &mut E) {
-        let Some((time, stream, full, msg)) = parse_cri(line.bytes) else {
-            emit(self.malformed(&line));
-            return;
-        };
-        // A line the reader had to cut ends its record: the rest is skipped.
-        let full = full || line.cut;
-        let max = self.max_record;
-        let p = &mut self.pending[stream as usize];
-        match (p.start.is_some(), full) {
-            (false, true) => {
-                let rec = self.whole(msg, time, stream, line.cut);
-                emit(rec);
+            Format::Raw => out(
+                whole(max, line.bytes, b"", Stream::Stdout, line.cut),
+                line.start,
+            ),
+            Format::Cri => decode_cri(&mut self.pending, max, line, &mut out),
+            Format::DockerJson => {
+                decode_docker(&mut self.pending, &mut self.scratch, max, line, &mut out)
             }
-            (false, false) => {
-                p.begin(line.start, time);
-                p.append(msg, max);
-            }
-            (true, false) => p.append(msg, max),
-            (true, true) => {
-                p.append(msg, max);
-                p.truncated |= line.cut;
-                emit(Record {
-                    time: &p.time,
-                    stream,
-                    msg: &p.msg,
-                    partial: false,
-                    truncated: p.truncated,
-                    malformed: false,
-                });
-                p.reset();
-            }
-        }
-    }
-
-    fn decode_docker<E: FnMut(Record<'_>)>(&mut self, line: Line<'_>, emit: &mut E) {
-        self.scratch.clear();
-        let parsed = if line.cut {
-            None
-        } else {
-            parse_docker(line.bytes, &mut self.scratch)
-        };
-        let Some(DockerFields { time, stream }) = parsed else {
-            emit(self.malformed(&line));
-            return;
-        };
-        let complete = self.scratch.last() == Some(&b'\n');
-        if complete {
-            self.scratch.pop();
-        }
-        let max = self.max_record;
-        let p = &mut self.pending[stream as usize];
-        match (p.start.is_some(), complete) {
-            (false, true) => {
-                let truncated = self.scratch.len() > max;
-                emit(Record {
-                    time,
-                    stream,
-                    msg: &self.scratch[..self.scratch.len().min(max)],
-                    partial: false,
-                    truncated,
-                    malformed: false,
-                });
-            }
-            (false, false) => {
-                p.begin(line.start, time);
-                p.append(&self.scratch, max);
-            }
-            (true, false) => p.append(&self.scratch, max),
-            (true, true) => {
-                p.append(&self.scratch, max);
-                emit(Record {
-                    time: &p.time,
-                    stream,
-                    msg: &p.msg,
-                    partial: false,
-                    truncated: p.truncated,
-                    malformed: false,
-                });
-                p.reset();
-            }
-        }
-        if self.scratch.capacity() > SHRINK_ABOVE {
-            self.scratch = Vec::new();
         }
     }
 
     /// Emits every record still waiting for its final chunk, flagged
-    /// partial: the file ended inside them and the rest is not coming.
-    pub fn flush_partial<E: FnMut(Record<'_>)>(&mut self, mut emit: E) {
+    /// partial (the file ended inside them and the rest is not coming),
+    /// then every open multiline record.
+    pub fn flush_partial<E: FnMut(Record<'_>)>(&mut self, join: Option<Joining<'_>>, mut emit: E) {
+        let max = self.max_record;
         for (i, p) in self.pending.iter_mut().enumerate() {
-            if p.start.is_some() {
-                emit(Record {
+            let stream = if i == 0 {
+                Stream::Stdout
+            } else {
+                Stream::Stderr
+            };
+            if let Some(start) = p.start {
+                let rec = Record {
                     time: &p.time,
-                    stream: if i == 0 {
-                        Stream::Stdout
-                    } else {
-                        Stream::Stderr
-                    },
+                    stream,
                     msg: &p.msg,
                     partial: true,
                     truncated: p.truncated,
                     malformed: false,
-                });
+                };
+                match join {
+                    Some(j) => self.joins[i].push(j.multiline, max, j.now, rec, start, &mut emit),
+                    None => emit(rec),
+                }
                 p.reset();
+            }
+            self.joins[i].take(stream, &mut emit);
+        }
+    }
+
+    /// Emits the open multiline records that got no line since
+    /// `quiet_since` (all: `None`).
+    pub fn flush_joined<E: FnMut(Record<'_>)>(
+        &mut self,
+        quiet_since: Option<Instant>,
+        mut emit: E,
+    ) {
+        for (j, stream) in self.joins.iter_mut().zip([Stream::Stdout, Stream::Stderr]) {
+            if j.last().is_some_and(|t| quiet_since.is_none_or(|q| t <= q)) {
+                j.take(stream, &mut emit);
             }
         }
     }
@@ -288,6 +248,137 @@ impl Decoder {
         for p in &mut self.pending {
             p.reset();
         }
+        for j in &mut self.joins {
+            j.reset();
+        }
+    }
+}
+
+/// A record that is one whole line's message.
+fn whole<'a>(max: usize, msg: &'a [u8], time: &'a [u8], stream: Stream, cut: bool) -> Record<'a> {
+    let truncated = cut || msg.len() > max;
+    Record {
+        time,
+        stream,
+        msg: &msg[..msg.len().min(max)],
+        partial: false,
+        truncated,
+        malformed: false,
+    }
+}
+
+/// A line that is not in the file's format, shipped as it is.
+fn malformed<'a>(max: usize, line: &Line<'a>) -> Record<'a> {
+    Record {
+        malformed: true,
+        ..whole(max, line.bytes, b"", Stream::Stdout, line.cut)
+    }
+}
+
+/// CRI: `P` chunks join until their stream's `F`. `out` gets each
+/// complete record with the offset of its first byte.
+fn decode_cri<O: FnMut(Record<'_>, u64)>(
+    pending: &mut [Pending; 2],
+    max: usize,
+    line: Line<'_>,
+    out: &mut O,
+) {
+    let Some((time, stream, full, msg)) = parse_cri(line.bytes) else {
+        out(malformed(max, &line), line.start);
+        return;
+    };
+    // A line the reader had to cut ends its record: the rest is skipped.
+    let full = full || line.cut;
+    let p = &mut pending[stream as usize];
+    match (p.start, full) {
+        (None, true) => out(whole(max, msg, time, stream, line.cut), line.start),
+        (None, false) => {
+            p.begin(line.start, time);
+            p.append(msg, max);
+        }
+        (Some(_), false) => p.append(msg, max),
+        (Some(start), true) => {
+            p.append(msg, max);
+            p.truncated |= line.cut;
+            out(
+                Record {
+                    time: &p.time,
+                    stream,
+                    msg: &p.msg,
+                    partial: false,
+                    truncated: p.truncated,
+                    malformed: false,
+                },
+                start,
+            );
+            p.reset();
+        }
+    }
+}
+
+/// Docker json-file: a `log` without its `\n` joins the next of its
+/// stream. `out` gets each complete record with the offset of its first
+/// byte.
+fn decode_docker<O: FnMut(Record<'_>, u64)>(
+    pending: &mut [Pending; 2],
+    scratch: &mut Vec<u8>,
+    max: usize,
+    line: Line<'_>,
+    out: &mut O,
+) {
+    scratch.clear();
+    let parsed = if line.cut {
+        None
+    } else {
+        parse_docker(line.bytes, scratch)
+    };
+    let Some(DockerFields { time, stream }) = parsed else {
+        out(malformed(max, &line), line.start);
+        return;
+    };
+    let complete = scratch.last() == Some(&b'\n');
+    if complete {
+        scratch.pop();
+    }
+    let p = &mut pending[stream as usize];
+    match (p.start, complete) {
+        (None, true) => {
+            let truncated = scratch.len() > max;
+            out(
+                Record {
+                    time,
+                    stream,
+                    msg: &scratch[..scratch.len().min(max)],
+                    partial: false,
+                    truncated,
+                    malformed: false,
+                },
+                line.start,
+            );
+        }
+        (None, false) => {
+            p.begin(line.start, time);
+            p.append(scratch, max);
+        }
+        (Some(_), false) => p.append(scratch, max),
+        (Some(start), true) => {
+            p.append(scratch, max);
+            out(
+                Record {
+                    time: &p.time,
+                    stream,
+                    msg: &p.msg,
+                    partial: false,
+                    truncated: p.truncated,
+                    malformed: false,
+                },
+                start,
+            );
+            p.reset();
+        }
+    }
+    if scratch.capacity() > SHRINK_ABOVE {
+        *scratch = Vec::new();
     }
 }
 
@@ -539,6 +630,7 @@ mod tests {
                     start: pos,
                     cut: false,
                 },
+                None,
                 |r| out.push(own(r)),
             );
             pos += line.len() as u64;
@@ -568,7 +660,7 @@ mod tests {
         let (mut got, mut d) = decode_all(Format::Cri, 1 << 20, &log);
         // The file ends in a P chunk whose F never came: flushed as partial.
         assert!(d.has_pending());
-        d.flush_partial(|r| got.push(own(r)));
+        d.flush_partial(None, |r| got.push(own(r)));
         let want: Vec<Owned> = expected
             .lines()
             .map(|l| {
@@ -610,6 +702,7 @@ mod tests {
                     start: pos,
                     cut: false,
                 },
+                None,
                 |r| out.push(own(r)),
             );
             pos += line.len() as u64;
@@ -689,6 +782,7 @@ mod tests {
                     start: 0,
                     cut: false,
                 },
+                None,
                 |_| seen += 1,
             );
             // And with each byte replaced by something hostile.
@@ -703,6 +797,7 @@ mod tests {
                         start: 0,
                         cut: false,
                     },
+                    None,
                     |_| seen += 1,
                 );
             }
@@ -732,10 +827,11 @@ mod tests {
                         start: 0,
                         cut: x.is_multiple_of(5),
                     },
+                    None,
                     |r| assert!(r.msg.len() <= 32),
                 );
             }
-            d.flush_partial(|r| assert!(r.msg.len() <= 32));
+            d.flush_partial(None, |r| assert!(r.msg.len() <= 32));
         }
     }
 
@@ -749,6 +845,7 @@ mod tests {
                 start: 0,
                 cut: false,
             },
+            None,
             |r| out.push(own(r)),
         );
         d.decode(
@@ -757,6 +854,7 @@ mod tests {
                 start: 7,
                 cut: true,
             },
+            None,
             |r| out.push(own(r)),
         );
         assert_eq!((&out[0].msg[..], out[0].truncated), (&b"abcd"[..], true));

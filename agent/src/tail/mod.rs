@@ -16,6 +16,7 @@
 //! - Log files are never mmapped (a truncation would turn into SIGBUS).
 
 pub mod decode;
+pub mod multiline;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use crate::files::StreamId;
 use crate::files::identity::{self, Truncations};
 use crate::fs::{Handle, ReadAt};
 use crate::metrics::Metrics;
-use decode::{Decoder, Line, Record};
+use decode::{Decoder, Joining, Line, Record};
 
 /// Where a file stands relative to its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +233,7 @@ impl Reader {
         quota: u64,
     ) -> ReadEnd {
         let mut total = 0u64;
+        let now = Instant::now();
         // Truncated or replaced since the last read: start again at 0.
         f.check_replaced(m);
         loop {
@@ -252,7 +254,7 @@ impl Reader {
             }
             total += n as u64;
             let full = n == self.buf.len();
-            let consumed = self.decode_lines(f, n, sink, m);
+            let consumed = self.decode_lines(f, n, now, sink, m);
             if consumed == 0 && full {
                 // One line fills the whole buffer.
                 if self.buf.len() < self.max_line {
@@ -260,7 +262,7 @@ impl Reader {
                     self.buf.resize(grown, 0);
                     continue;
                 }
-                self.cut_line(f, n, sink, m);
+                self.cut_line(f, n, now, sink, m);
                 continue;
             }
             f.read_offset += consumed as u64;
@@ -277,6 +279,7 @@ impl Reader {
         &mut self,
         f: &mut TailedFile,
         n: usize,
+        now: Instant,
         sink: &mut S,
         m: &Metrics,
     ) -> usize {
@@ -305,7 +308,7 @@ impl Reader {
             };
             pos = end + 1;
             let read_to = base + pos as u64;
-            emit_line(f, line, read_to, sink, m, false);
+            emit_line(f, line, read_to, now, sink, m, false);
             lines += 1;
         }
         m.lines_read.add(lines);
@@ -314,7 +317,14 @@ impl Reader {
 
     /// Emits the first `n` bytes of an over-long line as a cut record and
     /// skips the rest of it.
-    fn cut_line<S: RecordSink>(&mut self, f: &mut TailedFile, n: usize, sink: &mut S, m: &Metrics) {
+    fn cut_line<S: RecordSink>(
+        &mut self,
+        f: &mut TailedFile,
+        n: usize,
+        now: Instant,
+        sink: &mut S,
+        m: &Metrics,
+    ) {
         let line = Line {
             bytes: &self.buf[..n],
             start: f.read_offset,
@@ -324,7 +334,7 @@ impl Reader {
         f.skipping = true;
         m.lines_read.inc();
         m.bytes_read.add(n as u64);
-        emit_line(f, line, f.read_offset, sink, m, false);
+        emit_line(f, line, f.read_offset, now, sink, m, false);
     }
 
     /// Gives back a buffer that grew for one long line.
@@ -346,6 +356,7 @@ impl Reader {
         m: &Metrics,
     ) {
         sink.begin_batch();
+        let now = Instant::now();
         if size > f.read_offset && !f.skipping {
             let want = (size - f.read_offset).min(self.max_line as u64) as usize;
             if self.buf.len() < want {
@@ -368,61 +379,106 @@ impl Reader {
                 f.read_offset += n as u64;
                 m.lines_read.inc();
                 m.bytes_read.add(n as u64);
-                emit_line(f, line, f.read_offset, sink, m, true);
+                emit_line(f, line, f.read_offset, now, sink, m, true);
             }
             self.shrink();
         }
-        Self::flush_partial(f, sink, m);
+        Self::flush_partial(f, now, sink, m);
     }
 
-    /// Delivers the records a file ended inside of, flagged partial.
-    fn flush_partial<S: RecordSink>(f: &mut TailedFile, sink: &mut S, m: &Metrics) {
+    /// Delivers the records a file ended inside of, flagged partial, and
+    /// the multiline records still open.
+    fn flush_partial<S: RecordSink>(f: &mut TailedFile, now: Instant, sink: &mut S, m: &Metrics) {
         let id = f.id;
         let (meta, acks) = (&f.meta, &mut f.acks);
-        f.decoder.flush_partial(|rec| {
-            m.partial_flushed.inc();
+        let join = meta
+            .multiline
+            .as_ref()
+            .map(|multiline| Joining { multiline, now });
+        f.decoder.flush_partial(join, |rec| {
+            if rec.partial {
+                m.partial_flushed.inc();
+            }
+            count(m, &rec);
             let seq = acks.sent(f.read_offset);
             sink.send(meta, &rec, id, seq);
         });
         f.acks.read_to(f.read_offset);
     }
+
+    /// Delivers `f`'s open multiline records that got no line since
+    /// `quiet_since` (their timeout passed), or all of them (`None`: the
+    /// file is done with, and its successor is read next).
+    pub fn flush_joined<S: RecordSink>(
+        f: &mut TailedFile,
+        quiet_since: Option<Instant>,
+        sink: &mut S,
+        m: &Metrics,
+    ) {
+        let id = f.id;
+        let first = f.acks.next_seq();
+        let (meta, acks) = (&f.meta, &mut f.acks);
+        sink.begin_batch();
+        let read_to = f.read_offset;
+        f.decoder.flush_joined(quiet_since, |rec| {
+            count(m, &rec);
+            m.multiline_flushed.inc();
+            let seq = acks.sent(read_to);
+            sink.send(meta, &rec, id, seq);
+        });
+        settle_line(f, first, read_to);
+    }
 }
 
-/// Decodes one line of `f` and sends what it completes; `unterminated`
-/// marks the records of a last line that never got its `\n` as partial.
+/// Decodes one line of `f` (read at `now`) and sends what it completes;
+/// `unterminated` marks the records of a last line that never got its
+/// `\n` as partial.
 fn emit_line<S: RecordSink>(
     f: &mut TailedFile,
     line: Line<'_>,
     read_to: u64,
+    now: Instant,
     sink: &mut S,
     m: &Metrics,
     unterminated: bool,
 ) {
     let id = f.id;
     let (meta, acks, decoder) = (&f.meta, &mut f.acks, &mut f.decoder);
-    let mut emitted = false;
-    // A record's commit target is this line's end, lowered below to the
-    // start of any record of the other stream still being reassembled.
-    decoder.decode(line, |mut rec| {
+    let first = acks.next_seq();
+    let join = meta
+        .multiline
+        .as_ref()
+        .map(|multiline| Joining { multiline, now });
+    decoder.decode(line, join, |mut rec| {
         if unterminated {
             rec.partial = true;
             m.partial_flushed.inc();
         }
-        if rec.truncated {
-            m.truncated.inc();
-        }
-        if rec.malformed {
-            m.malformed.inc();
-        }
-        emitted = true;
+        count(m, &rec);
         let seq = acks.sent(read_to);
         sink.send(meta, &rec, id, seq);
     });
+    settle_line(f, first, read_to);
+}
+
+/// Counts what is special about a record about to be sent.
+fn count(m: &Metrics, rec: &Record<'_>) {
+    if rec.truncated {
+        m.truncated.inc();
+    }
+    if rec.malformed {
+        m.malformed.inc();
+    }
+}
+
+/// After the records from sequence `first` on were sent for bytes read up
+/// to `read_to`: their commit target is lowered to the first byte of any
+/// record still open (a record of the other stream being reassembled, a
+/// multiline record being joined), and so is what the read settles.
+fn settle_line(f: &mut TailedFile, first: u64, read_to: u64) {
     let safe = f.decoder.safe_offset(read_to);
-    if emitted && safe < read_to {
-        // Another stream's record is still open: this record's commit target
-        // must not pass its start.
-        f.acks.cap_last(safe);
+    if safe < read_to {
+        f.acks.cap_from(first, safe);
     }
     f.acks.read_to(safe);
 }
@@ -451,6 +507,19 @@ pub mod testing {
         format: decode::Format,
         max_record: usize,
     ) -> TailedFile {
+        open_joined(id, key, file, path, format, max_record, "off")
+    }
+
+    /// [`open_tailed`], its records joined by the multiline rule `rule`.
+    pub fn open_joined(
+        id: u32,
+        key: FileKey,
+        file: File,
+        path: PathBuf,
+        format: decode::Format,
+        max_record: usize,
+        rule: &str,
+    ) -> TailedFile {
         let ctx = MetaContext {
             topic: TopicTemplate::parse("t").unwrap(),
             node: "n".into(),
@@ -458,6 +527,10 @@ pub mod testing {
             labels: Default::default(),
             annotations: Default::default(),
             policy: Default::default(),
+            multiline: crate::discover::MultilineDefaults {
+                rule: multiline::Rule::parse(rule).unwrap(),
+                ..Default::default()
+            },
         };
         let meta = Arc::new(ctx.render(Origin::default(), format));
         TailedFile::new(id, key, file.into(), path, meta, 0, max_record)
@@ -641,5 +714,139 @@ mod tests {
         assert!(sink.records[1].2, "flagged partial");
         f.acks.acked(sink.seqs[1]);
         assert_eq!(f.acks.committed(), 29);
+    }
+
+    #[test]
+    fn the_checkpoint_never_stops_inside_a_multiline_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let head = "a\n";
+        let trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\n";
+        std::fs::write(&p, format!("{head}{trace}")).unwrap();
+        let file = File::open(&p).unwrap();
+        let key = FileKey { dev: 0, ino: 0 };
+        let mut f = testing::open_joined(1, key, file, p.clone(), Format::Raw, 1024, "python");
+        let mut r = Reader::new(64, 1024);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        // "a" went out; the traceback is held: its next line may continue it.
+        assert_eq!(msgs(&sink), ["a"]);
+        f.acks.acked(sink.seqs[0]);
+        assert_eq!(f.acks.committed(), head.len() as u64, "stops at the trace");
+        // Its exception line comes, then a line that ends it.
+        let rest = "ValueError: boom\nnext\n";
+        std::fs::write(&p, format!("{head}{trace}{rest}")).unwrap();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(
+            msgs(&sink),
+            [
+                "a",
+                "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: boom",
+                "next"
+            ]
+        );
+        // "next" acknowledged before the trace: the checkpoint waits.
+        f.acks.acked(sink.seqs[2]);
+        assert_eq!(f.acks.committed(), head.len() as u64);
+        f.acks.acked(sink.seqs[1]);
+        assert_eq!(
+            f.acks.committed(),
+            (head.len() + trace.len() + rest.len()) as u64
+        );
+
+        // A trace with no line after it goes out when flushed (its timeout).
+        let more = "Traceback (most recent call last):\n  File \"y.py\"\nKeyError: 1\n";
+        std::fs::write(&p, format!("{head}{trace}{rest}{more}")).unwrap();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(sink.records.len(), 3);
+        assert!(f.decoder.joined_since().is_some());
+        Reader::flush_joined(&mut f, None, &mut sink, &m);
+        assert_eq!(sink.records.len(), 4);
+        assert!(f.decoder.joined_since().is_none());
+        f.acks.acked(sink.seqs[3]);
+        assert_eq!(f.acks.committed(), f.read_offset);
+        assert_eq!(m.multiline_flushed.get(), 1);
+    }
+
+    /// The first line of each record a multiline fixture (a real program's
+    /// output, written by podman + conmon) is joined into.
+    pub(crate) const MULTILINE_FIXTURES: &[(&str, &str, &[&str])] = &[
+        (
+            "python",
+            "python",
+            &[
+                "before 1",
+                "Traceback (most recent call last):",
+                "after 1",
+                "before 2",
+                "Traceback (most recent call last):",
+                "exit 1",
+            ],
+        ),
+        (
+            "java",
+            "java",
+            &[
+                "before 1",
+                "java.lang.RuntimeException: cannot load /etc/app.conf",
+                "after 1",
+                "before 2",
+                "Exception in thread \"main\" java.lang.ArrayIndexOutOfBoundsException: Index 3 out of bounds for length 2",
+                "exit 1",
+            ],
+        ),
+        (
+            "go",
+            "go",
+            &[
+                "before 1",
+                "panic: runtime error: index out of range [5] with length 3",
+                "exit 2",
+            ],
+        ),
+    ];
+
+    #[test]
+    fn real_programs_traces_join_into_one_record_each_and_nothing_is_lost() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/multiline/");
+        for (name, rule, firsts) in MULTILINE_FIXTURES {
+            let p = std::path::PathBuf::from(format!("{dir}{name}.log"));
+            let file = File::open(&p).unwrap();
+            let key = FileKey { dev: 0, ino: 0 };
+            let mut f = testing::open_joined(1, key, file, p.clone(), Format::Cri, 1 << 20, rule);
+            let mut r = Reader::new(4096, 1 << 20);
+            let mut sink = VecSink {
+                budget: usize::MAX,
+                ..Default::default()
+            };
+            let m = Metrics::default();
+            r.read(&mut f, &mut sink, &m, u64::MAX);
+            Reader::flush_joined(&mut f, None, &mut sink, &m);
+            let got = msgs(&sink);
+            let heads: Vec<&str> = got.iter().map(|r| r.lines().next().unwrap()).collect();
+            assert_eq!(&heads, firsts, "{name}: {got:#?}");
+            // Every line the program wrote, in order, in exactly one record.
+            let text = std::fs::read_to_string(&p).unwrap();
+            let mut lines = vec![String::new()];
+            for l in text.lines() {
+                let mut parts = l.splitn(4, ' ');
+                let tag = parts.nth(2).unwrap();
+                lines.last_mut().unwrap().push_str(parts.next().unwrap());
+                if tag == "F" {
+                    lines.push(String::new());
+                }
+            }
+            lines.pop();
+            assert_eq!(got.join("\n"), lines.join("\n"), "{name}");
+            f.acks.acked(sink.seqs[0]);
+            for &s in &sink.seqs {
+                f.acks.acked(s);
+            }
+            assert_eq!(f.acks.committed(), text.len() as u64, "{name}");
+        }
     }
 }
