@@ -1132,3 +1132,115 @@ fn probe_reports_this_machines_kernel_features_without_a_broker() {
     };
     assert_eq!(line("auto picks:"), expected);
 }
+
+/// The CRI lines of a multiline fixture (a real program's output).
+fn multiline_fixture(name: &str) -> Vec<String> {
+    let path = workspace_root().join(format!("tests/fixtures/multiline/{name}.log"));
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn a_kill_9_inside_a_multiline_record_resends_it_whole_never_a_fragment() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let node = Node::new();
+    // A long timeout: only the next start line ends a record here.
+    let args = node.raw_args(
+        &broker,
+        "logs",
+        &[
+            "--multiline",
+            "python",
+            "--multiline-timeout-ms",
+            "120000",
+            "--checkpoint-interval-ms",
+            "100",
+            "--sweep-interval-ms",
+            "500",
+        ],
+    );
+    let lines = multiline_fixture("python");
+    // The second traceback begins after "before 2"; the kill lands after
+    // its chain marker, mid-record.
+    let before_2 = lines
+        .iter()
+        .position(|l| l.ends_with(" before 2\n"))
+        .unwrap();
+    let cut = lines
+        .iter()
+        .position(|l| l.contains("The above exception was the direct cause"))
+        .unwrap();
+    let dir = node.container(0);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("0.log");
+    let trace_start: u64 = lines[..=before_2].iter().map(|l| l.len() as u64).sum();
+    std::fs::write(&log, lines[..=cut].concat()).unwrap();
+
+    let agent = Agent::start(&args, &node.log);
+    let collector = Collector::start(&broker.addr(), "logs");
+    collector.wait_for(
+        Duration::from_secs(60),
+        || format!("4 records before the kill\n{}", node.agent_log()),
+        |r| r.len() >= 4,
+    );
+    // Everything before the open record is acknowledged and checkpointed:
+    // the checkpoint stops at the record's first byte, not inside it.
+    let offset = || {
+        std::fs::read(node.data.join("checkpoints.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|cp| cp["files"][0]["offset"].as_u64())
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || format!("a checkpoint at {trace_start}, not {:?}", offset()),
+        || offset() == Some(trace_start),
+    );
+    assert_eq!(agent.metric("bpftail_records_sent_total"), 4);
+    agent.kill9();
+
+    // The rest of the traceback, and the line after it, written while no
+    // agent runs.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, lines[cut + 1..].concat().as_bytes()).unwrap();
+    let agent = Agent::start(&args, &node.log);
+    collector.wait_for(
+        Duration::from_secs(60),
+        || format!("6 records\n{}", node.agent_log()),
+        |r| r.len() >= 6,
+    );
+    wait_settled(&agent, 4, &[&collector]);
+    let got: Vec<String> = collector
+        .received()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    let firsts: Vec<&str> = got.iter().map(|r| r.lines().next().unwrap()).collect();
+    assert_eq!(
+        firsts,
+        [
+            "before 1",
+            "Traceback (most recent call last):",
+            "after 1",
+            "before 2",
+            "Traceback (most recent call last):",
+            "exit 1"
+        ],
+        "{got:#?}"
+    );
+    let messages: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim_end_matches('\n').splitn(4, ' ').nth(3).unwrap())
+        .collect();
+    assert_eq!(
+        got.join("\n"),
+        messages.join("\n"),
+        "every line once, in order"
+    );
+    assert!(got[4].ends_with("RuntimeError: bad port in config"));
+    assert!(agent.stop().success());
+}

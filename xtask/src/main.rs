@@ -40,6 +40,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // prove it on more than the root file system.
     "xfsprogs",
     "btrfs-progs",
+    // Real programs whose traces the multiline tests join: python3, a JDK
+    // (java runs Main.java from source) and Go.
+    "python3",
+    "openjdk-17-jdk-headless",
+    "golang-go",
 ];
 
 fn main() -> Result<()> {
