@@ -836,4 +836,77 @@ mod tests {
         );
         assert!(unknown.pod_info.is_none() && unknown.headers.is_empty());
     }
+
+    #[test]
+    fn a_files_multiline_rule_comes_from_its_declaration_its_annotation_or_the_default() {
+        use crate::kube::{ContainerInfo, PodInfo};
+        let cache = Arc::new(PodCache::default());
+        let pod = |uid: &str, annotations: &[(&str, &str)], env: &[(&str, &str)]| PodInfo {
+            uid: uid.into(),
+            namespace: "ns".into(),
+            name: uid.into(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            containers: vec![ContainerInfo {
+                name: "c".into(),
+                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        cache.apply(pod("annotated", &[("logs.bpftail.io/c.multiline", "python")], &[]));
+        cache.apply(pod(
+            "declared",
+            &[("logs.bpftail.io/c.multiline", "python")],
+            &[
+                ("aliyun_logs_app", "stdout"),
+                ("aliyun_logs_app_multiline", "java"),
+                ("aliyun_logs_files", "/var/log/app/*.log"),
+                ("aliyun_logs_files_multiline", "regex:^\\d{4}-"),
+            ],
+        ));
+        cache.apply(pod("bad", &[("logs.bpftail.io/c.multiline", "regex:(")], &[]));
+        cache.apply(pod("plain", &[], &[]));
+        let ctx = MetaContext {
+            topic: TopicTemplate::parse("t").unwrap(),
+            node: "n".into(),
+            pods: Some(cache.clone()),
+            labels: Globs::default(),
+            annotations: Globs::default(),
+            policy: Default::default(),
+            multiline: MultilineDefaults {
+                rule: Rule::parse("go").unwrap(),
+                ..Default::default()
+            },
+        };
+        let render = |uid: &str, declaration: Option<&str>| {
+            ctx.render(
+                Origin {
+                    pod_uid: uid.into(),
+                    container: "c".into(),
+                    declaration: declaration.map(str::to_owned),
+                    ..Default::default()
+                },
+                Format::Cri,
+            )
+        };
+        let rule = |m: &FileMeta| m.multiline.as_ref().map(|ml| ml.rule.name());
+        assert_eq!(rule(&render("annotated", None)).as_deref(), Some("python"));
+        // The stdout declaration's option wins over the annotation; a
+        // declared file gets its own declaration's.
+        assert_eq!(rule(&render("declared", None)).as_deref(), Some("java"));
+        assert_eq!(
+            rule(&render("declared", Some("files"))).as_deref(),
+            Some("regex:^\\d{4}-")
+        );
+        let bad = render("bad", None);
+        assert_eq!(rule(&bad).as_deref(), Some("go"), "the default applies");
+        assert_eq!(bad.refused.len(), 1);
+        assert!(bad.refused[0].reason.contains("does not compile"), "{:?}", bad.refused);
+        assert_eq!(rule(&render("plain", None)).as_deref(), Some("go"));
+        // Not a declaration named "multiline".
+        assert!(render("annotated", None).refused.is_empty());
+    }
 }
