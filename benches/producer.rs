@@ -205,6 +205,7 @@ fn metas(cfg: &Config) -> Vec<bpftail::discover::FileMeta> {
             ..Policy::default()
         },
         multiline: Default::default(),
+        rate_limit: None,
     };
     (0..STREAMS)
         .map(|i| {

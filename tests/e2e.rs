@@ -1244,3 +1244,87 @@ fn a_kill_9_inside_a_multiline_record_resends_it_whole_never_a_fragment() {
     assert!(got[4].ends_with("RuntimeError: bad port in config"));
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_rate_limited_container_ships_at_its_limit_and_loses_nothing() {
+    const LOUD_LINES: u64 = 60_000;
+    const QUIET_LINES: u64 = 200;
+    const LIMIT: f64 = 2_000_000.0;
+    let broker = Broker::start();
+    broker.create_topic("logs", 4);
+    let node = Node::new();
+    let args = node.raw_args(
+        &broker,
+        "logs",
+        &["--container-rate-limit", "2M", "--sweep-interval-ms", "500"],
+    );
+    // The loud container wrote 12 MB at once; the quiet one writes a line
+    // every 10 ms meanwhile.
+    let loud = node.container(0).join("0.log");
+    std::fs::create_dir_all(loud.parent().unwrap()).unwrap();
+    let mut w = LineWriter::create(&loud);
+    for seq in 0..LOUD_LINES {
+        w.line(0, seq, LINE_LEN * 2);
+    }
+    drop(w);
+    let quiet = node.container(1).join("0.log");
+    std::fs::create_dir_all(quiet.parent().unwrap()).unwrap();
+    let agent = Agent::start(&args, &node.log);
+    let collector = Collector::start(&broker.addr(), "logs");
+    let writer = std::thread::spawn(move || {
+        let mut w = LineWriter::create(&quiet);
+        for seq in 0..QUIET_LINES {
+            w.line(1, seq, LINE_LEN);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    // It is held back, and says so.
+    agent.wait_metric(
+        Duration::from_secs(30),
+        "bpftail_rate_limited_containers",
+        1,
+    );
+    assert!(agent.metric("bpftail_rate_limited_lag_bytes") > 0);
+    writer.join().unwrap();
+    let total = (LOUD_LINES + QUIET_LINES) as usize;
+    collector.wait_for(
+        Duration::from_secs(60),
+        || format!("{total} records\n{}", node.agent_log()),
+        |r| r.len() >= total,
+    );
+    let records = collector.received();
+    let mut loud: Vec<Received> = Vec::new();
+    let mut quiet: Vec<Received> = Vec::new();
+    for r in records {
+        match parse_seq(&r.value) {
+            Some((0, _)) => loud.push(r),
+            _ => quiet.push(r),
+        }
+    }
+    let t = tally(&loud, 1, LOUD_LINES);
+    assert_eq!(
+        (t.missing, t.duplicates, t.jumps, t.rewinds),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    assert_eq!(quiet.len() as u64, QUIET_LINES);
+    // Read at the limit: the log bytes of the records sent after the first
+    // second, over the time they took (the records' Kafka timestamps are
+    // taken when the agent sends them).
+    let ts: Vec<i64> = loud.iter().map(|r| r.timestamp.unwrap()).collect();
+    let from = ts[0] + 1000;
+    let after = ts.iter().filter(|&&t| t >= from).count() as f64;
+    let secs = (ts[ts.len() - 1] - from) as f64 / 1000.0;
+    let rate = after * (LINE_LEN * 2) as f64 / secs;
+    eprintln!("loud container read at {rate:.0} B/s (limit {LIMIT})");
+    assert!(
+        (rate - LIMIT).abs() <= 0.1 * LIMIT,
+        "read at {rate:.0} B/s, limit {LIMIT}"
+    );
+    assert!(agent.metric("bpftail_rate_limit_waits_total") > 0);
+    assert!(agent.stop().success());
+    assert!(
+        node.agent_log()
+            .contains("container writes faster than its rate limit")
+    );
+}

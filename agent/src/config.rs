@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::discover::MultilineDefaults;
+use crate::files::limits::parse_rate;
 use crate::tail::multiline::Rule;
 use serde::Deserialize;
 
@@ -170,6 +171,12 @@ pub struct RunArgs {
     /// A multiline record ends after this many lines [default: 500].
     #[arg(long, env = "BPFTAIL_MULTILINE_MAX_LINES")]
     pub multiline_max_lines: Option<u64>,
+    /// Bytes per second each container may be read at (1000000, 500k, 2Mi…); a container over it is read more slowly, its log file the buffer [default: off].
+    #[arg(long, env = "BPFTAIL_CONTAINER_RATE_LIMIT")]
+    pub container_rate_limit: Option<String>,
+    /// Share of a core the agent paces its reading to under sustained load, e.g. 0.5 [default: off].
+    #[arg(long, env = "BPFTAIL_MAX_CPU")]
+    pub max_cpu: Option<f64>,
     /// How long shutdown waits for Kafka to acknowledge what is in flight, in milliseconds [default: 10000].
     #[arg(long, env = "BPFTAIL_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
@@ -325,6 +332,8 @@ struct FileConfig {
     multiline: Option<String>,
     multiline_timeout_ms: Option<u64>,
     multiline_max_lines: Option<u64>,
+    container_rate_limit: Option<String>,
+    max_cpu: Option<f64>,
     shutdown_timeout_ms: Option<u64>,
     log_format: Option<LogFormat>,
 }
@@ -376,6 +385,10 @@ pub struct Config {
     pub partial_flush: Duration,
     /// `--multiline` and its limits.
     pub multiline: MultilineDefaults,
+    /// `--container-rate-limit`, bytes per second.
+    pub container_rate_limit: Option<u64>,
+    /// `--max-cpu`, cores.
+    pub max_cpu: Option<f64>,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
 }
@@ -494,6 +507,20 @@ impl Config {
                     pick!(multiline_max_lines, 500),
                     1..=1_000_000,
                 )? as usize,
+            },
+            container_rate_limit: match args.container_rate_limit.or(file.container_rate_limit) {
+                Some(v) => parse_rate(&v).map_err(|e| invalid("container-rate-limit", e))?,
+                None => None,
+            },
+            max_cpu: match args.max_cpu.or(file.max_cpu) {
+                Some(c) if c.is_finite() && (0.01..=1024.0).contains(&c) => Some(c),
+                Some(c) => {
+                    return Err(invalid(
+                        "max-cpu",
+                        format!("{c} is not a share of cores between 0.01 and 1024"),
+                    ));
+                }
+                None => None,
             },
             shutdown_timeout: millis!(shutdown_timeout_ms, 10_000, "shutdown-timeout-ms")?,
             log_format: pick!(log_format, LogFormat::Text),

@@ -298,6 +298,21 @@ fn annotation_rest<'a>(key: &'a str, container: &str) -> Option<&'a str> {
         .strip_prefix('.')
 }
 
+/// The rate limit a pod's annotations set for `container`:
+/// `bpftail.io/rate-limit.<container>`, else `bpftail.io/rate-limit`; as
+/// (key, value).
+pub fn rate_limit_annotation<'a>(
+    container: &str,
+    annotations: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+) -> Option<(&'a str, &'a str)> {
+    let own = format!("bpftail.io/rate-limit.{container}");
+    annotations.clone().find(|(k, _)| *k == own).or_else(|| {
+        annotations
+            .into_iter()
+            .find(|(k, _)| *k == "bpftail.io/rate-limit")
+    })
+}
+
 /// The multiline rule a pod's annotation `logs.bpftail.io/<container>.multiline`
 /// chooses for the container's own log, as written.
 pub fn multiline_annotation<'a>(

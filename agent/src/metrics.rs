@@ -95,6 +95,10 @@ pub struct Metrics {
     pub partial_flushed: Counter,
     /// Multiline records delivered because no line came to end them.
     pub multiline_flushed: Counter,
+    /// Reads put off because a container was over its rate limit.
+    pub rate_limit_waits: Counter,
+    /// Turns whose reading waited for `--max-cpu`.
+    pub cpu_paced: Counter,
     pub bytes_skipped: Counter,
     pub truncations: Counter,
     pub rotations: Counter,
@@ -114,6 +118,10 @@ pub struct Metrics {
     /// for `bpftail_inflight_bytes`.
     pub inflight: std::sync::OnceLock<Arc<crate::sink::Budget>>,
     pub checkpoint_lag_bytes: Gauge,
+    /// Containers held to their rate limit since the last sweep, and the
+    /// bytes their logs hold that are not read yet.
+    pub rate_limited_containers: Gauge,
+    pub rate_limited_lag_bytes: Gauge,
     pub checkpoint_writes: Counter,
     pub checkpoint_errors: Counter,
     pub watcher_overflows: Counter,
@@ -273,6 +281,16 @@ const COUNTERS: &[Row] = &[
         "multiline_flushed_total",
         "Multiline records delivered at their timeout (or when their file ended), not at their next line.",
         |m| m.multiline_flushed.get(),
+    ),
+    (
+        "rate_limit_waits_total",
+        "Reads put off because the container was over its rate limit (--container-rate-limit, bpftail.io/rate-limit).",
+        |m| m.rate_limit_waits.get(),
+    ),
+    (
+        "cpu_paced_total",
+        "Turns of the data loop whose reading waited to keep the agent near --max-cpu.",
+        |m| m.cpu_paced.get(),
     ),
     (
         "bytes_skipped_total",
@@ -450,6 +468,16 @@ const GAUGES: &[Row] = &[
         "checkpoint_lag_bytes",
         "Bytes on disk not yet acknowledged, over all files.",
         |m| m.checkpoint_lag_bytes.get(),
+    ),
+    (
+        "rate_limited_containers",
+        "Containers read at their rate limit (they wrote faster) since the last look at their files.",
+        |m| m.rate_limited_containers.get(),
+    ),
+    (
+        "rate_limited_lag_bytes",
+        "Bytes the logs of rate-limited containers hold that are not read yet: the lag the limit causes.",
+        |m| m.rate_limited_lag_bytes.get(),
     ),
 ];
 

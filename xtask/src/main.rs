@@ -352,10 +352,13 @@ fn demo(rest: &[String]) -> Result<()> {
         .current_dir(root()))
 }
 
-/// `bench [pipeline|watchers|producer] [args]`: one benchmark (default pipeline).
+/// `bench [pipeline|watchers|producer|fairness] [args]`: one benchmark
+/// (default pipeline).
 fn bench(rest: &[String]) -> Result<()> {
     let (which, args) = match rest.split_first() {
-        Some((w, a)) if w == "pipeline" || w == "watchers" || w == "producer" => (w.as_str(), a),
+        Some((w, a)) if ["pipeline", "watchers", "producer", "fairness"].contains(&w.as_str()) => {
+            (w.as_str(), a)
+        }
         _ => ("pipeline", rest),
     };
     let args: Vec<&String> = args.iter().filter(|a| *a != "--").collect();

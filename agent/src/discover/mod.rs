@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use crate::config::{Globs, OutputFormat, ShipMode, TopicTemplate, TopicVars};
 use crate::declare::{self, Declaration, Declared, LineFormat, Refusal};
+use crate::files::limits::{RateLimit, parse_rate};
 use crate::fs::Fs;
 use crate::kube::{PodCache, PodInfo};
 use crate::tail::decode::{Format, Stream};
@@ -61,6 +62,8 @@ pub struct FileMeta {
     pub route: Option<Declaration>,
     /// How its records are joined into multiline records (`None`: not).
     pub multiline: Option<Multiline>,
+    /// How fast its container may be read (`None`: no limit).
+    pub rate_limit: Option<RateLimit>,
     /// The pod's annotations opt this container out.
     pub excluded: bool,
     /// Not to be shipped: opted out, or undeclared under `--ship
@@ -132,6 +135,8 @@ pub struct MetaContext {
     pub policy: Policy,
     /// `--multiline` and its limits: the rule of files that choose none.
     pub multiline: MultilineDefaults,
+    /// `--container-rate-limit`, bytes per second (annotations may lower it).
+    pub rate_limit: Option<u64>,
 }
 
 /// The operator's multiline setting: the default rule and the limits
@@ -256,6 +261,7 @@ impl MetaContext {
         });
         let mut refused = declared.refused;
         let multiline = self.multiline_of(&o, pod.as_deref(), route.as_ref(), &mut refused);
+        let rate_limit = self.rate_limit_of(&o, pod.as_deref(), &mut refused);
         let (namespace, pod_name) = names(&o, pod.as_deref());
         let vars = TopicVars {
             namespace: &namespace,
@@ -295,6 +301,7 @@ impl MetaContext {
             route,
             excluded,
             multiline,
+            rate_limit,
             refused,
             bad_tags: declared.bad_tags + parts.dropped_tags,
         }
@@ -338,6 +345,45 @@ impl MetaContext {
             rule,
             max_lines: self.multiline.max_lines,
             timeout: self.multiline.timeout,
+        })
+    }
+
+    /// A file's container's rate limit: `--container-rate-limit`, or the
+    /// pod's `bpftail.io/rate-limit[.<container>]` annotation — which may
+    /// only lower the operator's limit (tenants write annotations). One
+    /// that does not parse is refused, and the operator's applies.
+    fn rate_limit_of(
+        &self,
+        o: &Origin,
+        pod: Option<&PodInfo>,
+        refused: &mut Vec<Refusal>,
+    ) -> Option<RateLimit> {
+        let mut rate = self.rate_limit;
+        let annotated = pod.and_then(|p| {
+            declare::rate_limit_annotation(
+                &o.container,
+                p.annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+        });
+        if let Some((key, value)) = annotated {
+            match parse_rate(value) {
+                Ok(Some(r)) => rate = Some(rate.map_or(r, |op| op.min(r))),
+                // `off` lifts no operator limit.
+                Ok(None) => {}
+                Err(reason) => refused.push(Refusal {
+                    name: key.to_owned(),
+                    reason: format!("rate limit: {reason}; the default applies"),
+                }),
+            }
+        }
+        let container = if o.pod_uid.is_empty() {
+            format!("docker/{}", o.container_id)
+        } else {
+            format!("{}/{}", o.pod_uid, o.container)
+        };
+        rate.map(|bytes_per_s| RateLimit {
+            bytes_per_s,
+            container: container.into(),
         })
     }
 
@@ -740,6 +786,7 @@ mod tests {
             annotations: Default::default(),
             policy: Default::default(),
             multiline: Default::default(),
+            rate_limit: None,
         };
         let m = ctx.render(
             Origin {
@@ -791,6 +838,7 @@ mod tests {
             annotations: Globs::parse("pod-annotations", "team*").unwrap(),
             policy: Default::default(),
             multiline: Default::default(),
+            rate_limit: None,
         };
         let cri = Origin {
             namespace: "ns".into(),
@@ -851,12 +899,19 @@ mod tests {
                 .collect(),
             containers: vec![ContainerInfo {
                 name: "c".into(),
-                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 ..Default::default()
             }],
             ..Default::default()
         };
-        cache.apply(pod("annotated", &[("logs.bpftail.io/c.multiline", "python")], &[]));
+        cache.apply(pod(
+            "annotated",
+            &[("logs.bpftail.io/c.multiline", "python")],
+            &[],
+        ));
         cache.apply(pod(
             "declared",
             &[("logs.bpftail.io/c.multiline", "python")],
@@ -867,7 +922,11 @@ mod tests {
                 ("aliyun_logs_files_multiline", "regex:^\\d{4}-"),
             ],
         ));
-        cache.apply(pod("bad", &[("logs.bpftail.io/c.multiline", "regex:(")], &[]));
+        cache.apply(pod(
+            "bad",
+            &[("logs.bpftail.io/c.multiline", "regex:(")],
+            &[],
+        ));
         cache.apply(pod("plain", &[], &[]));
         let ctx = MetaContext {
             topic: TopicTemplate::parse("t").unwrap(),
@@ -880,6 +939,7 @@ mod tests {
                 rule: Rule::parse("go").unwrap(),
                 ..Default::default()
             },
+            rate_limit: None,
         };
         let render = |uid: &str, declaration: Option<&str>| {
             ctx.render(
@@ -904,9 +964,84 @@ mod tests {
         let bad = render("bad", None);
         assert_eq!(rule(&bad).as_deref(), Some("go"), "the default applies");
         assert_eq!(bad.refused.len(), 1);
-        assert!(bad.refused[0].reason.contains("does not compile"), "{:?}", bad.refused);
+        assert!(
+            bad.refused[0].reason.contains("does not compile"),
+            "{:?}",
+            bad.refused
+        );
         assert_eq!(rule(&render("plain", None)).as_deref(), Some("go"));
         // Not a declaration named "multiline".
         assert!(render("annotated", None).refused.is_empty());
+    }
+
+    #[test]
+    fn rate_limit_annotations_may_only_lower_the_operators_limit() {
+        use crate::kube::{ContainerInfo, PodInfo};
+        let cache = Arc::new(PodCache::default());
+        for (uid, annotations) in [
+            ("pod-wide", vec![("bpftail.io/rate-limit", "1M")]),
+            (
+                "own",
+                vec![
+                    ("bpftail.io/rate-limit", "1M"),
+                    ("bpftail.io/rate-limit.c", "300k"),
+                ],
+            ),
+            ("higher", vec![("bpftail.io/rate-limit", "50M")]),
+            ("bad", vec![("bpftail.io/rate-limit.c", "fast")]),
+            ("off", vec![("bpftail.io/rate-limit", "off")]),
+        ] {
+            cache.apply(PodInfo {
+                uid: uid.into(),
+                annotations: annotations
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+                containers: vec![ContainerInfo {
+                    name: "c".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+        let mut ctx = MetaContext {
+            topic: TopicTemplate::parse("t").unwrap(),
+            node: "n".into(),
+            pods: Some(cache.clone()),
+            labels: Globs::default(),
+            annotations: Globs::default(),
+            policy: Default::default(),
+            multiline: Default::default(),
+            rate_limit: Some(10_000_000),
+        };
+        let limit = |ctx: &MetaContext, uid: &str| {
+            let m = ctx.render(
+                Origin {
+                    pod_uid: uid.into(),
+                    container: "c".into(),
+                    ..Default::default()
+                },
+                Format::Cri,
+            );
+            (m.rate_limit.map(|l| l.bytes_per_s), m.refused.len())
+        };
+        assert_eq!(limit(&ctx, "pod-wide"), (Some(1_000_000), 0));
+        assert_eq!(limit(&ctx, "own"), (Some(300_000), 0));
+        assert_eq!(limit(&ctx, "higher"), (Some(10_000_000), 0));
+        assert_eq!(limit(&ctx, "bad"), (Some(10_000_000), 1));
+        assert_eq!(limit(&ctx, "off"), (Some(10_000_000), 0));
+        // Without an operator limit, an annotation sets one.
+        ctx.rate_limit = None;
+        assert_eq!(limit(&ctx, "higher"), (Some(50_000_000), 0));
+        assert_eq!(limit(&ctx, "off"), (None, 0));
+        let m = ctx.render(
+            Origin {
+                pod_uid: "own".into(),
+                container: "c".into(),
+                ..Default::default()
+            },
+            Format::Cri,
+        );
+        assert_eq!(&*m.rate_limit.unwrap().container, "own/c");
     }
 }

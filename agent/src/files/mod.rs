@@ -9,6 +9,7 @@
 //! - [`pods`]: files that wait for their pod's metadata, and until when.
 //! - [`schedule`]: which file is read next (dirty queue, backlog,
 //!   predecessors of a stream first).
+//! - [`limits`]: how fast a container, and the agent, may read.
 //!
 //! A file's stream ([`StreamId`]) is the sequence of files a runtime writes
 //! one container's log to, rotation after rotation: its lines keep their
@@ -17,6 +18,7 @@
 
 pub mod identity;
 pub mod lifecycle;
+pub mod limits;
 pub mod pods;
 pub mod registry;
 pub mod schedule;

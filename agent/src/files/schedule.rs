@@ -4,10 +4,13 @@
 //! their news came. A read takes a bounded slice of a file and, when the
 //! file has more, puts it at the back: one busy file cannot starve the
 //! others. When the in-flight budget runs out, every file waiting moves to
-//! the backlog, to be read once acknowledgements free budget. Before a
+//! the backlog, to be read once acknowledgements free budget — the file
+//! that used it up last. Before a
 //! file is read, the older files of its stream are read to their end
 //! ([`crate::files::Registry::predecessors`]): lines keep their order
-//! across a rotation.
+//! across a rotation. A file whose container already has its share of the
+//! in-flight budget is held until acknowledgements come, so that one
+//! container writing as fast as it can never holds all of the budget.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -39,6 +42,9 @@ pub struct Schedule {
     dirty: Queue,
     /// Files with unread bytes that wait for in-flight budget.
     backlog: Queue,
+    /// Files whose container holds its share of the budget: read again
+    /// when acknowledgements come.
+    held: Queue,
 }
 
 /// What the reader does after a read of one file.
@@ -78,6 +84,14 @@ impl Schedule {
         }
     }
 
+    /// Acknowledgements came: the files held for their container's share
+    /// of the budget are read again (and held again if still over it).
+    pub fn release_held(&mut self) {
+        while let Some(id) = self.held.pop() {
+            self.dirty.push(id);
+        }
+    }
+
     /// The next file to read.
     pub fn next_file(&mut self) -> Option<FileId> {
         self.dirty.pop()
@@ -88,13 +102,19 @@ impl Schedule {
         match end {
             ReadEnd::Quota => self.dirty.push(id),
             ReadEnd::Budget => {
-                self.backlog.push(id);
-                while let Some(id) = self.dirty.pop() {
-                    self.backlog.push(id);
+                // The file that used the budget up waits behind every other:
+                // when budget comes back, the files that waited for it go
+                // first (one file writing as fast as it can must not take
+                // every release of budget).
+                while let Some(other) = self.dirty.pop() {
+                    self.backlog.push(other);
                 }
+                self.backlog.push(id);
                 return Next::Stop;
             }
-            ReadEnd::Eof | ReadEnd::Error(_) => {}
+            ReadEnd::Held => self.held.push(id),
+            // The data loop marks it again when the limit allows.
+            ReadEnd::Limited(_) | ReadEnd::Eof | ReadEnd::Error(_) => {}
         }
         Next::Continue
     }
@@ -142,6 +162,6 @@ mod tests {
         s.mark(4);
         s.release_backlog();
         assert!(!s.waits_for_budget());
-        assert_eq!(drain(&mut s), vec![4, 1, 2, 3]);
+        assert_eq!(drain(&mut s), vec![4, 2, 3, 1]);
     }
 }

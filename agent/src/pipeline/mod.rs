@@ -41,6 +41,7 @@ use crate::config::Config;
 use crate::discover::MetaContext;
 use crate::discover::declared::Notes;
 use crate::files::lifecycle::{self, Memory};
+use crate::files::limits::{self, Allowance, CpuPacer, RateLimits};
 use crate::files::pods::{PodGate, RescanThrottle};
 use crate::files::schedule::{Next, Schedule};
 use crate::files::{FileId, Registry};
@@ -131,6 +132,14 @@ pub struct Pipeline<S: Sink> {
     /// records is due (its timeout).
     joined: HashSet<FileId>,
     joined_at: Option<Instant>,
+    /// Per-container rate limits, the files waiting for theirs, and when
+    /// the first may be read.
+    limits: RateLimits,
+    limited: Vec<(Instant, FileId)>,
+    limited_at: Option<Instant>,
+    /// `--max-cpu`, and until when reading waits for it.
+    pacer: Option<CpuPacer>,
+    paced_until: Option<Instant>,
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
@@ -165,8 +174,12 @@ impl<S: Sink> Pipeline<S> {
                 topic_allow: cfg.topic_allow.clone(),
             },
             multiline: cfg.multiline.clone(),
+            rate_limit: cfg.container_rate_limit,
         };
         let reader = Reader::new(READ_BUF, cfg.max_record_bytes + 256);
+        let pacer = cfg
+            .max_cpu
+            .map(|cores| CpuPacer::new(cores, Instant::now(), limits::process_cpu()));
         Ok(Pipeline {
             writer: Writer::start(store, metrics.clone())?,
             cfg,
@@ -195,6 +208,11 @@ impl<S: Sink> Pipeline<S> {
             dirs_unwatched: false,
             joined: HashSet::new(),
             joined_at: None,
+            limits: RateLimits::default(),
+            limited: Vec::new(),
+            limited_at: None,
+            pacer,
+            paced_until: None,
             stopping,
             read_errors: RateLimit::new(Duration::from_secs(10)),
             open_errors: RateLimit::new(Duration::from_secs(10)),
@@ -236,9 +254,10 @@ impl<S: Sink> Pipeline<S> {
             // write reports were coalesced off are re-armed and their files
             // read once more, so one busy file never hides another's writes.
             let rearmed = !self.schedule.waits_for_budget() && self.rearm();
+            let paced = self.paced_until.is_some_and(|t| Instant::now() < t);
             if rearmed
-                || self.schedule.has_dirty()
-                || (self.schedule.waits_for_budget() && self.sink.has_budget())
+                || (self.schedule.has_dirty() && !paced)
+                || (self.schedule.waits_for_budget() && self.sink.has_budget() && !paced)
             {
                 continue;
             }
@@ -285,6 +304,9 @@ impl<S: Sink> Pipeline<S> {
         if self.joined_at.is_some_and(|at| now >= at) {
             self.flush_joined(now);
         }
+        if self.limited_at.is_some_and(|at| now >= at) {
+            self.release_limited(now);
+        }
         let pod_rescan = self.pod_rescan.take_due(now);
         let pod_wait_over = self.pods.deadline().is_some_and(|d| now >= d);
         if now >= t.rescan || pod_rescan || pod_wait_over {
@@ -312,6 +334,8 @@ impl<S: Sink> Pipeline<S> {
             Some(t.sweep),
             self.look_at,
             self.joined_at,
+            self.limited_at,
+            self.paced_until,
             Some(t.rescan),
             self.pods.deadline(),
             self.pod_rescan.deadline(),
@@ -417,6 +441,9 @@ impl<S: Sink> Pipeline<S> {
         for &ack in &acks {
             self.apply_ack(ack);
         }
+        if !acks.is_empty() {
+            self.schedule.release_held();
+        }
         self.acks = acks;
     }
 
@@ -452,6 +479,16 @@ impl<S: Sink> Pipeline<S> {
         if self.sink.has_budget() {
             self.schedule.release_backlog();
         }
+        let now = Instant::now();
+        if let Some(pacer) = &mut self.pacer {
+            // `--max-cpu`: ahead of its share, the agent reads nothing until
+            // its pace allows (the other phases still run).
+            self.paced_until = pacer.wait(now, limits::process_cpu());
+            if self.paced_until.is_some() {
+                self.metrics.cpu_paced.inc();
+                return;
+            }
+        }
         // One pass over the files dirty now: a file with more to read goes
         // to the back, and the loop's other phases (acks, timers) get their
         // turn even while the reader is behind.
@@ -462,26 +499,92 @@ impl<S: Sink> Pipeline<S> {
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            // Lines of one container stream keep their order across a
-            // rotation: a rotated file is read to its end before the file
-            // that replaced it.
-            let mut end = ReadEnd::Eof;
-            for pred in self.files.predecessors(id) {
-                end = self.read_one(pred, u64::MAX);
-                if matches!(end, ReadEnd::Budget) {
-                    break;
-                }
-                // Its successor is read next: a multiline record it ended
-                // inside of goes out first.
-                if matches!(end, ReadEnd::Eof) {
-                    self.flush_joined_of(pred, None);
-                }
-            }
-            if !matches!(end, ReadEnd::Budget) {
-                end = self.read_one(id, READ_QUOTA);
+            let end = match self.may_read(id, now) {
+                Ok(quota) => self.read_stream(id, quota),
+                Err(end) => end,
+            };
+            if let ReadEnd::Limited(until) = end {
+                self.limited.push((until, id));
+                self.limited_at = Some(self.limited_at.map_or(until, |at| at.min(until)));
             }
             if self.schedule.after_read(id, &end) == Next::Stop {
                 return;
+            }
+        }
+    }
+
+    /// How much of `id`'s container may be read now (its bytes quota), or
+    /// why none: its container already has its share of the in-flight
+    /// budget (half of it), or is over its rate limit.
+    fn may_read(&mut self, id: FileId, now: Instant) -> Result<u64, ReadEnd> {
+        let Some(f) = self.files.get(id) else {
+            return Err(ReadEnd::Eof);
+        };
+        if f.meta.suppressed {
+            return Ok(READ_QUOTA);
+        }
+        let unacked: u64 = self
+            .files
+            .predecessors(id)
+            .into_iter()
+            .chain([id])
+            .filter_map(|i| self.files.get(i))
+            .map(TailedFile::unacked)
+            .sum();
+        if unacked >= self.cfg.max_inflight_bytes / 2 {
+            return Err(ReadEnd::Held);
+        }
+        let Some(limit) = &f.meta.rate_limit else {
+            return Ok(READ_QUOTA);
+        };
+        match self.limits.allowance(limit, now) {
+            Allowance::Bytes(n) => Ok(n.min(READ_QUOTA)),
+            Allowance::Wait(until) => {
+                self.metrics.rate_limit_waits.inc();
+                Err(ReadEnd::Limited(until))
+            }
+        }
+    }
+
+    /// Reads `id` for up to about `quota` bytes, after its stream's older
+    /// files (lines of one container stream keep their order across a
+    /// rotation: a rotated file is read to its end before the file that
+    /// replaced it). Charges what was read to its container's rate limit.
+    fn read_stream(&mut self, id: FileId, quota: u64) -> ReadEnd {
+        let read_before = self.metrics.bytes_read.get();
+        let mut end = ReadEnd::Eof;
+        for pred in self.files.predecessors(id) {
+            end = self.read_one(pred, quota);
+            match end {
+                // Its successor is read next: a multiline record it ended
+                // inside of goes out first.
+                ReadEnd::Eof => self.flush_joined_of(pred, None),
+                ReadEnd::Error(_) => {}
+                _ => break,
+            }
+        }
+        if matches!(end, ReadEnd::Eof | ReadEnd::Error(_)) {
+            end = self.read_one(id, quota);
+        }
+        let read = self.metrics.bytes_read.get() - read_before;
+        if let Some(limit) = self.files.get(id).and_then(|f| f.meta.rate_limit.clone()) {
+            self.limits.charge(&limit, read);
+        }
+        end
+    }
+
+    /// The files whose rate limit allows reading again are read.
+    fn release_limited(&mut self, now: Instant) {
+        self.limited_at = None;
+        let mut i = 0;
+        while i < self.limited.len() {
+            let (until, id) = self.limited[i];
+            if until <= now {
+                self.limited.swap_remove(i);
+                self.schedule.mark(id);
+            } else {
+                self.limited_at = Some(self.limited_at.map_or(until, |at| at.min(until)));
+                i += 1;
             }
         }
     }
@@ -640,12 +743,21 @@ impl<S: Sink> Pipeline<S> {
         // this may start, for the files it changes).
         self.look_at = None;
         let (mut lag, mut close, mut rescan, mut moved) = (0, Vec::new(), false, false);
+        // Unread bytes per rate-limited container.
+        let mut limited_lag: HashMap<Arc<str>, (u64, Arc<crate::discover::FileMeta>)> =
+            HashMap::new();
         // Unread bytes while reading is not held back by the budget: the
         // change source missed a write (or it is a few ms old).
         let freely = !self.schedule.waits_for_budget() && self.sink.has_budget();
         let idle = self.cfg.partial_flush;
         let mut again = false;
         for f in self.files.iter_mut() {
+            if let Some(limit) = &f.meta.rate_limit {
+                let e = limited_lag
+                    .entry(limit.container.clone())
+                    .or_insert_with(|| (0, f.meta.clone()));
+                e.0 += f.size_seen.saturating_sub(f.read_offset);
+            }
             if !full && !lifecycle::needs_look(f, now, idle) {
                 lag += f.size_seen.saturating_sub(f.acks.committed());
                 continue;
@@ -706,6 +818,7 @@ impl<S: Sink> Pipeline<S> {
         }
         self.metrics.checkpoint_lag_bytes.set(lag);
         self.metrics.files_watched.set(self.files.len() as u64);
+        self.note_rate_limited(now, limited_lag, full);
         if rescan || self.memory.waits_for_size() {
             self.rescan();
         }
@@ -714,6 +827,39 @@ impl<S: Sink> Pipeline<S> {
         }
         if full {
             self.metrics.sweeps.inc();
+        }
+    }
+
+    /// Exports which containers their rate limit held back since the last
+    /// look, and the bytes their logs hold unread; logs a container when it
+    /// starts being held back (at most every ten minutes each). A full
+    /// sweep forgets the buckets of containers no longer followed.
+    fn note_rate_limited(
+        &mut self,
+        now: Instant,
+        lag: HashMap<Arc<str>, (u64, Arc<crate::discover::FileMeta>)>,
+        full: bool,
+    ) {
+        const LOG_EVERY: Duration = Duration::from_secs(600);
+        let (mut containers, mut bytes) = (0, 0);
+        for (container, (unread, meta)) in &lag {
+            let (dry, log) = self.limits.take_limited(container, now, LOG_EVERY);
+            if !dry {
+                continue;
+            }
+            containers += 1;
+            bytes += unread;
+            if log {
+                let limit = meta.rate_limit.as_ref().map_or(0, |l| l.bytes_per_s);
+                tracing::info!(namespace = %meta.namespace, pod = %meta.pod, container = %meta.container, bytes_per_s = limit, unread_bytes = unread, "container writes faster than its rate limit: read at the limit, the rest waits in its log file");
+            }
+        }
+        if full || containers > 0 {
+            self.metrics.rate_limited_containers.set(containers);
+            self.metrics.rate_limited_lag_bytes.set(bytes);
+        }
+        if full {
+            self.limits.retain(|c| lag.contains_key(c));
         }
     }
 

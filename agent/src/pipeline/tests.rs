@@ -140,6 +140,8 @@ fn config(pods: &Path, data: &Path) -> Config {
         sweep_interval_trusted: Duration::from_secs(3600),
         partial_flush: Duration::from_millis(1),
         multiline: Default::default(),
+        container_rate_limit: None,
+        max_cpu: None,
         shutdown_timeout: Duration::from_secs(1),
         log_format: LogFormat::Text,
     }

@@ -113,6 +113,12 @@ impl TailedFile {
         }
     }
 
+    /// Bytes read and not yet acknowledged (or settled): what its records
+    /// hold of the in-flight budget, about.
+    pub fn unacked(&self) -> u64 {
+        self.read_offset.saturating_sub(self.acks.committed())
+    }
+
     /// Forgets everything read: the file was truncated (copytruncate) or
     /// replaced, and is read again from `offset`.
     pub fn restart_at(&mut self, offset: u64) {
@@ -203,6 +209,11 @@ pub enum ReadEnd {
     Budget,
     /// This turn's byte quota is used up; the file may have more.
     Quota,
+    /// Not read: its container has its share of the in-flight budget
+    /// already (read again once acknowledgements come).
+    Held,
+    /// Not read: its container is over its rate limit until then.
+    Limited(Instant),
     Error(std::io::Error),
 }
 
@@ -531,6 +542,7 @@ pub mod testing {
                 rule: multiline::Rule::parse(rule).unwrap(),
                 ..Default::default()
             },
+            rate_limit: None,
         };
         let meta = Arc::new(ctx.render(Origin::default(), format));
         TailedFile::new(id, key, file.into(), path, meta, 0, max_record)
