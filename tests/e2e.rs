@@ -1328,3 +1328,175 @@ fn a_rate_limited_container_ships_at_its_limit_and_loses_nothing() {
             .contains("container writes faster than its rate limit")
     );
 }
+
+/// A ConfigMap volume as the kubelet writes it: `dir/<name>` is a symlink
+/// to `..data/<name>`, `..data` to the current `..<version>` directory.
+struct ConfigMapDir {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl ConfigMapDir {
+    fn new(dir: PathBuf, text: &str) -> ConfigMapDir {
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = ConfigMapDir { dir, version: 0 };
+        c.update(text);
+        std::os::unix::fs::symlink("..data/config.toml", c.file()).unwrap();
+        c
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    fn current(&self) -> PathBuf {
+        self.dir.join(format!("..v{}", self.version))
+    }
+
+    /// The kubelet's update: a new version directory, a new `..data_tmp`
+    /// symlink to it, renamed over `..data`.
+    fn update(&mut self, text: &str) {
+        self.version += 1;
+        std::fs::create_dir(self.current()).unwrap();
+        std::fs::write(self.current().join("config.toml"), text).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..v{}", self.version), &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+#[test]
+fn a_topic_change_by_configmap_swap_and_by_sighup_moves_every_line_exactly_once() {
+    const WRITERS_HERE: usize = 3;
+    let broker = Broker::start();
+    let topics = ["before", "swapped", "hupped"];
+    for t in topics {
+        broker.create_topic(t, 1);
+    }
+    let node = Node::new();
+    let mut cm = ConfigMapDir::new(
+        node.pods.parent().unwrap().join("config"),
+        "topic = \"before\"\n",
+    );
+    let mut args = node.raw_args(&broker, "unused", &["--sweep-interval-ms", "500"]);
+    let at = args.iter().position(|a| a == "--topic").unwrap();
+    args.drain(at..at + 2);
+    args.extend(["--config".into(), cm.file().display().to_string()]);
+    let agent = Agent::start(&args, &node.log);
+    let collectors: Vec<Collector> = topics
+        .iter()
+        .map(|t| Collector::start(&broker.addr(), t))
+        .collect();
+    // Writers that run until told to stop, a line every 100 µs or so.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS_HERE)
+        .map(|w| {
+            let path = node.container(w).join("0.log");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut lw = LineWriter::create(&path);
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    lw.line(w, seq, LINE_LEN);
+                    seq += 1;
+                    if seq.is_multiple_of(50) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                seq
+            })
+        })
+        .collect();
+    let enough = |c: &Collector, n: usize, what: &str| {
+        c.wait_for(
+            Duration::from_secs(60),
+            || format!("{n} records in {what}\n{}", node.agent_log()),
+            |r| r.len() >= n,
+        )
+    };
+    enough(&collectors[0], 2_000, "before");
+    let applied = "bpftail_config_reloads_total{result=\"applied\"}";
+    let refused = "bpftail_config_reloads_total{result=\"refused\"}";
+    assert_eq!(agent.metric(applied), 0);
+
+    // A ConfigMap update: the new topic, a Kafka client setting (the
+    // client is drained and rebuilt), and a setting only a restart changes
+    // (kept, and said so).
+    cm.update(
+        "topic = \"swapped\"\nebpf_max_files = 1024\n[kafka_options]\n\"linger.ms\" = \"5\"\n",
+    );
+    enough(&collectors[1], 2_000, "swapped");
+    assert_eq!(agent.metric(applied), 1);
+    let log = node.agent_log();
+    assert!(
+        log.contains("setting changed, but only a restart applies it")
+            && log.contains("draining what is in flight, then reconnecting"),
+        "{log}"
+    );
+
+    // An invalid file is refused and changes nothing.
+    cm.update("topic = \"not a topic!\"\n");
+    agent.wait_metric(Duration::from_secs(30), refused, 1);
+    let swapped = collectors[1].count();
+    enough(
+        &collectors[1],
+        swapped + 2_000,
+        "swapped, after the refused file",
+    );
+    assert_eq!(agent.metric(applied), 1);
+
+    // Edited in place below the watched directory, where no event reaches
+    // the agent: SIGHUP applies it.
+    std::fs::write(cm.current().join("config.toml"), "topic = \"hupped\"\n").unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    enough(&collectors[2], 2_000, "hupped");
+    assert_eq!(agent.metric(applied), 2);
+
+    stop.store(true, Ordering::Relaxed);
+    let written: Vec<u64> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    let total: u64 = written.iter().sum();
+    wait_until(
+        Duration::from_secs(60),
+        || format!("{total} records over the three topics"),
+        || collectors.iter().map(Collector::count).sum::<usize>() as u64 >= total,
+    );
+    wait_settled(&agent, 0, &collectors.iter().collect::<Vec<_>>());
+    // Every line exactly once; per writer, the lines of each topic follow
+    // those of the topic before.
+    let per_topic: Vec<Vec<Received>> = collectors.iter().map(Collector::received).collect();
+    for (w, &n) in written.iter().enumerate() {
+        let mut seen = vec![0u32; n as usize];
+        let mut last_max: Option<u64> = None;
+        for (t, records) in per_topic.iter().enumerate() {
+            let seqs: Vec<u64> = records
+                .iter()
+                .filter_map(|r| parse_seq(&r.value))
+                .filter(|&(ww, _)| ww == w)
+                .map(|(_, s)| s)
+                .collect();
+            assert!(
+                seqs.windows(2).all(|p| p[0] < p[1]),
+                "writer {w}: out of order in {}",
+                topics[t]
+            );
+            if let (Some(prev), Some(first)) = (last_max, seqs.first()) {
+                assert!(
+                    *first > prev,
+                    "writer {w}: {} begins at {first}, after {prev}",
+                    topics[t]
+                );
+            }
+            last_max = seqs.last().copied().or(last_max);
+            for s in seqs {
+                seen[s as usize] += 1;
+            }
+        }
+        assert!(
+            seen.iter().all(|&c| c == 1),
+            "writer {w}: every line exactly once"
+        );
+    }
+    assert!(agent.stop().success());
+}

@@ -63,7 +63,7 @@ pub struct ProbeArgs {
 
 /// Flags of `bpftail run`. Every flag also reads `BPFTAIL_<NAME>`; unset
 /// flags fall back to the TOML file given by `--config`, then to defaults.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct RunArgs {
     /// TOML configuration file (keys as the long flags, with `_` for `-`).
     #[arg(long, env = "BPFTAIL_CONFIG")]
@@ -541,6 +541,57 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What a reload applies: `new` with every setting a running agent
+    /// cannot change (directories, the watcher and its settings, the node
+    /// name, the API, the metrics address, sizes fixed at start, the Kafka
+    /// client's kind, the log format) kept at its value in `self`, and the
+    /// names of those that `new` changes (to be logged as needing a
+    /// restart).
+    pub fn reloaded(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+        let mut restart = Vec::new();
+        macro_rules! keep {
+            ($($field:ident => $setting:literal),* $(,)?) => {$(
+                if new.$field != self.$field {
+                    restart.push($setting);
+                    new.$field = self.$field.clone();
+                }
+            )*};
+        }
+        keep!(
+            pods_dir => "pods-dir",
+            docker_dir => "docker-dir",
+            data_dir => "data-dir",
+            watcher => "watcher",
+            ebpf_attach => "ebpf-attach",
+            ebpf_tick => "ebpf-tick-ms",
+            ebpf_max_files => "ebpf-max-files",
+            poll_interval => "poll-interval-ms",
+            node_name => "node-name",
+            kube => "kube",
+            kubelet_pods_dir => "kubelet-pods-dir",
+            allow_hostpath => "allow-hostpath",
+            deleted_pod_grace => "deleted-pod-grace-ms",
+            metrics_addr => "metrics-addr",
+            max_record_bytes => "max-record-bytes",
+            max_inflight_bytes => "max-inflight-bytes",
+            kafka_client => "kafka-client",
+            log_format => "log-format",
+        );
+        (new, restart)
+    }
+
+    /// Whether the Kafka client must be rebuilt to apply `new` (a drain,
+    /// then a new connection): brokers, client settings and credentials,
+    /// compression, record format.
+    pub fn kafka_changed(&self, new: &Config) -> bool {
+        self.brokers != new.brokers
+            || self.kafka_options != new.kafka_options
+            || self.compression != new.compression
+            || self.format != new.format
+    }
+}
+
 /// The node's name: `--node-name`, else `NODE_NAME`, else the host name.
 fn node_name(flag: Option<String>) -> String {
     match flag {
@@ -735,6 +786,22 @@ enum Part {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
     parts: Vec<Part>,
+}
+
+impl std::fmt::Display for TopicTemplate {
+    /// The template as written.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => f.write_str(l)?,
+                Part::Namespace => f.write_str("{namespace}")?,
+                Part::Pod => f.write_str("{pod}")?,
+                Part::Container => f.write_str("{container}")?,
+                Part::Stream => f.write_str("{stream}")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a topic template is rendered from.
@@ -977,5 +1044,39 @@ mod tests {
             "logs.kube-system.weird_name-stderr"
         );
         assert!(!TopicTemplate::parse("plain").unwrap().uses_stream());
+    }
+
+    #[test]
+    fn a_reload_keeps_what_only_a_restart_changes_and_says_which() {
+        let old = Config::resolve(args()).unwrap();
+        let new = Config::resolve(RunArgs {
+            topic: Some("t-{namespace}".into()),
+            data_dir: Some("/elsewhere".into()),
+            watcher: Some(WatcherKind::Poll),
+            multiline: Some("java".into()),
+            topic_allow: Some("team-*".into()),
+            ..args()
+        })
+        .unwrap();
+        assert!(!old.kafka_changed(&new));
+        let (applied, restart) = old.reloaded(new);
+        assert_eq!(restart, ["data-dir", "watcher"]);
+        assert_eq!(applied.data_dir, old.data_dir);
+        assert_eq!(applied.watcher, old.watcher);
+        assert_eq!(applied.topic.to_string(), "t-{namespace}");
+        assert!(applied.multiline.rule.is_some());
+        assert!(applied.topic_allow.matches("team-a") && !applied.topic_allow.matches("x"));
+        // Credentials and brokers rebuild the client.
+        let creds = Config::resolve(RunArgs {
+            kafka_options: vec![
+                "sasl.password=new".into(),
+                "sasl.username=u".into(),
+                "sasl.mechanism=PLAIN".into(),
+                "security.protocol=SASL_PLAINTEXT".into(),
+            ],
+            ..args()
+        })
+        .unwrap();
+        assert!(old.kafka_changed(&creds));
     }
 }

@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod kube;
 pub mod metrics;
 pub mod pipeline;
+pub mod reload;
 pub mod sink;
 pub mod tail;
 pub mod watch;
@@ -103,6 +104,7 @@ struct DataParts {
     source: Box<dyn watch::ChangeSource>,
     stopping: Arc<AtomicBool>,
     pods: Option<Arc<kube::PodCache>>,
+    reloads: crossbeam_channel::Receiver<Box<Config>>,
     done: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -126,7 +128,8 @@ impl DataParts {
         let pipeline = match self.pods {
             Some(p) => pipeline.with_pods(p),
             None => pipeline,
-        };
+        }
+        .with_reloads(self.reloads);
         let done = self.done;
         Ok(std::thread::Builder::new()
             .name("bpftail-data".into())
@@ -247,8 +250,10 @@ fn kube_client(cfg: &Config, runtime: &tokio::runtime::Runtime) -> Option<::kube
     client
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then shuts down in order.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM or SIGINT, then shuts down in order; on
+/// SIGHUP or a change of the `--config` file, resolves the configuration
+/// from `args` again and applies what may change live ([`reload`]).
+pub fn run(cfg: Config, args: config::RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Store::open(&cfg.data_dir)?;
     let restored = load_checkpoints(&cfg, &store)?;
@@ -291,6 +296,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         grace: cfg.deleted_pod_grace,
     };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (reload_tx, reloads) = crossbeam_channel::unbounded();
+    let (file_changed_tx, file_changed) = tokio::sync::mpsc::unbounded_channel();
+    if let Some(path) = &args.config
+        && let Err(e) = reload::watch_file(path, file_changed_tx)
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot watch the configuration file for changes; SIGHUP reloads it");
+    }
+    let mut reloader = reload::Reloader {
+        args,
+        running: cfg.clone(),
+        to_data_loop: reload_tx,
+        wake: queue.clone(),
+        metrics: metrics.clone(),
+    };
     let parts = DataParts {
         cfg,
         metrics: metrics.clone(),
@@ -301,6 +320,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         source,
         stopping: stopping.clone(),
         pods: pods.clone(),
+        reloads,
         done: done_tx,
     };
     let data = match sink {
@@ -316,7 +336,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             let wake = move || queue.wake();
             tokio::spawn(kube::watch(client, settings, pods, metrics.clone(), wake));
         }
-        until_signal(done_rx).await
+        until_signal(done_rx, file_changed, &mut reloader).await
     })?;
     stopping.store(true, Ordering::Relaxed);
     queue.wake();
@@ -326,15 +346,33 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM, SIGINT, or the data loop's end.
-async fn until_signal(done: tokio::sync::oneshot::Receiver<()>) -> anyhow::Result<()> {
+/// Waits for SIGTERM, SIGINT, or the data loop's end; reloads the
+/// configuration on SIGHUP and when its file changed.
+async fn until_signal(
+    mut done: tokio::sync::oneshot::Receiver<()>,
+    mut file_changed: tokio::sync::mpsc::UnboundedReceiver<()>,
+    reloader: &mut reload::Reloader,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-        _ = done => tracing::error!("data loop ended unexpectedly"),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM");
+                return Ok(());
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT");
+                return Ok(());
+            }
+            _ = hup.recv() => reloader.reload("SIGHUP"),
+            Some(()) = file_changed.recv() => reloader.reload("config file changed"),
+            _ = &mut done => {
+                tracing::error!("data loop ended unexpectedly");
+                return Ok(());
+            }
+        }
     }
-    Ok(())
 }

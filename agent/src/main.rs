@@ -11,7 +11,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            let cfg = match Config::resolve(*args) {
+            let args = *args;
+            let cfg = match Config::resolve(args.clone()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("bpftail: configuration error: {e}");
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(cfg.log_format);
-            match bpftail::run(cfg) {
+            match bpftail::run(cfg, args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -89,6 +89,9 @@ pub struct Metrics {
     pub bytes_delivered: Counter,
     /// Indexed by [`FailureKind`]; use [`Metrics::delivery_failed`].
     delivery_failures: [Counter; 3],
+    /// Configuration reloads applied, and refused (the running one kept).
+    pub config_reloads_applied: Counter,
+    pub config_reloads_refused: Counter,
     pub truncated: Counter,
     pub malformed: Counter,
     pub invalid_utf8: Counter,
@@ -116,7 +119,8 @@ pub struct Metrics {
     pub sweep_found_bytes: Counter,
     /// The Kafka client's in-flight budget, set once by the client: read
     /// for `bpftail_inflight_bytes`.
-    pub inflight: std::sync::OnceLock<Arc<crate::sink::Budget>>,
+    /// (The Kafka client's, replaced when a reload reconnects it.)
+    pub inflight: std::sync::Mutex<Option<Arc<crate::sink::Budget>>>,
     pub checkpoint_lag_bytes: Gauge,
     /// Containers held to their rate limit since the last sweep, and the
     /// bytes their logs hold that are not read yet.
@@ -211,6 +215,12 @@ impl Metrics {
                 kind.kind()
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP bpftail_config_reloads_total Configuration reloads (SIGHUP, --config file changed): applied, or refused with the running configuration kept.\n# TYPE bpftail_config_reloads_total counter\nbpftail_config_reloads_total{{result=\"applied\"}} {}\nbpftail_config_reloads_total{{result=\"refused\"}} {}",
+            self.config_reloads_applied.get(),
+            self.config_reloads_refused.get()
+        );
         out
     }
 }
@@ -462,7 +472,13 @@ const GAUGES: &[Row] = &[
     (
         "inflight_bytes",
         "Bytes produced and not yet acknowledged (budget accounting).",
-        |m| m.inflight.get().map_or(0, |b| b.used()),
+        |m| {
+            m.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map_or(0, |b| b.used())
+        },
     ),
     (
         "checkpoint_lag_bytes",

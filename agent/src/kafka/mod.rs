@@ -90,6 +90,8 @@ pub struct NativeSink {
     metrics: Arc<Metrics>,
     acks: Arc<AckQueue>,
     wake: Receiver<()>,
+    /// The sending side of `wake` (a rebuilt client gets it).
+    wake_tx: Sender<()>,
     stopping: Arc<AtomicBool>,
     budget: Arc<Budget>,
     engine: Sender<Input>,
@@ -130,9 +132,10 @@ impl NativeSink {
             &cfg.kafka_options,
         )?);
         let acks = Arc::new(AckQueue::new(wake.0.clone()));
+        let wake_tx = wake.0.clone();
         let shared = Arc::new(Shared::default());
         let budget = Arc::new(Budget::new(cfg.max_inflight_bytes));
-        let _ = metrics.inflight.set(budget.clone());
+        *metrics.inflight.lock().unwrap_or_else(|e| e.into_inner()) = Some(budget.clone());
         let inbox = crossbeam_channel::unbounded();
         let (recycle, recycled) = crossbeam_channel::unbounded();
         let engine = Engine::new(
@@ -155,6 +158,7 @@ impl NativeSink {
             metrics,
             acks,
             wake: wake.1,
+            wake_tx,
             stopping,
             budget,
             engine: inbox.0,
@@ -475,6 +479,18 @@ impl Sink for NativeSink {
 
     fn eager_acks(&self, eager: bool) {
         self.acks.set_eager(eager);
+    }
+
+    fn reconnect(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        let new = NativeSink::new(
+            cfg,
+            self.metrics.clone(),
+            self.stopping.clone(),
+            (self.wake_tx.clone(), self.wake.clone()),
+        )?;
+        // The old client's engine stops as it is dropped.
+        *self = new;
+        Ok(())
     }
 
     fn turn(&mut self) {

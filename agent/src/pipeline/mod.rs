@@ -6,6 +6,8 @@
 //! One thread owns every open file, so file state needs no locks. Each turn
 //! of the loop has named phases:
 //!
+//! 0. `take_reload`: a new configuration, if the control plane sent one
+//!    ([`reload`]);
 //! 1. `take_changes`: what the change source saw (written paths, rescans);
 //! 2. `apply_acks`: delivery reports advance each file's acknowledged prefix
 //!    (or rewind a file whose records failed transiently);
@@ -23,6 +25,7 @@
 //! a checkpoint never names an offset past an unacknowledged record;
 //! shutdown stops reading, flushes the producer, then writes the checkpoint.
 
+mod reload;
 mod scan;
 #[cfg(test)]
 mod tests;
@@ -140,6 +143,8 @@ pub struct Pipeline<S: Sink> {
     /// `--max-cpu`, and until when reading waits for it.
     pacer: Option<CpuPacer>,
     paced_until: Option<Instant>,
+    /// Configurations to apply, from the control plane ([`reload`]).
+    reloads: Option<Receiver<Box<Config>>>,
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
@@ -213,6 +218,7 @@ impl<S: Sink> Pipeline<S> {
             limited_at: None,
             pacer,
             paced_until: None,
+            reloads: None,
             stopping,
             read_errors: RateLimit::new(Duration::from_secs(10)),
             open_errors: RateLimit::new(Duration::from_secs(10)),
@@ -223,6 +229,12 @@ impl<S: Sink> Pipeline<S> {
     pub fn with_pods(mut self, pods: Arc<PodCache>) -> Self {
         self.ctx.pods = Some(pods);
         self.pods = PodGate::new(true);
+        self
+    }
+
+    /// Applies the configurations sent on `reloads` (live reconfiguration).
+    pub fn with_reloads(mut self, reloads: Receiver<Box<Config>>) -> Self {
+        self.reloads = Some(reloads);
         self
     }
 
@@ -244,6 +256,7 @@ impl<S: Sink> Pipeline<S> {
         };
         while !self.stopping.load(Ordering::Relaxed) {
             self.metrics.beat();
+            self.take_reload();
             self.refresh_pods();
             self.take_changes();
             self.apply_acks();

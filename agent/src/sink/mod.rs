@@ -178,6 +178,12 @@ pub trait Sink: RecordSink {
     fn deadline(&self) -> Option<Instant> {
         None
     }
+    /// Replaces the client by one built from `cfg` (a reload changed its
+    /// settings); called once nothing is in flight. On error the old client
+    /// stays.
+    fn reconnect(&mut self, _cfg: &crate::config::Config) -> anyhow::Result<()> {
+        anyhow::bail!("this sink cannot be rebuilt")
+    }
 }
 
 /// The Kafka timestamp of records read now (Unix ms): taken once per read,

@@ -199,6 +199,8 @@ pub struct RdkafkaSink {
     /// The data loop's wake channel: waited on while the producer queue is
     /// full (a delivery report frees space).
     wake: Receiver<()>,
+    /// The sending side of `wake` (a rebuilt client gets it).
+    wake_tx: Sender<()>,
     /// Set at shutdown: stop waiting for queue space, accept nothing new.
     stopping: Arc<AtomicBool>,
     /// Kafka timestamp (Unix ms) for the records of the current batch: the
@@ -233,9 +235,9 @@ impl RdkafkaSink {
         for (k, v) in &cfg.kafka_options {
             cc.set(k, v);
         }
-        let acks = Arc::new(AckQueue::new(wake.0));
+        let acks = Arc::new(AckQueue::new(wake.0.clone()));
         let budget = Arc::new(Budget::new(cfg.max_inflight_bytes));
-        let _ = metrics.inflight.set(budget.clone());
+        *metrics.inflight.lock().unwrap_or_else(|e| e.into_inner()) = Some(budget.clone());
         let ctx = DeliveryContext {
             acks: acks.clone(),
             budget: budget.clone(),
@@ -255,6 +257,7 @@ impl RdkafkaSink {
             metrics,
             acks,
             wake: wake.1,
+            wake_tx: wake.0,
             batch_time_ms: 0,
             stopping,
         })
@@ -277,6 +280,17 @@ impl Sink for RdkafkaSink {
 
     fn eager_acks(&self, eager: bool) {
         self.acks.set_eager(eager);
+    }
+
+    fn reconnect(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        let new = RdkafkaSink::new(
+            cfg,
+            self.metrics.clone(),
+            self.stopping.clone(),
+            (self.wake_tx.clone(), self.wake.clone()),
+        )?;
+        *self = new;
+        Ok(())
     }
 }
 
