@@ -8,7 +8,8 @@
 //! quiet ones (far below it) unaffected. Measures; asserts nothing.
 //!
 //! `cargo xtask bench fairness [-- --quiet N --secs S --quiet-rate LINES_PER_S
-//!  --loud-mbps MB_PER_S --limit BYTES_PER_S --max-cpu CORES]`
+//!  --loud-mbps MB_PER_S --limit BYTES_PER_S --max-cpu CORES
+//!  --agent BPFTAIL_ARGS…]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -61,6 +62,13 @@ struct Seen {
     /// Quiet lines written before this (unix ns) are not measured.
     measure_from_ns: u64,
     quiet_latency_ns: Vec<u64>,
+    /// Write → the record's Kafka timestamp (taken by the agent when it
+    /// reads the line): the agent's own share of the delay.
+    read_latency_ns: Vec<u64>,
+    /// The same, of the quiet lines in the loud container's partition
+    /// (they queue behind its batches: Kafka keeps a partition in order).
+    shared_latency_ns: Vec<u64>,
+    loud_partition: Option<i32>,
     quiet: u64,
     /// Log-file bytes of the loud container's records that arrived while
     /// it wrote (after its first second).
@@ -224,11 +232,13 @@ fn main() {
 
     let mut s = Arc::try_unwrap(seen).ok().unwrap().into_inner().unwrap();
     s.quiet_latency_ns.sort_unstable();
-    let q = |p: f64| {
-        s.quiet_latency_ns
-            .get(((s.quiet_latency_ns.len().max(1) - 1) as f64 * p) as usize)
+    s.shared_latency_ns.sort_unstable();
+    s.read_latency_ns.sort_unstable();
+    let quantile = |v: &[u64], p: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * p) as usize)
             .map_or(f64::NAN, |&ns| ns as f64 / 1e6)
     };
+    let q = |p: f64| quantile(&s.quiet_latency_ns, p);
     // The loud container's shipping rate while it wrote, after a second
     // of start.
     let shipped_rate = s.loud_window as f64 / (wall - 1.0);
@@ -239,6 +249,28 @@ fn main() {
         q(0.5),
         q(0.99),
         q(1.0)
+    );
+    // The quiet lines in the other partitions.
+    let mut apart: Vec<u64> = s.quiet_latency_ns.clone();
+    for l in &s.shared_latency_ns {
+        if let Some(i) = apart.iter().position(|x| x == l) {
+            apart.swap_remove(i);
+        }
+    }
+    apart.sort_unstable();
+    println!(
+        "    write -> read by the agent (the records' timestamps, ms resolution): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        quantile(&s.read_latency_ns, 0.5),
+        quantile(&s.read_latency_ns, 0.99),
+        quantile(&s.read_latency_ns, 1.0)
+    );
+    println!(
+        "    of which in the loud container's partition: {} lines, p99 {:.1} ms; in the other partitions: {} lines, p50 {:.1} ms, p99 {:.1} ms",
+        s.shared_latency_ns.len(),
+        quantile(&s.shared_latency_ns, 0.99),
+        apart.len(),
+        quantile(&apart, 0.5),
+        quantile(&apart, 0.99)
     );
     println!(
         "  loud: written {:.1} MB/s, shipped {:.2} MB/s of its log while writing{}",
@@ -289,8 +321,17 @@ fn consume(
             if v.first() == Some(&b'q') {
                 if let Some(t) = t_of(v).filter(|&t| t >= s.measure_from_ns) {
                     s.quiet_latency_ns.push(now.saturating_sub(t));
+                    if let Some(ms) = m.timestamp().to_millis() {
+                        s.read_latency_ns
+                            .push((ms as u64 * 1_000_000).saturating_sub(t));
+                    }
+                    if s.loud_partition == Some(m.partition()) {
+                        s.shared_latency_ns.push(now.saturating_sub(t));
+                    }
                 }
                 s.quiet += 1;
+            } else if s.loud_partition.is_none() {
+                s.loud_partition = Some(m.partition());
             } else if window.load(Ordering::Relaxed) {
                 // The bytes its line takes in the log file (what a rate
                 // limit counts): every line is LINE bytes.
