@@ -159,30 +159,31 @@ fn java(line: &[u8]) -> Verdict {
 }
 
 /// `Exception in thread "…" <class>…`, or a qualified class name
-/// (`a.b.C`, `a.b.C$D`), alone or followed by `: message`.
+/// (`a.b.C`, `a.b.C$D`), alone or followed by `: message`. Stops at the
+/// first byte that cannot be part of one: most lines cost a few bytes.
 fn java_header(line: &[u8]) -> bool {
     if line.starts_with(b"Exception in thread \"") {
         return true;
     }
-    let name = match memchr::memchr(b':', line) {
-        Some(i) if line.get(i + 1).is_none_or(|&b| b == b' ') => &line[..i],
-        Some(_) => return false,
-        None => line,
-    };
-    let mut parts = 0;
-    for part in name.split(|&b| b == b'.') {
-        let ident = part
-            .first()
-            .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_' || *b == b'$')
-            && part
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$');
-        if !ident {
-            return false;
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+    let (mut dots, mut segment_start) = (0, true);
+    for (i, &b) in line.iter().enumerate() {
+        match b {
+            b'.' if !segment_start => {
+                dots += 1;
+                segment_start = true;
+            }
+            b':' if !segment_start => {
+                return dots >= 1 && line.get(i + 1).is_none_or(|&c| c == b' ');
+            }
+            _ if segment_start && (b.is_ascii_alphabetic() || b == b'_' || b == b'$') => {
+                segment_start = false;
+            }
+            _ if !segment_start && ident(b) => {}
+            _ => return false,
         }
-        parts += 1;
     }
-    parts >= 2
+    !segment_start && dots >= 1
 }
 
 const PY_TRACEBACK: &[u8] = b"Traceback (most recent call last):";
@@ -455,6 +456,32 @@ mod tests {
                 "2024-01-01 INFO next",
             ]
         );
+    }
+
+    #[test]
+    fn java_headers_are_qualified_names_alone_or_with_a_message() {
+        for yes in [
+            "a.b.C",
+            "a.b.C: msg",
+            "com.x.Outer$Inner: m",
+            "java.lang.Error:",
+            "Exception in thread \"t\" x",
+        ] {
+            assert!(java_header(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "x",
+            "x: y",
+            ".a.B",
+            "a..B",
+            "a.B:x",
+            "a.B.",
+            "2024-01-01 ERROR a.B",
+            "a.b c",
+            "",
+        ] {
+            assert!(!java_header(no.as_bytes()), "{no}");
+        }
     }
 
     #[test]
