@@ -949,3 +949,88 @@ fn an_opt_out_added_while_a_file_is_followed_stops_its_shipping_until_removed() 
     assert!(s.log().contains("stopped shipping this log"));
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_narrower_allow_list_in_the_config_file_applies_live_and_every_line_arrives_once() {
+    let broker = Broker::start();
+    for t in ["team-pay", "logs"] {
+        broker.create_topic(t, 1);
+    }
+    let api = FakeApi::start();
+    api.put(declared_pod(
+        "p",
+        vec![
+            ("aliyun_logs_pay", "stdout"),
+            ("aliyun_logs_pay_target", "team-pay"),
+        ],
+        json!({}),
+    ));
+    let s = Setup::new(&api);
+    let config = s.data.parent().unwrap().join("bpftail.toml");
+    std::fs::write(&config, "topic_allow = \"team-*\"\n").unwrap();
+    let agent = s.agent(
+        &broker,
+        &["--format", "raw", "--config", config.to_str().unwrap()],
+    );
+    let declared = Collector::start(&broker.addr(), "team-pay");
+    let fallback = Collector::start(&broker.addr(), "logs");
+    let log = container_dir(&s.pods, "shop", "p", "uid-p", "app").join("0.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, log) = (stop.clone(), log.clone());
+        std::thread::spawn(move || {
+            let mut w = LineWriter::create(&log);
+            let mut seq = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                w.line(0, seq, 100);
+                seq += 1;
+                if seq.is_multiple_of(50) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            seq
+        })
+    };
+    declared.wait_for(
+        Duration::from_secs(60),
+        || format!("1,000 declared records\n{}", s.log()),
+        |r| r.len() >= 1_000,
+    );
+    // The operator narrows the allow-list (the file edited in place): the
+    // declaration's topic is refused from now on, its lines go to --topic.
+    std::fs::write(&config, "topic_allow = \"other-*\"\n").unwrap();
+    fallback.wait_for(
+        Duration::from_secs(60),
+        || format!("1,000 records in the default topic\n{}", s.log()),
+        |r| r.len() >= 1_000,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        || format!("{written} records over both topics"),
+        || (declared.count() + fallback.count()) as u64 >= written,
+    );
+    wait_settled(&agent, 0, &[&declared, &fallback]);
+    let seqs = |c: &Collector| -> Vec<u64> {
+        c.received()
+            .iter()
+            .filter_map(|r| parse_seq(&r.value).map(|(_, s)| s))
+            .collect()
+    };
+    let (before, after) = (seqs(&declared), seqs(&fallback));
+    // Every line once, in order: the declared topic's lines, then the
+    // default topic's.
+    let all: Vec<u64> = before.iter().chain(&after).copied().collect();
+    assert_eq!(all, (0..written).collect::<Vec<_>>());
+    assert_eq!(
+        agent.metric("bpftail_config_reloads_total{result=\"applied\"}"),
+        1
+    );
+    assert!(
+        s.log().contains("not in the operator's allow-list"),
+        "{}",
+        s.log()
+    );
+}
