@@ -516,7 +516,9 @@ impl<S: Sink> Pipeline<S> {
                 Ok(quota) => self.read_stream(id, quota),
                 Err(end) => end,
             };
-            if let ReadEnd::Limited(until) = end {
+            if let ReadEnd::Limited(until) = end
+                && !self.limited.iter().any(|&(_, waiting)| waiting == id)
+            {
                 self.limited.push((until, id));
                 self.limited_at = Some(self.limited_at.map_or(until, |at| at.min(until)));
             }
@@ -536,12 +538,17 @@ impl<S: Sink> Pipeline<S> {
         if f.meta.suppressed {
             return Ok(READ_QUOTA);
         }
+        // What the container's files have read and not had acknowledged,
+        // counted only where records are in flight (their reports release
+        // the file): an open record alone (a long multiline or partial
+        // record) holds nothing back.
         let unacked: u64 = self
             .files
             .predecessors(id)
             .into_iter()
             .chain([id])
             .filter_map(|i| self.files.get(i))
+            .filter(|f| f.acks.in_flight() > 0)
             .map(TailedFile::unacked)
             .sum();
         if unacked >= self.cfg.max_inflight_bytes / 2 {

@@ -179,6 +179,11 @@ impl Decoder {
         join: Option<Joining<'_>>,
         mut emit: E,
     ) {
+        if join.is_none() && self.joins.iter().any(|j| j.start().is_some()) {
+            // The file's rule was turned off with a record open: it goes
+            // out before the lines after it.
+            self.flush_joined(None, &mut emit);
+        }
         let max = self.max_record;
         let joins = &mut self.joins;
         let mut out = |rec: Record<'_>, start: u64| match join {

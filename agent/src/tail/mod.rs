@@ -861,4 +861,53 @@ mod tests {
             assert_eq!(f.acks.committed(), text.len() as u64, "{name}");
         }
     }
+
+    #[test]
+    fn a_record_open_when_the_rule_is_turned_off_goes_out_before_the_next_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let trace = "Traceback (most recent call last):\n  File \"x.py\"\nKeyError: 1\n";
+        std::fs::write(&p, trace).unwrap();
+        let key = FileKey { dev: 0, ino: 0 };
+        let mut f = testing::open_joined(
+            1,
+            key,
+            File::open(&p).unwrap(),
+            p.clone(),
+            Format::Raw,
+            1024,
+            "python",
+        );
+        let mut r = Reader::new(64, 1024);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert!(sink.records.is_empty(), "held: a chain may follow");
+        // A reload turns multiline off for this file.
+        let plain = testing::open_tailed(
+            2,
+            key,
+            File::open(&p).unwrap(),
+            p.clone(),
+            Format::Raw,
+            1024,
+        );
+        f.meta = plain.meta.clone();
+        std::fs::write(&p, format!("{trace}next\n")).unwrap();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(
+            msgs(&sink),
+            [
+                "Traceback (most recent call last):\n  File \"x.py\"\nKeyError: 1",
+                "next"
+            ]
+        );
+        for &s in &sink.seqs {
+            f.acks.acked(s);
+        }
+        assert_eq!(f.acks.committed(), f.read_offset);
+    }
 }
