@@ -231,6 +231,7 @@ fn record(msg: &[u8]) -> Record<'_> {
         partial: false,
         truncated: false,
         malformed: false,
+        start: 0,
     }
 }
 

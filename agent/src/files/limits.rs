@@ -177,6 +177,8 @@ pub struct CpuPacer {
 
 /// How much CPU time may be used ahead of the pace.
 const CPU_BURST: Duration = Duration::from_millis(100);
+/// The longest reading waits for the pace.
+const MAX_DEBT: Duration = Duration::from_secs(1);
 
 impl CpuPacer {
     pub fn new(cores: f64, now: Instant, cpu: Duration) -> CpuPacer {
@@ -195,8 +197,12 @@ impl CpuPacer {
         let used = cpu.saturating_sub(self.cpu).as_secs_f64();
         self.wall = now;
         self.cpu = cpu;
-        self.tokens =
-            (self.tokens + dt * self.cores - used).min(CPU_BURST.as_secs_f64() * self.cores);
+        // Debt is bounded: one costly moment (a rescan of many pods) holds
+        // reading back for at most a second.
+        self.tokens = (self.tokens + dt * self.cores - used).clamp(
+            -self.cores * MAX_DEBT.as_secs_f64(),
+            CPU_BURST.as_secs_f64() * self.cores,
+        );
         (self.tokens < 0.0).then(|| now + Duration::from_secs_f64(-self.tokens / self.cores))
     }
 }

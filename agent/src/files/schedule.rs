@@ -84,6 +84,11 @@ impl Schedule {
         }
     }
 
+    /// Files wait for their container's acknowledgements.
+    pub fn has_held(&self) -> bool {
+        !self.held.queue.is_empty()
+    }
+
     /// Acknowledgements came: the files held for their container's share
     /// of the budget are read again (and held again if still over it).
     pub fn release_held(&mut self) {

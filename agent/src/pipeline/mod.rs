@@ -339,7 +339,9 @@ impl<S: Sink> Pipeline<S> {
     /// whose reports only wake the loop when it waits for budget).
     fn sleep(&mut self, t: &Timers) {
         self.apply_acks();
-        self.sink.eager_acks(self.schedule.waits_for_budget());
+        // Reports wake the loop while files wait for them.
+        self.sink
+            .eager_acks(self.schedule.waits_for_budget() || self.schedule.has_held());
         let progress =
             self.saved != Some(self.files.generation()) || self.sink.inflight_bytes() > 0;
         let deadline = [

@@ -21,7 +21,8 @@ use crate::sink::Sink;
 
 use super::Pipeline;
 
-/// How long a reload waits for the old Kafka client's records in flight.
+/// How long a reload waits for the old Kafka client's records in flight
+/// (shutdown cuts it short).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl<S: Sink> Pipeline<S> {
@@ -52,9 +53,9 @@ impl<S: Sink> Pipeline<S> {
                 self.metrics.config_reloads_refused.inc();
                 return;
             }
-            if !drained {
-                self.rewind_in_flight();
-            }
+            // Reports the old client had not handed over are gone with it:
+            // what they covered is read again (none after a full drain).
+            self.rewind_in_flight();
         }
         if new.max_cpu != self.cfg.max_cpu {
             self.pacer = new.max_cpu.map(|cores| {
@@ -113,11 +114,14 @@ impl<S: Sink> Pipeline<S> {
         loop {
             self.sink.turn();
             self.apply_acks();
-            if self.sink.inflight_bytes() == 0 {
+            // Both: a client frees the budget just before it hands over
+            // the report.
+            if self.sink.inflight_bytes() == 0 && self.files.iter().all(|f| f.acks.in_flight() == 0)
+            {
                 return true;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 return false;
             }
             let wait = (deadline - now).min(Duration::from_millis(50));

@@ -61,6 +61,9 @@ pub struct Record<'a> {
     pub truncated: bool,
     /// The line could not be parsed in the file's format and is passed on whole.
     pub malformed: bool,
+    /// File offset of the record's first byte: the checkpoint may not pass
+    /// it before the record is delivered.
+    pub start: u64,
 }
 
 /// One physical line as the reader hands it over.
@@ -72,6 +75,9 @@ pub struct Line<'a> {
     pub start: u64,
     /// The reader cut this line at its maximum length and skips the rest.
     pub cut: bool,
+    /// The file ended for good without this line's `\n`: the records it
+    /// ends are delivered flagged partial.
+    pub partial: bool,
 }
 
 /// A record or scratch buffer whose capacity grew past this (a huge record
@@ -194,7 +200,7 @@ impl Decoder {
         };
         match self.format {
             Format::Raw => out(
-                whole(max, line.bytes, b"", Stream::Stdout, line.cut),
+                whole(max, line.bytes, b"", Stream::Stdout, &line),
                 line.start,
             ),
             Format::Cri => decode_cri(&mut self.pending, max, line, &mut out),
@@ -223,6 +229,7 @@ impl Decoder {
                     partial: true,
                     truncated: p.truncated,
                     malformed: false,
+                    start,
                 };
                 match join {
                     Some(j) => self.joins[i].push(j.multiline, max, j.now, rec, start, &mut emit),
@@ -260,15 +267,22 @@ impl Decoder {
 }
 
 /// A record that is one whole line's message.
-fn whole<'a>(max: usize, msg: &'a [u8], time: &'a [u8], stream: Stream, cut: bool) -> Record<'a> {
-    let truncated = cut || msg.len() > max;
+fn whole<'a>(
+    max: usize,
+    msg: &'a [u8],
+    time: &'a [u8],
+    stream: Stream,
+    line: &Line<'_>,
+) -> Record<'a> {
+    let truncated = line.cut || msg.len() > max;
     Record {
         time,
         stream,
         msg: &msg[..msg.len().min(max)],
-        partial: false,
+        partial: line.partial,
         truncated,
         malformed: false,
+        start: line.start,
     }
 }
 
@@ -276,7 +290,7 @@ fn whole<'a>(max: usize, msg: &'a [u8], time: &'a [u8], stream: Stream, cut: boo
 fn malformed<'a>(max: usize, line: &Line<'a>) -> Record<'a> {
     Record {
         malformed: true,
-        ..whole(max, line.bytes, b"", Stream::Stdout, line.cut)
+        ..whole(max, line.bytes, b"", Stream::Stdout, line)
     }
 }
 
@@ -296,7 +310,7 @@ fn decode_cri<O: FnMut(Record<'_>, u64)>(
     let full = full || line.cut;
     let p = &mut pending[stream as usize];
     match (p.start, full) {
-        (None, true) => out(whole(max, msg, time, stream, line.cut), line.start),
+        (None, true) => out(whole(max, msg, time, stream, &line), line.start),
         (None, false) => {
             p.begin(line.start, time);
             p.append(msg, max);
@@ -310,9 +324,10 @@ fn decode_cri<O: FnMut(Record<'_>, u64)>(
                     time: &p.time,
                     stream,
                     msg: &p.msg,
-                    partial: false,
+                    partial: line.partial,
                     truncated: p.truncated,
                     malformed: false,
+                    start,
                 },
                 start,
             );
@@ -354,9 +369,10 @@ fn decode_docker<O: FnMut(Record<'_>, u64)>(
                     time,
                     stream,
                     msg: &scratch[..scratch.len().min(max)],
-                    partial: false,
+                    partial: line.partial,
                     truncated,
                     malformed: false,
+                    start: line.start,
                 },
                 line.start,
             );
@@ -373,9 +389,10 @@ fn decode_docker<O: FnMut(Record<'_>, u64)>(
                     time: &p.time,
                     stream,
                     msg: &p.msg,
-                    partial: false,
+                    partial: line.partial,
                     truncated: p.truncated,
                     malformed: false,
+                    start,
                 },
                 start,
             );
@@ -634,6 +651,7 @@ mod tests {
                     bytes,
                     start: pos,
                     cut: false,
+                    partial: false,
                 },
                 None,
                 |r| out.push(own(r)),
@@ -706,6 +724,7 @@ mod tests {
                     bytes: &line[..line.len() - 1],
                     start: pos,
                     cut: false,
+                    partial: false,
                 },
                 None,
                 |r| out.push(own(r)),
@@ -786,6 +805,7 @@ mod tests {
                     bytes: &line[..end],
                     start: 0,
                     cut: false,
+                    partial: false,
                 },
                 None,
                 |_| seen += 1,
@@ -801,6 +821,7 @@ mod tests {
                         bytes: &l,
                         start: 0,
                         cut: false,
+                        partial: false,
                     },
                     None,
                     |_| seen += 1,
@@ -831,6 +852,7 @@ mod tests {
                         bytes: &line,
                         start: 0,
                         cut: x.is_multiple_of(5),
+                        partial: false,
                     },
                     None,
                     |r| assert!(r.msg.len() <= 32),
@@ -849,6 +871,7 @@ mod tests {
                 bytes: b"abcdef",
                 start: 0,
                 cut: false,
+                partial: false,
             },
             None,
             |r| out.push(own(r)),
@@ -858,6 +881,7 @@ mod tests {
                 bytes: b"ab",
                 start: 7,
                 cut: true,
+                partial: false,
             },
             None,
             |r| out.push(own(r)),

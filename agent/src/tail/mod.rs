@@ -155,8 +155,10 @@ impl TailedFile {
     /// it again from the start, under a fingerprint that regrows with it.
     pub fn truncated(&mut self, m: &Metrics) {
         m.truncations.inc();
+        // A copy is read from the first byte of the records still open, so
+        // that they are assembled again there.
         self.before_truncation
-            .push(self.fingerprint, self.read_offset);
+            .push(self.fingerprint, self.decoder.safe_offset(self.read_offset));
         self.restart_at(0);
         self.fingerprint =
             Fingerprint::read(&self.file, Fingerprint::MAX_LEN).unwrap_or(Fingerprint::of(b""));
@@ -316,10 +318,11 @@ impl Reader {
                 bytes: &data[pos..end],
                 start: base + pos as u64,
                 cut: false,
+                partial: false,
             };
             pos = end + 1;
             let read_to = base + pos as u64;
-            emit_line(f, line, read_to, now, sink, m, false);
+            emit_line(f, line, read_to, now, sink, m);
             lines += 1;
         }
         m.lines_read.add(lines);
@@ -340,12 +343,13 @@ impl Reader {
             bytes: &self.buf[..n],
             start: f.read_offset,
             cut: true,
+            partial: false,
         };
         f.read_offset += n as u64;
         f.skipping = true;
         m.lines_read.inc();
         m.bytes_read.add(n as u64);
-        emit_line(f, line, f.read_offset, now, sink, m, false);
+        emit_line(f, line, f.read_offset, now, sink, m);
     }
 
     /// Gives back a buffer that grew for one long line.
@@ -386,11 +390,12 @@ impl Reader {
                     bytes: &self.buf[..n],
                     start: f.read_offset,
                     cut: false,
+                    partial: true,
                 };
                 f.read_offset += n as u64;
                 m.lines_read.inc();
                 m.bytes_read.add(n as u64);
-                emit_line(f, line, f.read_offset, now, sink, m, true);
+                emit_line(f, line, f.read_offset, now, sink, m);
             }
             self.shrink();
         }
@@ -406,13 +411,9 @@ impl Reader {
             .multiline
             .as_ref()
             .map(|multiline| Joining { multiline, now });
+        let (first, read_to) = (acks.next_seq(), f.read_offset);
         f.decoder.flush_partial(join, |rec| {
-            if rec.partial {
-                m.partial_flushed.inc();
-            }
-            count(m, &rec);
-            let seq = acks.sent(f.read_offset);
-            sink.send(meta, &rec, id, seq);
+            send(acks, first, read_to, meta, &rec, id, sink, m)
         });
         f.acks.read_to(f.read_offset);
     }
@@ -432,18 +433,14 @@ impl Reader {
         sink.begin_batch();
         let read_to = f.read_offset;
         f.decoder.flush_joined(quiet_since, |rec| {
-            count(m, &rec);
             m.multiline_flushed.inc();
-            let seq = acks.sent(read_to);
-            sink.send(meta, &rec, id, seq);
+            send(acks, first, read_to, meta, &rec, id, sink, m)
         });
         settle_line(f, first, read_to);
     }
 }
 
-/// Decodes one line of `f` (read at `now`) and sends what it completes;
-/// `unterminated` marks the records of a last line that never got its
-/// `\n` as partial.
+/// Decodes one line of `f` (read at `now`) and sends what it completes.
 fn emit_line<S: RecordSink>(
     f: &mut TailedFile,
     line: Line<'_>,
@@ -451,7 +448,6 @@ fn emit_line<S: RecordSink>(
     now: Instant,
     sink: &mut S,
     m: &Metrics,
-    unterminated: bool,
 ) {
     let id = f.id;
     let (meta, acks, decoder) = (&f.meta, &mut f.acks, &mut f.decoder);
@@ -460,20 +456,42 @@ fn emit_line<S: RecordSink>(
         .multiline
         .as_ref()
         .map(|multiline| Joining { multiline, now });
-    decoder.decode(line, join, |mut rec| {
-        if unterminated {
-            rec.partial = true;
-            m.partial_flushed.inc();
-        }
-        count(m, &rec);
-        let seq = acks.sent(read_to);
-        sink.send(meta, &rec, id, seq);
+    decoder.decode(line, join, |rec| {
+        send(acks, first, read_to, meta, &rec, id, sink, m)
     });
     settle_line(f, first, read_to);
 }
 
+/// Sends one of the records a read completed (those from sequence `first`
+/// on): its commit target is `read_to`, and the records sent before it in
+/// this batch may not pass its first byte (one line can complete a joined
+/// record and a record of its own; the first acknowledged must not commit
+/// the second).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parts of one send, split to borrow apart"
+)]
+fn send<S: RecordSink>(
+    acks: &mut AckTracker,
+    first: u64,
+    read_to: u64,
+    meta: &FileMeta,
+    rec: &Record<'_>,
+    id: u32,
+    sink: &mut S,
+    m: &Metrics,
+) {
+    count(m, rec);
+    acks.cap_from(first, rec.start);
+    let seq = acks.sent(read_to);
+    sink.send(meta, rec, id, seq);
+}
+
 /// Counts what is special about a record about to be sent.
 fn count(m: &Metrics, rec: &Record<'_>) {
+    if rec.partial {
+        m.partial_flushed.inc();
+    }
     if rec.truncated {
         m.truncated.inc();
     }
@@ -908,6 +926,31 @@ mod tests {
         for &s in &sink.seqs {
             f.acks.acked(s);
         }
+        assert_eq!(f.acks.committed(), f.read_offset);
+    }
+
+    #[test]
+    fn a_joined_record_acknowledged_first_never_commits_the_line_that_ended_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let trace = "Traceback (most recent call last):\n  File \"x.py\"\nKeyError: 1\n";
+        // "plain" ends the trace and is a record of its own: both go out
+        // while that one line is read.
+        std::fs::write(&p, format!("{trace}plain\n")).unwrap();
+        let key = FileKey { dev: 0, ino: 0 };
+        let file = File::open(&p).unwrap();
+        let mut f = testing::open_joined(1, key, file, p.clone(), Format::Raw, 1024, "python");
+        let mut r = Reader::new(64, 1024);
+        let mut sink = VecSink {
+            budget: usize::MAX,
+            ..Default::default()
+        };
+        let m = Metrics::default();
+        r.read(&mut f, &mut sink, &m, u64::MAX);
+        assert_eq!(sink.records.len(), 2);
+        f.acks.acked(sink.seqs[0]);
+        assert_eq!(f.acks.committed(), trace.len() as u64, "not past \"plain\"");
+        f.acks.acked(sink.seqs[1]);
         assert_eq!(f.acks.committed(), f.read_offset);
     }
 }

@@ -357,19 +357,26 @@ impl Joiner {
             partial: self.partial,
             truncated: self.truncated,
             malformed: false,
+            start: self.start.unwrap_or_default(),
         });
-        self.reset();
+        self.clear();
+    }
+
+    /// Done with the open record; where the stream stands in the rule's
+    /// grammar stays (the line that ended it may have begun the next).
+    fn clear(&mut self) {
+        self.start = None;
+        self.last = None;
+        self.lines = 0;
+        if self.msg.capacity() > SHRINK_ABOVE {
+            self.msg = Vec::new();
+        }
     }
 
     /// Forgets the open record (the file is read again from elsewhere).
     pub fn reset(&mut self) {
-        self.start = None;
-        self.last = None;
-        self.lines = 0;
+        self.clear();
         self.phase = Phase::Plain;
-        if self.msg.capacity() > SHRINK_ABOVE {
-            self.msg = Vec::new();
-        }
     }
 }
 
@@ -400,6 +407,7 @@ mod tests {
                 partial: false,
                 truncated: false,
                 malformed: false,
+                start: 0,
             };
             j.push(ml, max_record, now, rec, offset, &mut emit);
             offset += line.len() as u64 + 1;
@@ -515,6 +523,15 @@ mod tests {
     }
 
     #[test]
+    fn back_to_back_tracebacks_are_two_records() {
+        let tb = "Traceback (most recent call last):\n  File \"a.py\", line 1\nValueError: x";
+        let text = format!("{tb}\n{tb}\nafter");
+        assert_eq!(join("python", &text), [tb, tb, "after"]);
+        let java = "java.lang.Error: a\n\tat A.b(A.java:1)";
+        assert_eq!(join("java", &format!("{java}\n{java}")), [java, java]);
+    }
+
+    #[test]
     fn go_panics_join_through_their_goroutines() {
         let text = "serving\n\
             panic: runtime error: index out of range [5] with length 3\n\
@@ -567,6 +584,7 @@ mod tests {
                 partial: false,
                 truncated: false,
                 malformed: false,
+                start: 0,
             };
             j.push(&ml, 9, Instant::now(), rec, i as u64, &mut emit);
         }
@@ -590,6 +608,7 @@ mod tests {
             partial: false,
             truncated: false,
             malformed: false,
+            start: 0,
         };
         j.push(&ml, 100, Instant::now(), rec, 0, &mut |_| n += 1);
         assert_eq!((n, j.start()), (1, None));
