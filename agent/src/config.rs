@@ -507,6 +507,7 @@ impl Config {
                     pick!(multiline_max_lines, 500),
                     1..=1_000_000,
                 )? as usize,
+                rules: Default::default(),
             },
             container_rate_limit: match args.container_rate_limit.or(file.container_rate_limit) {
                 Some(v) => parse_rate(&v).map_err(|e| invalid("container-rate-limit", e))?,

@@ -25,7 +25,7 @@ use crate::files::limits::{RateLimit, parse_rate};
 use crate::fs::Fs;
 use crate::kube::{PodCache, PodInfo};
 use crate::tail::decode::{Format, Stream};
-use crate::tail::multiline::{Multiline, Rule};
+use crate::tail::multiline::{Multiline, Rule, RuleCache};
 
 /// What every record of one file carries, rendered once per file (and again
 /// when its pod's metadata changes).
@@ -146,6 +146,8 @@ pub struct MultilineDefaults {
     pub rule: Option<Arc<Rule>>,
     pub max_lines: usize,
     pub timeout: std::time::Duration,
+    /// The rules pods chose, each compiled once.
+    pub rules: Arc<RuleCache>,
 }
 
 impl Default for MultilineDefaults {
@@ -154,6 +156,7 @@ impl Default for MultilineDefaults {
             rule: None,
             max_lines: 500,
             timeout: std::time::Duration::from_secs(1),
+            rules: Arc::default(),
         }
     }
 }
@@ -333,7 +336,7 @@ impl MetaContext {
         });
         let mut rule = self.multiline.rule.clone();
         for (name, value) in [annotation, declared].into_iter().flatten() {
-            match Rule::parse(value) {
+            match self.multiline.rules.parse(value) {
                 Ok(r) => rule = r,
                 Err(reason) => refused.push(Refusal {
                     name,

@@ -114,6 +114,32 @@ impl Rule {
     }
 }
 
+/// Rules parsed from pods' annotations and declarations, shared by every
+/// file that names the same one: a `regex:` rule is compiled once, however
+/// many pods (tenants) name it. Rules no file uses any more are dropped
+/// when new ones are added.
+#[derive(Debug, Default)]
+pub struct RuleCache {
+    rules: std::sync::Mutex<std::collections::HashMap<String, Arc<Rule>>>,
+}
+
+impl RuleCache {
+    /// [`Rule::parse`], from the cache when the same setting was parsed.
+    pub fn parse(&self, value: &str) -> Result<Option<Arc<Rule>>, String> {
+        let key = value.trim();
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rules.get(key) {
+            return Ok(Some(r.clone()));
+        }
+        let rule = Rule::parse(key)?;
+        if let Some(r) = &rule {
+            rules.retain(|_, r| Arc::strong_count(r) > 1);
+            rules.insert(key.to_owned(), r.clone());
+        }
+        Ok(rule)
+    }
+}
+
 /// What a line does to the open record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -438,6 +464,67 @@ mod tests {
         assert!(Rule::parse("regex:").is_err());
         // A pattern whose compiled form is huge is refused, not built.
         assert!(Rule::parse("regex:\\w{1000}\\w{1000}\\w{1000}").is_err());
+    }
+
+    #[test]
+    fn a_rule_named_twice_is_compiled_once_and_dropped_when_unused() {
+        let cache = RuleCache::default();
+        let a = cache.parse("regex:^x").unwrap().unwrap();
+        let b = cache.parse(" regex:^x ").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(cache.parse("off").unwrap().is_none());
+        assert!(cache.parse("regex:(").is_err());
+        drop((a, b));
+        let _c = cache.parse("java").unwrap();
+        assert_eq!(
+            cache.rules.lock().unwrap().len(),
+            1,
+            "the unused regex is gone"
+        );
+    }
+
+    /// Whatever the lines, every rule passes each of them on once, in
+    /// order (nothing dropped below the size limit).
+    #[test]
+    fn any_lines_come_out_whole_and_in_order_under_every_rule() {
+        let pieces = [
+            "Traceback (most recent call last):",
+            "  File \"a.py\", line 1",
+            "ValueError: x",
+            "",
+            "During handling of the above exception, another exception occurred:",
+            "panic: boom",
+            "goroutine 1 [running]:",
+            "main.main()",
+            "\t/a.go:1 +0x1",
+            "java.lang.Error: e",
+            "\tat A.b(A.java:1)",
+            "Caused by: x.Y: z",
+            "plain line",
+            "SIGQUIT: quit",
+            "created by main.main",
+        ];
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for rule in ["java", "python", "go", "regex:^p"] {
+            for _ in 0..200 {
+                let n = (x % 40) as usize;
+                let lines: Vec<&str> = (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        pieces[(x % pieces.len() as u64) as usize]
+                    })
+                    .collect();
+                let text = lines.join("\n");
+                let mut ml = self::rule(rule);
+                ml.max_lines = 1 + (x % 7) as usize;
+                let got = join_with(&ml, 1 << 20, &text);
+                let want: Vec<&str> = text.lines().collect();
+                assert_eq!(got.join("\n"), want.join("\n"), "{rule}: {text:?}");
+                assert!(got.iter().all(|r| r.lines().count().max(1) <= ml.max_lines));
+            }
+        }
     }
 
     #[test]
