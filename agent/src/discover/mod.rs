@@ -522,6 +522,46 @@ fn read_dir_sorted(fs: &Fs, dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf
     out
 }
 
+/// What is at a log root (`--pods-dir`, `--docker-dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Root {
+    Dir,
+    Missing,
+    /// Something else than a directory, or unreadable: the reason.
+    Unusable(String),
+}
+
+impl Root {
+    pub fn of(fs: &Fs, path: &Path) -> Root {
+        match fs.stat(path) {
+            Ok(st) if st.is_dir => Root::Dir,
+            Ok(_) => Root::Unusable("not a directory".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Root::Missing,
+            Err(e) => Root::Unusable(e.to_string()),
+        }
+    }
+
+    /// What to say when a root is found in state `self`, having been in
+    /// `before` (`None`: at start); `None`: nothing (unchanged, or fine at
+    /// start). Said once per change, so a root re-checked at every rescan
+    /// stays quiet.
+    pub fn news(&self, before: Option<&Root>) -> Option<&'static str> {
+        if before == Some(self) {
+            return None;
+        }
+        match (self, before) {
+            (Root::Dir, None) => None,
+            (Root::Dir, Some(_)) => Some("log directory is there now; its logs are read"),
+            (Root::Missing, _) => Some(
+                "log directory does not exist: no logs are read from it until it appears (check the flag and the DaemonSet's hostPath mount)",
+            ),
+            (Root::Unusable(_), _) => Some(
+                "log directory cannot be used: no logs are read from it (check the flag and the DaemonSet's hostPath mount)",
+            ),
+        }
+    }
+}
+
 /// Lists the CRI log files under `root`; a container's rotations come in name
 /// order, which is age order (kubelet suffixes a timestamp).
 pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
@@ -1046,5 +1086,26 @@ mod tests {
             Format::Cri,
         );
         assert_eq!(&*m.rate_limit.unwrap().container, "own/c");
+    }
+
+    #[test]
+    fn a_log_root_is_reported_once_per_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(Root::of(&Fs::Os, dir.path()), Root::Dir);
+        assert_eq!(Root::of(&Fs::Os, &dir.path().join("nope")), Root::Missing);
+        let bad = Root::of(&Fs::Os, &file);
+        assert_eq!(bad, Root::Unusable("not a directory".into()));
+        assert_eq!(Root::Dir.news(None), None);
+        assert!(Root::Missing.news(None).unwrap().contains("does not exist"));
+        assert_eq!(Root::Missing.news(Some(&Root::Missing)), None);
+        assert!(bad.news(None).unwrap().contains("cannot be used"));
+        assert!(
+            Root::Dir
+                .news(Some(&Root::Missing))
+                .unwrap()
+                .contains("there now")
+        );
     }
 }

@@ -143,6 +143,8 @@ pub struct Pipeline<S: Sink> {
     /// `--max-cpu`, and until when reading waits for it.
     pacer: Option<CpuPacer>,
     paced_until: Option<Instant>,
+    /// What was at `--pods-dir` and `--docker-dir` at the last rescan.
+    roots: [Option<crate::discover::Root>; 2],
     /// Configurations to apply, from the control plane ([`reload`]).
     reloads: Option<Receiver<Box<Config>>>,
     stopping: Arc<AtomicBool>,
@@ -219,6 +221,7 @@ impl<S: Sink> Pipeline<S> {
             pacer,
             paced_until: None,
             reloads: None,
+            roots: [None, None],
             stopping,
             read_errors: RateLimit::new(Duration::from_secs(10)),
             open_errors: RateLimit::new(Duration::from_secs(10)),

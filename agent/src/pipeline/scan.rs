@@ -72,12 +72,45 @@ impl<S: Sink> Pipeline<S> {
         self.apply_scan(scan);
     }
 
+    /// Says when a log root (`--pods-dir`, `--docker-dir`) is missing or not
+    /// a directory, once at start and once per change: the rescans check it
+    /// quietly.
+    fn check_roots(&mut self) {
+        let roots = [
+            ("pods-dir", self.cfg.pods_dir.clone()),
+            ("docker-dir", self.cfg.docker_dir.clone()),
+        ];
+        for (i, (flag, path)) in roots.iter().enumerate() {
+            let now = discover::Root::of(&self.fs, path);
+            if let Some(msg) = now.news(self.roots[i].as_ref()) {
+                match &now {
+                    discover::Root::Dir => tracing::info!(flag, path = %path.display(), "{msg}"),
+                    // Most nodes have only one runtime: no Docker directory
+                    // beside a CRI one is the normal case, not a mistake.
+                    discover::Root::Missing
+                        if i == 1 && self.roots[0] == Some(discover::Root::Dir) =>
+                    {
+                        tracing::info!(flag, path = %path.display(), "{msg}")
+                    }
+                    discover::Root::Missing => {
+                        tracing::warn!(flag, path = %path.display(), "{msg}")
+                    }
+                    discover::Root::Unusable(why) => {
+                        tracing::warn!(flag, path = %path.display(), reason = %why, "{msg}")
+                    }
+                }
+            }
+            self.roots[i] = Some(now);
+        }
+    }
+
     /// Lists the log directories, watching each before trusting the listing.
     pub(super) fn list(&mut self) -> Scan {
         let mut scan = Scan::default();
         // Watch new directories before trusting the listing, then list again
         // so nothing created in between is missed.
         self.dirs_unwatched = false;
+        self.check_roots();
         for _ in 0..WATCH_PASSES {
             scan = Scan::default();
             discover::scan_docker_dir(&self.fs, &self.cfg.docker_dir, &mut scan);
