@@ -706,7 +706,7 @@ fn a_topic_that_disappears_mid_stream_has_every_record_reported_and_files_keep_t
         || {
             write_lines(&node.pods, 2, lines..lines + 50, 100);
             lines += 50;
-            node.agent_log().contains("does not exist")
+            node.agent_log().contains("Kafka topic does not exist")
         },
     );
     write_lines(&node.pods, 2, lines..lines + 500, 100);

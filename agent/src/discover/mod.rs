@@ -553,7 +553,7 @@ impl Root {
             (Root::Dir, None) => None,
             (Root::Dir, Some(_)) => Some("log directory is there now; its logs are read"),
             (Root::Missing, _) => Some(
-                "log directory does not exist: no logs are read from it until it appears (check the flag and the DaemonSet's hostPath mount)",
+                "log directory is missing: no logs are read from it until it appears (check the flag and the DaemonSet's hostPath mount)",
             ),
             (Root::Unusable(_), _) => Some(
                 "log directory cannot be used: no logs are read from it (check the flag and the DaemonSet's hostPath mount)",
@@ -1098,7 +1098,7 @@ mod tests {
         let bad = Root::of(&Fs::Os, &file);
         assert_eq!(bad, Root::Unusable("not a directory".into()));
         assert_eq!(Root::Dir.news(None), None);
-        assert!(Root::Missing.news(None).unwrap().contains("does not exist"));
+        assert!(Root::Missing.news(None).unwrap().contains("is missing"));
         assert_eq!(Root::Missing.news(Some(&Root::Missing)), None);
         assert!(bad.news(None).unwrap().contains("cannot be used"));
         assert!(
