@@ -593,6 +593,7 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
         || "100,000 records before the outage".into(),
         |r| r.len() >= 100_000,
     );
+    assert!(agent.readyz().0, "ready while delivering");
     broker.outage();
     let down_at = Instant::now();
     let mut peak_inflight = 0;
@@ -603,10 +604,43 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let rss_during = agent.rss_kib();
+    // bpftail says it in its own words (after 10 s of failures), once,
+    // and the signals an operator alerts on agree.
+    agent.wait_log(
+        Duration::from_secs(15),
+        "Kafka delivery down: unreachable for",
+    );
+    let m = agent.metrics();
+    assert_eq!(m["bpftail_kafka_up"], 0);
+    assert_eq!(m["bpftail_delivering"], 0);
+    assert!(
+        m.get("bpftail_waiting_bytes{namespace=\"ns\"}")
+            .is_some_and(|b| *b > 0),
+        "{m:?}"
+    );
+    let oldest = agent.metric_f64("bpftail_oldest_unacked_seconds").unwrap();
+    assert!(
+        oldest >= 10.0,
+        "oldest unacknowledged record read {oldest} s ago"
+    );
+    let (ready, why) = agent.readyz();
+    assert!(!ready && why.starts_with("Kafka unreachable: "), "{why}");
     broker.restore();
     join(writers);
     let records = wait_all_arrived(&collector, &node);
     assert_complete(&node, &records, true);
+    agent.wait_log(Duration::from_secs(15), "Kafka delivery resumed after");
+    let log = node.agent_log();
+    assert_eq!(log.matches("Kafka delivery down").count(), 1, "{log}");
+    // The client's own retries are not the operator's business: no
+    // warning from them.
+    let client_warnings = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && (l.contains("librdkafka") || l.contains("kafka::")))
+        .count();
+    assert_eq!(client_warnings, 0, "{log}");
+    assert_eq!(agent.metric("bpftail_kafka_up"), 1);
+    assert!(agent.readyz().0, "ready again");
     let peak = agent.peak_rss_kib();
     eprintln!(
         "outage: peak in-flight {peak_inflight} B, RSS during {rss_during} KiB, peak RSS {peak} KiB"

@@ -39,6 +39,39 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Report kernel features and which watcher `--watcher auto` picks.
     Probe(ProbeArgs),
+    /// Print the records of a Kafka topic, one per line: to check by hand what bpftail produced.
+    Consume(ConsumeArgs),
+}
+
+/// Flags of `bpftail consume`.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumeArgs {
+    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT..].
+    #[arg(long, env = "BPFTAIL_BROKERS")]
+    pub brokers: String,
+    /// The topic to read.
+    #[arg(long)]
+    pub topic: String,
+    /// Start at each partition's earliest record and, without --follow, stop at the records there were at the start [default: only records produced from now on, until stopped].
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Keep waiting for new records until Ctrl-C or SIGTERM (always so without --from-beginning).
+    #[arg(long)]
+    pub follow: bool,
+    /// One JSON object per record: topic, partition, offset, timestamp, key, headers, value.
+    #[arg(long)]
+    pub json: bool,
+    /// Kafka client setting KEY=VALUE, librdkafka's names: TLS, SASL (repeatable; env: comma-separated).
+    #[arg(
+        long = "kafka-option",
+        env = "BPFTAIL_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    pub kafka_options: Vec<String>,
+    /// Stop after this many records.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_records: Option<u64>,
 }
 
 /// Flags of `bpftail probe`: the log directories whose filesystems it

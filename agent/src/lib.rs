@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod consume;
 pub mod declare;
 pub mod discover;
 pub mod files;
@@ -184,6 +185,23 @@ fn start_client(
     })
 }
 
+/// Says, in bpftail's words and once at start, which bootstrap brokers do
+/// not resolve (a typo, or a cluster DNS name on a host network): the
+/// client retries them forever. Off the start path: a lookup may hang.
+fn check_brokers_resolve(brokers: &str) {
+    let brokers = brokers.to_owned();
+    let _ = std::thread::Builder::new()
+        .name("bpftail-resolve".into())
+        .spawn(move || {
+            use std::net::ToSocketAddrs;
+            for addr in brokers.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                if let Err(e) = addr.to_socket_addrs() {
+                    tracing::warn!(broker = addr, error = %e, "Kafka broker address does not resolve: records wait in their files until it does; check --brokers (a pod with hostNetwork needs dnsPolicy ClusterFirstWithHostNet to resolve cluster Service names)");
+                }
+            }
+        });
+}
+
 /// Starts the change source `--watcher` names (or the first usable one).
 fn start_watcher(
     cfg: &Config,
@@ -261,6 +279,7 @@ pub fn run(cfg: Config, args: config::RunArgs) -> anyhow::Result<()> {
     // The data loop sleeps on this channel; changes and delivery reports wake it.
     let (wake_tx, wake) = crossbeam_channel::bounded(1);
     let sink = start_client(&cfg, &metrics, &stopping, (wake_tx.clone(), wake.clone()))?;
+    check_brokers_resolve(&cfg.brokers);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()

@@ -23,8 +23,8 @@ fn main() -> ExitCode {
             match bpftail::run(cfg, args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("bpftail: {e:#}");
+                    // Once, through the log (stderr, JSON where asked).
+                    tracing::error!("{}", causes(&e));
                     ExitCode::FAILURE
                 }
             }
@@ -33,7 +33,23 @@ fn main() -> ExitCode {
             probe(&args);
             ExitCode::SUCCESS
         }
+        Command::Consume(args) => bpftail::consume::main(&args),
     }
+}
+
+/// An error and its causes, each said once: a cause an error's own message
+/// already quotes (`cannot create data directory /x: Not a directory`) is
+/// not repeated after it.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -161,5 +177,22 @@ fn print_filesystems(args: &ProbeArgs, sees: bpftail::watch::ebpf::Sees) {
             "events only (multigrain timestamps)"
         };
         println!("  {}: {fs}: {how}", dir.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::causes;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let quoted = anyhow::Error::new(std::io::Error::other("Not a directory"))
+            .context("cannot create data directory /x: Not a directory");
+        assert_eq!(
+            causes(&quoted),
+            "cannot create data directory /x: Not a directory"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(causes(&plain), "outer: inner");
     }
 }

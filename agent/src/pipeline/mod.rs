@@ -25,8 +25,10 @@
 //! a checkpoint never names an offset past an unacknowledged record;
 //! shutdown stops reading, flushes the producer, then writes the checkpoint.
 
+pub mod delivery;
 mod reload;
 mod scan;
+mod status;
 #[cfg(test)]
 mod tests;
 
@@ -147,6 +149,9 @@ pub struct Pipeline<S: Sink> {
     roots: [Option<crate::discover::Root>; 2],
     /// Configurations to apply, from the control plane ([`reload`]).
     reloads: Option<Receiver<Box<Config>>>,
+    /// Whether records reach Kafka ([`delivery`]), and when to look again.
+    delivery: delivery::DeliveryWatch,
+    delivery_at: Instant,
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
@@ -221,6 +226,8 @@ impl<S: Sink> Pipeline<S> {
             pacer,
             paced_until: None,
             reloads: None,
+            delivery: delivery::DeliveryWatch::new(Instant::now()),
+            delivery_at: Instant::now(),
             roots: [None, None],
             stopping,
             read_errors: RateLimit::new(Duration::from_secs(10)),
@@ -266,6 +273,7 @@ impl<S: Sink> Pipeline<S> {
             self.read_dirty();
             self.sink.turn();
             self.run_timers(&mut timers);
+            self.check_delivery(Instant::now());
             // Every turn (unless waiting for budget), directories whose
             // write reports were coalesced off are re-armed and their files
             // read once more, so one busy file never hides another's writes.
@@ -292,8 +300,13 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
+    /// A missing `--pods-dir` keeps them frequent too: a mount fixed, or
+    /// a directory made late, is shipped within [`RESCAN_INTERVAL`].
     fn rescan_interval(&self) -> Duration {
-        if self.source.sees_every_write() && !self.dirs_unwatched {
+        let pods_dir_missing = self.roots[0]
+            .as_ref()
+            .is_some_and(|r| *r != crate::discover::Root::Dir);
+        if self.source.sees_every_write() && !self.dirs_unwatched && !pods_dir_missing {
             RESCAN_INTERVAL_TRUSTED
         } else {
             RESCAN_INTERVAL
@@ -357,6 +370,7 @@ impl<S: Sink> Pipeline<S> {
             Some(t.rescan),
             self.pods.deadline(),
             self.pod_rescan.deadline(),
+            Some(self.delivery_at),
             self.sink.deadline(),
             progress.then_some(t.checkpoint),
         ]

@@ -55,27 +55,60 @@ pub struct DeliveryContext {
     budget: Arc<Budget>,
     metrics: Arc<Metrics>,
     failures: RateLimit,
+    errors: RateLimit,
 }
 
 impl ClientContext for DeliveryContext {
+    /// librdkafka's log lines. What it says about brokers it cannot reach
+    /// (facility `FAIL`, and the same again through [`Self::error`]) is
+    /// debug: bpftail's delivery line says what it means.
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let connection = fac == "FAIL";
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
+            | RDKafkaLogLevel::Error
+                if !connection =>
+            {
                 tracing::error!(target: "librdkafka", fac, "{log_message}")
             }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Warning if !connection => {
+                tracing::warn!(target: "librdkafka", fac, "{log_message}")
+            }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(target: "librdkafka", fac, "{log_message}")
             }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+            _ => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
         }
     }
 
+    /// librdkafka's errors: a broker it cannot reach marks Kafka as down
+    /// (debug: the delivery line says it); anything else is a warning, at
+    /// most every 10 s.
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", %error, "{reason}");
+        use RDKafkaErrorCode as C;
+        let code = error.rdkafka_error_code();
+        if matches!(
+            code,
+            Some(C::BrokerTransportFailure | C::AllBrokersDown | C::Resolve | C::Authentication)
+        ) {
+            if code == Some(C::AllBrokersDown) {
+                // Keep the reason the last connection gave, if any.
+                if self.metrics.kafka.up() {
+                    self.metrics
+                        .kafka
+                        .failed(&"every broker connection is down");
+                }
+            } else {
+                self.metrics.kafka.failed(&reason);
+            }
+            tracing::debug!(target: "librdkafka", %error, "{reason}");
+        } else {
+            self.errors.log(
+                |suppressed| tracing::warn!(target: "librdkafka", %error, suppressed, "{reason}"),
+            );
+        }
     }
 }
 
@@ -85,6 +118,7 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let (msg, outcome) = match result {
             Ok(msg) => {
+                self.metrics.kafka.ok();
                 self.metrics.records_delivered.inc();
                 self.metrics.bytes_delivered.add(msg.payload_len() as u64);
                 (msg, Outcome::Delivered)
@@ -243,6 +277,7 @@ impl RdkafkaSink {
             budget: budget.clone(),
             metrics: metrics.clone(),
             failures: RateLimit::new(Duration::from_secs(10)),
+            errors: RateLimit::new(Duration::from_secs(10)),
         };
         let producer: Arc<BaseProducer<DeliveryContext>> =
             Arc::new(cc.create_with_context(ctx).map_err(SinkError::Config)?);

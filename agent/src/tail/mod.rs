@@ -249,6 +249,7 @@ impl Reader {
         let now = Instant::now();
         // Truncated or replaced since the last read: start again at 0.
         f.check_replaced(m);
+        f.acks.note_read(now);
         loop {
             if !sink.has_budget() {
                 return ReadEnd::Budget;
@@ -412,6 +413,7 @@ impl Reader {
             .as_ref()
             .map(|multiline| Joining { multiline, now });
         let (first, read_to) = (acks.next_seq(), f.read_offset);
+        acks.note_read(now);
         f.decoder.flush_partial(join, |rec| {
             send(acks, first, read_to, meta, &rec, id, sink, m)
         });
@@ -429,6 +431,7 @@ impl Reader {
     ) {
         let id = f.id;
         let first = f.acks.next_seq();
+        f.acks.note_read(Instant::now());
         let (meta, acks) = (&f.meta, &mut f.acks);
         sink.begin_batch();
         let read_to = f.read_offset;

@@ -1,0 +1,249 @@
+//! What a person running bpftail by hand sees: `bpftail consume` reading
+//! back what the agent produced, a log directory that is not there, a data
+//! directory that cannot be made. (The delivery-state lines, metrics and
+//! `/readyz` during a broker outage are checked in `e2e.rs`'s outage test,
+//! with both Kafka clients.)
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Appends `lines` to container `w`'s CRI log under `pods`.
+fn write_cri(pods: &std::path::Path, w: usize, lines: &[String]) {
+    let dir = container_dir(pods, "ns", &format!("pod-{w}"), &format!("uid-{w}"), "app");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("0.log"))
+        .unwrap();
+    for l in lines {
+        writeln!(f, "2026-11-30T10:00:00.000000000Z stdout F {l}").unwrap();
+    }
+}
+
+/// Runs `bpftail consume` to its end (60 s at most): exit code, stdout,
+/// stderr.
+fn consume(args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(bpftail_bin())
+        .arg("consume")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bpftail consume");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bpftail consume {args:?} did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The message of a text-format record line (after `value=`).
+fn text_value(line: &str) -> &str {
+    line.split_once(" value=").map_or("", |(_, v)| v)
+}
+
+#[test]
+fn consume_prints_every_record_with_key_partition_offset_and_headers_and_follows_new_ones() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 3);
+    let node = Node::new();
+    const PER: usize = 5;
+    for w in 0..3 {
+        let lines: Vec<String> = (0..PER).map(|i| format!("w{w} line {i}")).collect();
+        write_cri(&node.pods, w, &lines);
+    }
+    let agent = Agent::start(
+        &node.args(&broker.addr(), "logs", &["--format", "raw"]),
+        &node.log,
+    );
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_records_delivered_total",
+        15,
+    );
+    let addr = broker.addr();
+
+    // Text: one line per record, every partition, then exit 0.
+    let (code, out, err) = consume(&["--brokers", &addr, "--topic", "logs", "--from-beginning"]);
+    assert_eq!(code, 0, "stderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3 * PER, "{out}");
+    for w in 0..3 {
+        let mine: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| text_value(l).starts_with(&format!("w{w} ")))
+            .collect();
+        let values: Vec<&str> = mine.iter().map(|l| text_value(l)).collect();
+        let expected: Vec<String> = (0..PER).map(|i| format!("w{w} line {i}")).collect();
+        assert_eq!(values, expected, "container {w}, in order: {out}");
+        for l in &mine {
+            assert!(l.starts_with("partition="), "{l}");
+            assert!(l.contains(" offset="), "{l}");
+            assert!(l.contains(&format!("uid-{w}")), "key names the pod: {l}");
+            assert!(l.contains("stream=stdout"), "{l}");
+            assert!(l.contains(&format!("pod=pod-{w}")), "{l}");
+            assert!(l.contains("namespace=ns"), "{l}");
+        }
+    }
+
+    // JSON: the same records, one object per line.
+    let (code, out, err) = consume(&[
+        "--brokers",
+        &addr,
+        "--topic",
+        "logs",
+        "--from-beginning",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "stderr: {err}");
+    let records: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(records.len(), 3 * PER);
+    let mut partitions = std::collections::BTreeMap::<i64, Vec<i64>>::new();
+    for r in &records {
+        assert_eq!(r["topic"], "logs");
+        let value = r["value"].as_str().unwrap();
+        let w = &value[1..2];
+        assert_eq!(r["headers"]["pod"], format!("pod-{w}"), "{r}");
+        assert_eq!(r["headers"]["stream"], "stdout", "{r}");
+        assert!(r["key"].as_str().unwrap().contains(&format!("uid-{w}")));
+        partitions
+            .entry(r["partition"].as_i64().unwrap())
+            .or_default()
+            .push(r["offset"].as_i64().unwrap());
+    }
+    for offsets in partitions.values() {
+        let expected: Vec<i64> = (0..offsets.len() as i64).collect();
+        assert_eq!(offsets, &expected, "each partition from its first offset");
+    }
+
+    // --follow: what was there, then what is written afterwards.
+    let mut follow = Command::new(bpftail_bin())
+        .args([
+            "consume",
+            "--brokers",
+            &addr,
+            "--topic",
+            "logs",
+            "--from-beginning",
+            "--follow",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("consume --follow printed no {what} within 30 s"))
+    };
+    for _ in 0..3 * PER {
+        next("earlier record");
+    }
+    write_cri(&node.pods, 1, &["w1 written later".to_owned()]);
+    let later = next("new record");
+    assert_eq!(text_value(&later), "w1 written later");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // A topic that does not exist: said, exit 1.
+    let (code, _, err) = consume(&["--brokers", &addr, "--topic", "nope", "--from-beginning"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_missing_pods_dir_is_said_once_with_its_path_and_its_logs_ship_when_it_appears() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let node = Node::new();
+    let late = node.pods.join("late");
+    let mut args = node.args(&broker.addr(), "logs", &[]);
+    let i = args.iter().position(|a| a == "--pods-dir").unwrap();
+    args[i + 1] = late.to_str().unwrap().to_owned();
+    let agent = Agent::start(&args, &node.log);
+    agent.wait_log(Duration::from_secs(30), "log directory is missing");
+    let log = node.agent_log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("log directory is missing") && l.contains("pods-dir"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(said[0].contains(" WARN "), "{}", said[0]);
+    assert!(said[0].contains(late.to_str().unwrap()), "{}", said[0]);
+    // Nothing waits: alive and ready.
+    assert!(agent.healthz());
+    assert!(agent.readyz().0);
+    // The directory appears (a mount fixed): its logs ship at the next
+    // rescan, frequent while it is missing.
+    write_cri(&late, 0, &["first line".to_owned()]);
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_records_delivered_total",
+        1,
+    );
+    agent.wait_log(Duration::from_secs(5), "log directory is there now");
+    let log = node.agent_log();
+    let missing = log
+        .lines()
+        .filter(|l| l.contains("log directory is missing") && l.contains("pods-dir"))
+        .count();
+    assert_eq!(missing, 1, "{log}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_made_stops_the_agent_and_says_why_once() {
+    let (tmp, pods) = test_dir("bpftail-operator-");
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let data = file.join("data");
+    let out = Command::new(bpftail_bin())
+        .arg("run")
+        .args(agent_args(
+            &pods,
+            &data,
+            "127.0.0.1:1",
+            "logs",
+            &["--kube", "off"],
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("cannot create data directory").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+    assert!(err.contains(data.to_str().unwrap()), "{err}");
+}
