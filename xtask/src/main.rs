@@ -17,6 +17,8 @@
 //!   broker for trying bpftail by hand: tansu, in memory, on 127.0.0.1
 //!   (port 9092 if free), with the topics named created; prints how to run
 //!   the agent against it and read the records back; runs until Ctrl-C.
+//! - `image [--tag NAME]`: the DaemonSet's container image, built with
+//!   podman without pulling a base image (see [`image`]).
 //! - `deps`: only the installation step of `test`.
 
 use std::path::{Path, PathBuf};
@@ -88,8 +90,15 @@ fn main() -> Result<()> {
             deps()?;
             broker(rest)
         }
+        "image" => {
+            debian_packages()?;
+            build_ebpf()?;
+            image(rest)
+        }
         _ => {
-            eprintln!("usage: cargo xtask <test|lint|demo|bench|broker|build-ebpf|deps> [args]");
+            eprintln!(
+                "usage: cargo xtask <test|lint|demo|bench|broker|image|build-ebpf|deps> [args]"
+            );
             Ok(())
         }
     }
@@ -582,4 +591,109 @@ fn peers() -> Result<PathBuf> {
         std::os::unix::fs::symlink(so, &lib)?;
     }
     Ok(dir)
+}
+
+/// `image [--tag NAME]`: the image `deploy/bpftail.yaml` runs, for a
+/// machine that cannot pull base images (this project's has only package
+/// registries): the release binary, the shared libraries it links, taken
+/// from this Debian 12 host (the same release as the runtime stage of
+/// `deploy/Containerfile`), and the CA certificates, `FROM scratch`, built
+/// with podman. `deploy/Containerfile` is the build to use where the
+/// `rust` and `debian` images can be pulled. Checks that the image runs
+/// (`bpftail --version` inside it) and prints how to push or save it.
+fn image(rest: &[String]) -> Result<()> {
+    let mut tag = "localhost/bpftail:0.1.0".to_owned();
+    let mut args = rest.iter().filter(|a| *a != "--");
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--tag" => tag = args.next().context("--tag needs a name")?.clone(),
+            other => bail!("usage: cargo xtask image [--tag NAME] (unknown argument {other})"),
+        }
+    }
+    run(cargo().args(["build", "--release", "-p", "bpftail", "--bin", "bpftail"]))?;
+    let bin = root().join("target/release/bpftail");
+    let ctx = root().join("target/image");
+    if ctx.exists() {
+        std::fs::remove_dir_all(&ctx)?;
+    }
+    let rootfs = ctx.join("rootfs");
+    let put = |from: &Path, to: &Path| -> Result<()> {
+        let dest = rootfs.join(to.strip_prefix("/").unwrap_or(to));
+        std::fs::create_dir_all(dest.parent().expect("a parent"))?;
+        // Follows symlinks: the image gets the file under the name asked for.
+        std::fs::copy(from, &dest).with_context(|| format!("copying {}", from.display()))?;
+        Ok(())
+    };
+    put(&bin, Path::new("/usr/local/bin/bpftail"))?;
+    // Without the line tables the release profile keeps (most of its
+    // 90 MB): a panic's backtrace then names functions only.
+    run(Command::new("strip")
+        .arg("--strip-debug")
+        .arg(rootfs.join("usr/local/bin/bpftail")))?;
+    for lib in linked_libraries(&bin)? {
+        put(&lib, &lib)?;
+    }
+    put(
+        Path::new("/etc/ssl/certs/ca-certificates.crt"),
+        Path::new("/etc/ssl/certs/ca-certificates.crt"),
+    )?;
+    std::fs::create_dir_all(rootfs.join("tmp"))?;
+    std::fs::write(
+        ctx.join("Containerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [\"/usr/local/bin/bpftail\"]\n",
+    )?;
+    run(Command::new("podman")
+        .args(["build", "--quiet", "-t", &tag, "-f"])
+        .arg(ctx.join("Containerfile"))
+        .arg(&ctx))?;
+    // The limits this sandbox's runc may set (the defaults raise nofile).
+    let version = Command::new("podman")
+        .args(["run", "--rm", "--ulimit", "nofile=20000:20000", "--ulimit"])
+        .args(["nproc=1024:1024", &tag, "--version"])
+        .output()?;
+    if !version.status.success() {
+        bail!(
+            "the image {tag} does not run: {}",
+            String::from_utf8_lossy(&version.stderr)
+        );
+    }
+    let size = Command::new("podman")
+        .args(["image", "inspect", "--format", "{{.Size}}", &tag])
+        .output()?;
+    let mb = String::from_utf8_lossy(&size.stdout)
+        .trim()
+        .parse::<f64>()
+        .unwrap_or(0.0)
+        / 1e6;
+    println!(
+        "image: {tag} ({mb:.1} MB), runs: {}",
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
+    println!(
+        "push it:  podman tag {tag} REGISTRY/bpftail:0.1.0 && podman push REGISTRY/bpftail:0.1.0"
+    );
+    println!("or save:  podman save {tag} -o bpftail-image.tar   (then load it on the nodes)");
+    println!("then set the DaemonSet's image: in deploy/bpftail.yaml to the pushed name");
+    Ok(())
+}
+
+/// The shared libraries `bin` loads (`ldd`), the dynamic loader included.
+fn linked_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(bin).output()?;
+    if !out.status.success() {
+        bail!("ldd {} failed", bin.display());
+    }
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .filter_map(|l| {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x…)"; not the vDSO.
+            let path = match l.split_once("=>") {
+                Some((_, right)) => right.trim(),
+                None => l.trim(),
+            };
+            let path = path.split(" (").next()?.trim();
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
 }
