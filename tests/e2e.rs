@@ -583,7 +583,16 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
         &node.log,
     );
     let collector = Collector::start(&broker.addr(), "logs");
-    let writers = write_all(&node, |_, seq, _, _| {
+    // Writer 0 writes its second half only once the broker is down, so
+    // records wait during the outage however fast the agent is.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = down.clone();
+    let writers = write_all(&node, move |w, seq, _, _| {
+        if w == 0 && seq == LINES / 2 {
+            while !held.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if seq % 1_000 == 0 {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -595,6 +604,7 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     );
     assert!(agent.readyz().0, "ready while delivering");
     broker.outage();
+    down.store(true, std::sync::atomic::Ordering::Relaxed);
     let down_at = Instant::now();
     let mut peak_inflight = 0;
     // The outage lasts 20 s (the length is what is tested); the in-flight
