@@ -173,6 +173,43 @@ fn consume_prints_every_record_with_key_partition_offset_and_headers_and_follows
     let _ = follow.kill();
     let _ = follow.wait();
 
+    // Without --from-beginning: only what is produced from now on (a
+    // line is written every 200 ms until one shows; none of the earlier
+    // records may).
+    let mut fresh = Command::new(bpftail_bin())
+        .args(["consume", "--brokers", &addr, "--topic", "logs"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = fresh.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        assert!(
+            Instant::now() < deadline,
+            "consume printed nothing new in 30 s"
+        );
+        write_cri(&node.pods, 2, &["w2 probe".to_owned()]);
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            break line;
+        }
+    };
+    assert_eq!(text_value(&first), "w2 probe", "{first}");
+    let _ = fresh.kill();
+    let _ = fresh.wait();
+    while let Ok(line) = rx.try_recv() {
+        assert_eq!(text_value(&line), "w2 probe", "only new records: {line}");
+    }
+
     // A topic that does not exist: said, exit 1.
     let (code, _, err) = consume(&["--brokers", &addr, "--topic", "nope", "--from-beginning"]);
     assert_eq!(code, 1);

@@ -117,7 +117,13 @@ fn consume(args: &ConsumeArgs) -> anyhow::Result<()> {
     } else {
         Offset::End
     };
-    let mut starts = (start == Offset::End).then(Starts::default);
+    // Records stamped up to a second before now count as new (clocks of
+    // the producers and of this host differ a little).
+    let since_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        - 1000;
+    let mut starts = (start == Offset::End).then(|| Starts::new(since_ms));
 
     // Without --follow: the end is where every partition is now.
     let mut ends = if follow {
@@ -179,7 +185,7 @@ fn consume(args: &ConsumeArgs) -> anyhow::Result<()> {
             }
             Some(Ok(m)) => {
                 if let Some(s) = &mut starts
-                    && !s.take(m.partition(), m.offset(), || {
+                    && !s.take(m.partition(), m.offset(), m.timestamp().to_millis(), || {
                         fetched_high(&consumer, topic, m.partition())
                     })
                 {
@@ -663,36 +669,54 @@ impl Ends {
     }
 }
 
-/// Where reading from the end (without `--from-beginning`) starts: at
-/// the partition's end as the first Fetch response gives it. librdkafka
-/// starts at the offset ListOffsets answers; tansu 0.6 answers with the
-/// last batch's base offset + 1, so the first Fetch brings the rest of that
-/// batch: records from before the start. Until the partition's first event,
-/// where it starts is unknown: the end reached (an empty first answer, as
-/// from a broker whose ListOffsets is right) means every later record is
-/// new; a first record means the Fetch response that brought it holds
-/// records from before the start, and only those at or past its high
-/// watermark are new.
+/// Where reading from the end (without `--from-beginning`) starts.
+/// librdkafka starts at the offset ListOffsets answers; tansu 0.6 answers
+/// with the last batch's base offset + 1, so the first Fetch brings the
+/// rest of that batch: records from before the start. On a busy topic of
+/// a correct broker, the first Fetch brings only new records, and more
+/// than its high watermark covers. So a partition's first records are
+/// told apart by their timestamp (the producer's, or the broker's log
+/// append time): those from before `since_ms` are left out, and from the
+/// first new one on everything is printed. Without timestamps, the high
+/// watermark of the Fetch that brought the first record decides. The end
+/// reached (an empty first answer) means every later record is new.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Starts {
+    /// Unix ms: records stamped earlier are from before the start.
+    since_ms: i64,
     /// Partition → the first offset printed, once known.
     from: std::collections::BTreeMap<i32, i64>,
 }
 
 impl Starts {
-    /// Whether the record at `offset` of `partition` is printed.
-    /// `fetched_high` gives the high watermark of the latest Fetch
-    /// response; it is asked once per partition, at its first record.
+    pub fn new(since_ms: i64) -> Starts {
+        Starts {
+            since_ms,
+            from: Default::default(),
+        }
+    }
+
+    /// Whether the record at `offset` of `partition`, stamped `timestamp`
+    /// (Unix ms), is printed. `fetched_high` gives the high watermark of
+    /// the latest Fetch response; it is asked only for a partition's first
+    /// record, and only if that has no timestamp.
     pub fn take(
         &mut self,
         partition: i32,
         offset: i64,
+        timestamp: Option<i64>,
         fetched_high: impl FnOnce() -> Option<i64>,
     ) -> bool {
-        let from = *self
-            .from
-            .entry(partition)
-            .or_insert_with(|| fetched_high().unwrap_or(offset));
+        if let Some(from) = self.from.get(&partition) {
+            return offset >= *from;
+        }
+        let from = match timestamp {
+            Some(ts) if ts >= self.since_ms => offset,
+            // From before the start; the next record decides again.
+            Some(_) => return false,
+            None => fetched_high().unwrap_or(offset),
+        };
+        self.from.insert(partition, from);
         offset >= from
     }
 
@@ -879,25 +903,36 @@ mod tests {
 
     #[test]
     fn starts_leave_out_what_the_first_fetch_brings_from_before() {
-        let mut s = Starts::default();
-        // Partition 0: the first Fetch brings 10 and 11 (tansu started it
-        // at the last batch's base + 1) and says the end is 12.
+        let since = 1_000_000;
+        let mut s = Starts::new(since);
+        // Partition 0 (tansu): the first Fetch brings 10 and 11, stamped
+        // before the start, then 12, stamped after.
+        let never = || -> Option<i64> { panic!("timestamps decide") };
+        assert!(!s.take(0, 10, Some(since - 5_000), never));
+        assert!(!s.take(0, 11, Some(since - 4_000), never));
+        assert!(s.take(0, 12, Some(since + 10), never));
+        // From there on, everything, whatever its stamp.
+        assert!(s.take(0, 13, Some(since - 9_000), never));
+        // Partition 3 (a correct broker, a busy topic): the first Fetch
+        // holds only new records, beyond its high watermark: all printed.
+        assert!(s.take(3, 500, Some(since + 1), || Some(900)));
+        assert!(s.take(3, 501, Some(since + 2), never));
+        // Partition 1: the first answer is empty (the end is reached):
+        // everything after it is new.
+        s.at_end(1);
+        assert!(s.take(1, 5, Some(since - 1), never));
+        // Partition 2, no timestamps: the first Fetch's high watermark.
         let mut asked = 0;
         let mut ask = || {
             asked += 1;
             Some(12)
         };
-        assert!(!s.take(0, 10, &mut ask));
-        assert!(!s.take(0, 11, &mut ask));
-        s.at_end(0);
-        assert!(s.take(0, 12, &mut ask) && s.take(0, 13, &mut ask));
+        assert!(!s.take(2, 10, None, &mut ask));
+        assert!(!s.take(2, 11, None, &mut ask));
+        assert!(s.take(2, 12, None, &mut ask));
         assert_eq!(asked, 1);
-        // Partition 1: the first answer is empty (the end is reached):
-        // everything after it is new, whatever the watermark says by then.
-        s.at_end(1);
-        assert!(s.take(1, 5, || Some(9)));
-        // Partition 2: no watermark known: from its first record on.
-        assert!(s.take(2, 7, || None) && s.take(2, 8, || None));
+        // No watermark either: from its first record on.
+        assert!(s.take(4, 7, None, || None) && s.take(4, 8, None, || None));
     }
 
     #[test]

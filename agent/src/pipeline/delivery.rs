@@ -6,8 +6,8 @@
 //! requests have failed for [`UNREACHABLE_AFTER`] (connection refused, a
 //! name that does not resolve, timeouts), or Kafka acknowledged nothing
 //! for [`STALLED_AFTER`] (a broker that accepts and never answers). It is
-//! up again once the client's requests work and records are acknowledged
-//! (or none wait). With nothing waiting there is nothing to deliver: up,
+//! up again once records are acknowledged (or none wait): a request that
+//! works, a metadata answer, is not enough. With nothing waiting there is nothing to deliver: up,
 //! whatever the client last saw (`bpftail_kafka_up` still says it).
 //!
 //! Each change is announced once ([`Change`]), and a reminder every
@@ -57,7 +57,14 @@ pub enum Change {
 #[derive(Debug)]
 enum State {
     Up,
-    Down { since: Instant, reminded: Instant },
+    Down {
+        since: Instant,
+        reminded: Instant,
+        why: Why,
+        /// Records delivered when it went down: it is up again only once
+        /// more are (or none wait), not merely when a request works.
+        delivered: u64,
+    },
 }
 
 /// The delivery state, fed one observation at a time.
@@ -66,6 +73,8 @@ pub struct DeliveryWatch {
     state: State,
     /// Records delivered at the last observation.
     delivered: u64,
+    /// Whether records waited at the last observation.
+    waiting: bool,
     /// Last time records were acknowledged, or none waited.
     progress: Instant,
     /// When the client's failures were first observed (`None` while its
@@ -78,13 +87,27 @@ impl DeliveryWatch {
         DeliveryWatch {
             state: State::Up,
             delivered: 0,
+            waiting: false,
             progress: now,
             failing: None,
         }
     }
 
+    /// Whether records waited at the last observation.
+    pub fn was_waiting(&self) -> bool {
+        self.waiting
+    }
+
     pub fn is_down(&self) -> bool {
         matches!(self.state, State::Down { .. })
+    }
+
+    /// Why delivery is down now (the latest reason), if it is.
+    pub fn why(&self) -> Option<&Why> {
+        match &self.state {
+            State::Down { why, .. } => Some(why),
+            State::Up => None,
+        }
     }
 
     /// At `now`: the client's last error if its requests currently fail,
@@ -97,10 +120,12 @@ impl DeliveryWatch {
         waiting: bool,
         delivered: u64,
     ) -> Change {
-        if delivered != self.delivered || !waiting {
+        // Records that just started waiting have waited for no time.
+        if delivered != self.delivered || !waiting || !self.waiting {
             self.progress = now;
-            self.delivered = delivered;
         }
+        self.delivered = delivered;
+        self.waiting = waiting;
         self.failing = match (kafka_error, self.failing) {
             (None, _) => None,
             (Some(_), Some(t)) => Some(t),
@@ -116,9 +141,11 @@ impl DeliveryWatch {
             (true, _, _) if stalled => Some(Why::NotAcknowledging),
             _ => None,
         };
-        match (&mut self.state, why) {
-            (State::Up, None) => Change::None,
-            (State::Up, Some(why)) => {
+        match &mut self.state {
+            State::Up => {
+                let Some(why) = why else {
+                    return Change::None;
+                };
                 // Since the first sign: the first failure, or the last
                 // acknowledgement.
                 let since = match &why {
@@ -128,27 +155,37 @@ impl DeliveryWatch {
                 self.state = State::Down {
                     since,
                     reminded: now,
+                    why: why.clone(),
+                    delivered,
                 };
                 Change::Down {
                     why,
                     for_: now.duration_since(since),
                 }
             }
-            (State::Down { since, reminded }, Some(why)) => {
+            State::Down {
+                since,
+                reminded,
+                why: was,
+                delivered: at_down,
+            } => {
+                if !waiting || delivered > *at_down {
+                    let after = now.duration_since(*since);
+                    self.state = State::Up;
+                    return Change::Resumed { after };
+                }
+                if let Some(why) = why {
+                    *was = why;
+                }
                 if now.duration_since(*reminded) >= REMIND_EVERY {
                     *reminded = now;
                     Change::StillDown {
-                        why,
+                        why: was.clone(),
                         for_: now.duration_since(*since),
                     }
                 } else {
                     Change::None
                 }
-            }
-            (State::Down { since, .. }, None) => {
-                let after = now.duration_since(*since);
-                self.state = State::Up;
-                Change::Resumed { after }
             }
         }
     }
@@ -258,6 +295,49 @@ mod tests {
                 Change::None
             );
         }
+    }
+
+    #[test]
+    fn a_request_that_works_is_not_a_resumption_until_records_are_acknowledged() {
+        let t0 = Instant::now();
+        let mut w = DeliveryWatch::new(t0);
+        let err = Some("refused");
+        w.observe(t0, err, true, 7);
+        assert!(matches!(
+            w.observe(t0 + secs(10), err, true, 7),
+            Change::Down { .. }
+        ));
+        // A metadata answer clears the client's error; nothing delivered.
+        assert_eq!(w.observe(t0 + secs(11), None, true, 7), Change::None);
+        assert!(w.is_down());
+        // The reason follows what is seen now.
+        assert_eq!(
+            w.observe(t0 + secs(80), None, true, 7),
+            Change::None,
+            "no second announcement"
+        );
+        assert_eq!(w.why(), Some(&Why::NotAcknowledging));
+        assert_eq!(
+            w.observe(t0 + secs(81), None, true, 8),
+            Change::Resumed { after: secs(81) }
+        );
+    }
+
+    #[test]
+    fn records_that_start_waiting_after_idle_have_waited_for_no_time() {
+        let t0 = Instant::now();
+        let mut w = DeliveryWatch::new(t0);
+        // Idle for long (observed rarely), then records wait.
+        assert_eq!(w.observe(t0 + secs(100), None, false, 0), Change::None);
+        assert_eq!(w.observe(t0 + secs(159), None, true, 0), Change::None);
+        assert_eq!(w.observe(t0 + secs(218), None, true, 0), Change::None);
+        assert!(matches!(
+            w.observe(t0 + secs(219), None, true, 0),
+            Change::Down {
+                why: Why::NotAcknowledging,
+                ..
+            }
+        ));
     }
 
     #[test]

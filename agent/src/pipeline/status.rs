@@ -20,10 +20,13 @@ impl<S: Sink> Pipeline<S> {
     /// heartbeat otherwise): logs a change of state, and publishes it with
     /// the age of the oldest record in flight.
     pub(super) fn check_delivery(&mut self, now: Instant) {
-        if now < self.delivery_at {
+        let waiting = self.sink.inflight_bytes() > 0;
+        // Records that start waiting are looked at now, not at the next
+        // heartbeat: the one-second rhythm starts with them.
+        let started_waiting = waiting && !self.delivery.was_waiting();
+        if now < self.delivery_at && !started_waiting {
             return;
         }
-        let waiting = self.sink.inflight_bytes() > 0;
         self.delivery_at = if waiting {
             DeliveryWatch::next_check(now)
         } else {
@@ -66,7 +69,7 @@ impl<S: Sink> Pipeline<S> {
                     files,
                     oldest.map(|t| now.duration_since(t)),
                 );
-                Some((wall.saturating_sub(for_.as_millis() as u64), summary(why)))
+                Some(wall.saturating_sub(for_.as_millis() as u64))
             }
             Change::Resumed { after } => {
                 let (bytes, files) = self.waiting_on_disk();
@@ -88,12 +91,18 @@ impl<S: Sink> Pipeline<S> {
             .unwrap_or_else(|e| e.into_inner());
         status.oldest_unacked_read_ms = oldest_ms;
         status.waiting = waiting_ns;
-        if let Some((since, summary)) = down {
-            status.down_since_ms = Some(status.down_since_ms.unwrap_or(since));
-            status.summary = summary;
-        } else if !self.delivery.is_down() {
-            status.down_since_ms = None;
-            status.summary.clear();
+        match self.delivery.why() {
+            Some(why) => {
+                if let Some(since) = down {
+                    status.down_since_ms = Some(status.down_since_ms.unwrap_or(since));
+                }
+                // The latest reason, not the first.
+                status.summary = summary(why);
+            }
+            None => {
+                status.down_since_ms = None;
+                status.summary.clear();
+            }
         }
     }
 

@@ -85,13 +85,25 @@ impl ClientContext for DeliveryContext {
 
     /// librdkafka's errors: a broker it cannot reach marks Kafka as down
     /// (debug: the delivery line says it); anything else is a warning, at
-    /// most every 10 s.
+    /// most every 10 s. A connection that closed (`Disconnected`: a broker
+    /// closes idle ones) is not a failure: the reconnection's, if any, is.
+    /// Only a delivery marks it up again (librdkafka reports no
+    /// reconnection), so an idle agent may show it down until its next
+    /// record.
     fn error(&self, error: KafkaError, reason: &str) {
         use RDKafkaErrorCode as C;
         let code = error.rdkafka_error_code();
-        if matches!(
+        if code == Some(C::BrokerTransportFailure) && reason.contains("Disconnected") {
+            tracing::debug!(target: "librdkafka", %error, "{reason}");
+        } else if matches!(
             code,
-            Some(C::BrokerTransportFailure | C::AllBrokersDown | C::Resolve | C::Authentication)
+            Some(
+                C::BrokerTransportFailure
+                    | C::AllBrokersDown
+                    | C::Resolve
+                    | C::Authentication
+                    | C::SSL
+            )
         ) {
             if code == Some(C::AllBrokersDown) {
                 // Keep the reason the last connection gave, if any.
