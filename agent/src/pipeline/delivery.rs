@@ -206,7 +206,8 @@ pub fn human_bytes(n: u64) -> String {
     let mut v = n as f64;
     let mut unit = "B";
     for u in UNITS {
-        if v < 1000.0 {
+        // 999,960 B is "1.0 MB", not "1000.0 kB".
+        if v < 999.95 {
             break;
         }
         v /= 1000.0;
@@ -363,5 +364,6 @@ mod tests {
         assert_eq!(human_bytes(12_400_000), "12.4 MB");
         assert_eq!(human_bytes(1_500), "1.5 kB");
         assert_eq!(human_bytes(3_210_000_000), "3.2 GB");
+        assert_eq!(human_bytes(999_999), "1.0 MB");
     }
 }
