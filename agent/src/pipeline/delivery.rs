@@ -98,6 +98,15 @@ impl DeliveryWatch {
         self.waiting
     }
 
+    /// Records started waiting at `now`, between observations: they have
+    /// waited for no time.
+    pub fn start_waiting(&mut self, now: Instant) {
+        if !self.waiting {
+            self.waiting = true;
+            self.progress = now;
+        }
+    }
+
     pub fn is_down(&self) -> bool {
         matches!(self.state, State::Down { .. })
     }
@@ -331,6 +340,20 @@ mod tests {
         // Idle for long (observed rarely), then records wait.
         assert_eq!(w.observe(t0 + secs(100), None, false, 0), Change::None);
         assert_eq!(w.observe(t0 + secs(159), None, true, 0), Change::None);
+        assert_eq!(w.observe(t0 + secs(218), None, true, 0), Change::None);
+        assert!(matches!(
+            w.observe(t0 + secs(219), None, true, 0),
+            Change::Down {
+                why: Why::NotAcknowledging,
+                ..
+            }
+        ));
+        // The same, told between observations.
+        let mut w = DeliveryWatch::new(t0);
+        w.observe(t0 + secs(100), None, false, 0);
+        w.start_waiting(t0 + secs(159));
+        assert!(w.was_waiting());
+        assert_eq!(w.observe(t0 + secs(160), None, true, 0), Change::None);
         assert_eq!(w.observe(t0 + secs(218), None, true, 0), Change::None);
         assert!(matches!(
             w.observe(t0 + secs(219), None, true, 0),

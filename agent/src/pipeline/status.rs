@@ -21,10 +21,15 @@ impl<S: Sink> Pipeline<S> {
     /// the age of the oldest record in flight.
     pub(super) fn check_delivery(&mut self, now: Instant) {
         let waiting = self.sink.inflight_bytes() > 0;
-        // Records that start waiting are looked at now, not at the next
-        // heartbeat: the one-second rhythm starts with them.
-        let started_waiting = waiting && !self.delivery.was_waiting();
-        if now < self.delivery_at && !started_waiting {
+        if now < self.delivery_at {
+            // Records that start waiting have waited for no time, and the
+            // one-second rhythm starts with them, not at the next
+            // heartbeat. (Cheap: at a low rate this happens at every
+            // produce, and the look at every file stays once a second.)
+            if waiting && !self.delivery.was_waiting() {
+                self.delivery.start_waiting(now);
+                self.delivery_at = self.delivery_at.min(DeliveryWatch::next_check(now));
+            }
             return;
         }
         self.delivery_at = if waiting {
