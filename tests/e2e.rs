@@ -585,13 +585,14 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     let collector = Collector::start(&broker.addr(), "logs");
     // Writer 0 writes its second half only once the broker is down, so
     // records wait during the outage however fast the agent is.
-    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let down = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
     let held = down.clone();
     let writers = write_all(&node, move |w, seq, _, _| {
         if w == 0 && seq == LINES / 2 {
-            while !held.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let (is_down, changed) = &*held;
+            let _down = changed
+                .wait_while(is_down.lock().unwrap(), |d| !*d)
+                .unwrap();
         }
         if seq % 1_000 == 0 {
             std::thread::sleep(Duration::from_millis(5));
@@ -604,7 +605,8 @@ fn a_20_second_broker_outage_loses_nothing_and_memory_stays_bounded() {
     );
     assert!(agent.readyz().0, "ready while delivering");
     broker.outage();
-    down.store(true, std::sync::atomic::Ordering::Relaxed);
+    *down.0.lock().unwrap() = true;
+    down.1.notify_all();
     let down_at = Instant::now();
     let mut peak_inflight = 0;
     // The outage lasts 20 s (the length is what is tested); the in-flight

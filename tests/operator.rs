@@ -29,27 +29,52 @@ fn write_cri(pods: &std::path::Path, w: usize, lines: &[String]) {
 /// Runs `bpftail consume` to its end (60 s at most): exit code, stdout,
 /// stderr.
 fn consume(args: &[&str]) -> (i32, String, String) {
-    let mut child = Command::new(bpftail_bin())
+    let child = Command::new(bpftail_bin())
         .arg("consume")
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start bpftail consume");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("bpftail consume {args:?} did not end within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("bpftail consume {args:?} did not end within 60 s");
+    };
+    let out = out.unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Starts `bpftail consume` with `args`; its stdout lines arrive on the
+/// receiver as it prints them.
+fn consume_lines(args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(bpftail_bin())
+        .arg("consume")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start bpftail consume");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
 }
 
 /// The message of a text-format record line (after `value=`).
@@ -136,30 +161,14 @@ fn consume_prints_every_record_with_key_partition_offset_and_headers_and_follows
     }
 
     // --follow: what was there, then what is written afterwards.
-    let mut follow = Command::new(bpftail_bin())
-        .args([
-            "consume",
-            "--brokers",
-            &addr,
-            "--topic",
-            "logs",
-            "--from-beginning",
-            "--follow",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut follow, rx) = consume_lines(&[
+        "--brokers",
+        &addr,
+        "--topic",
+        "logs",
+        "--from-beginning",
+        "--follow",
+    ]);
     let next = |what: &str| {
         rx.recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("consume --follow printed no {what} within 30 s"))
@@ -176,22 +185,7 @@ fn consume_prints_every_record_with_key_partition_offset_and_headers_and_follows
     // Without --from-beginning: only what is produced from now on (a
     // line is written every 200 ms until one shows; none of the earlier
     // records may).
-    let mut fresh = Command::new(bpftail_bin())
-        .args(["consume", "--brokers", &addr, "--topic", "logs"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = fresh.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut fresh, rx) = consume_lines(&["--brokers", &addr, "--topic", "logs"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let first = loop {
         assert!(
