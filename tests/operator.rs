@@ -1,6 +1,6 @@
 //! What a person running bpftail by hand sees: `bpftail consume` reading
 //! back what the agent produced, a log directory that is not there, a data
-//! directory that cannot be made. (The delivery-state lines, metrics and
+//! directory that is missing, not a directory or read-only. (The delivery-state lines, metrics and
 //! `/readyz` during a broker outage are checked in `e2e.rs`'s outage test,
 //! with both Kafka clients.)
 
@@ -252,29 +252,41 @@ fn a_missing_pods_dir_is_said_once_with_its_path_and_its_logs_ship_when_it_appea
 }
 
 #[test]
-fn a_data_dir_that_cannot_be_made_stops_the_agent_and_says_why_once() {
+fn a_missing_unusable_or_read_only_data_dir_stops_the_agent_and_says_why_once() {
     let (tmp, pods) = test_dir("bpftail-operator-");
+    // Runs the agent on `data` until it exits (it must, at once): stderr.
+    let fails = |data: &std::path::Path| {
+        let out = Command::new(bpftail_bin())
+            .args(["run", "--kube", "off", "--brokers", "127.0.0.1:1"])
+            .args(["--topic", "logs", "--docker-dir", "/nonexistent"])
+            .arg("--pods-dir")
+            .arg(&pods)
+            .arg("--data-dir")
+            .arg(data)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(data.to_str().unwrap()), "{err}");
+        assert_eq!(err.matches("--data-dir").count(), 1, "said once: {err}");
+        err
+    };
+    // Missing: not made (it would be a volume that is not mounted, and the
+    // checkpoints would die with the container).
+    let missing = tmp.path().join("data");
+    let err = fails(&missing);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!missing.exists());
+    // Not a directory.
     let file = tmp.path().join("a-file");
     std::fs::write(&file, b"").unwrap();
-    let data = file.join("data");
-    let out = Command::new(bpftail_bin())
-        .arg("run")
-        .args(agent_args(
-            &pods,
-            &data,
-            "127.0.0.1:1",
-            "logs",
-            &["--kube", "off"],
-        ))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        err.matches("cannot create data directory").count(),
-        1,
-        "{err}"
-    );
+    let err = fails(&file.join("data"));
+    assert!(err.contains("is not usable"), "{err}");
     assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
-    assert!(err.contains(data.to_str().unwrap()), "{err}");
+    // Read-only (root ignores permissions: a read-only mount).
+    let fs = support::scratch::ScratchFs::small_tmpfs("1m");
+    fs.remount("ro");
+    let err = fails(fs.path());
+    assert!(err.contains("is not writable"), "{err}");
+    assert_eq!(err.matches("Read-only file system").count(), 1, "{err}");
 }

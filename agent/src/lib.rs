@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::checkpoint::{CheckpointError, Store};
+use crate::checkpoint::Store;
 use crate::config::{Config, KubeMode};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -99,7 +99,7 @@ struct DataParts {
     cfg: Config,
     metrics: Arc<Metrics>,
     store: Store,
-    restored: std::collections::HashMap<checkpoint::FileKey, checkpoint::Entry>,
+    restored: checkpoint::Loaded,
     queue: ChangeQueue,
     wake: crossbeam_channel::Receiver<()>,
     source: Box<dyn watch::ChangeSource>,
@@ -141,22 +141,23 @@ impl DataParts {
     }
 }
 
-/// The positions of the last checkpoint. A corrupt checkpoint is moved
-/// aside: losing the positions means resending, never losing lines.
-fn load_checkpoints(
-    cfg: &Config,
-    store: &Store,
-) -> anyhow::Result<std::collections::HashMap<checkpoint::FileKey, checkpoint::Entry>> {
-    match store.load() {
-        Ok(r) => Ok(r),
-        Err(e @ CheckpointError::Corrupt { .. }) => {
-            let aside = cfg.data_dir.join("checkpoints.json.corrupt");
-            let _ = std::fs::rename(cfg.data_dir.join("checkpoints.json"), &aside);
-            tracing::error!(error = %e, moved_to = %aside.display(), "starting without checkpoints: files are read from the start");
-            Ok(Default::default())
+/// The positions of the last checkpoint. An unusable one is said loudly:
+/// the agent resumes from the previous checkpoint or from the start of
+/// every file (rotated ones included), resending rather than losing lines.
+fn load_checkpoints(store: &Store) -> anyhow::Result<checkpoint::Loaded> {
+    let loaded = store.load()?;
+    if let Some(r) = &loaded.recovery {
+        let moved_to = r
+            .moved_to
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string());
+        if r.used_previous {
+            tracing::error!(problem = %r.problem, moved_to, "the newest checkpoint is unusable: resuming from the previous one (a checkpoint interval older); lines delivered since are sent again, none skipped (bpftail_checkpoint_replay_bytes_total)");
+        } else {
+            tracing::error!(problem = %r.problem, moved_to, "the newest checkpoint is unusable and no previous one is: every file is read from its start, rotated ones included; lines are sent again, none skipped (bpftail_checkpoint_replay_bytes_total)");
         }
-        Err(e) => Err(e.into()),
     }
+    Ok(loaded)
 }
 
 /// Starts the Kafka client `--kafka-client` names.
@@ -274,7 +275,7 @@ fn kube_client(cfg: &Config, runtime: &tokio::runtime::Runtime) -> Option<::kube
 pub fn run(cfg: Config, args: config::RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Store::open(&cfg.data_dir)?;
-    let restored = load_checkpoints(&cfg, &store)?;
+    let restored = load_checkpoints(&store)?;
     let stopping = Arc::new(AtomicBool::new(false));
     // The data loop sleeps on this channel; changes and delivery reports wake it.
     let (wake_tx, wake) = crossbeam_channel::bounded(1);

@@ -129,6 +129,12 @@ pub struct Metrics {
     pub rate_limited_lag_bytes: Gauge,
     pub checkpoint_writes: Counter,
     pub checkpoint_errors: Counter,
+    /// 1 while the latest checkpoint write failed (a full or read-only
+    /// data directory): positions stay at the last good checkpoint.
+    pub checkpoint_failing: Gauge,
+    /// Bytes at start in files read from an older position than the
+    /// newest checkpoint's, because it was unusable.
+    pub checkpoint_replay_bytes: Counter,
     pub watcher_overflows: Counter,
     /// Times a change-source thread woke up to handle kernel events.
     pub watcher_wakeups: Counter,
@@ -435,6 +441,11 @@ const COUNTERS: &[Row] = &[
         |m| m.checkpoint_errors.get(),
     ),
     (
+        "checkpoint_replay_bytes_total",
+        "Bytes read again at start from an older position because the newest checkpoint was unusable (corrupt, missing, a newer layout): at most this much was sent twice.",
+        |m| m.checkpoint_replay_bytes.get(),
+    ),
+    (
         "watcher_overflows_total",
         "Change-source overflows (followed by a full rescan).",
         |m| m.watcher_overflows.get(),
@@ -585,6 +596,11 @@ const GAUGES: &[Row] = &[
         "checkpoint_lag_bytes",
         "Bytes on disk not yet acknowledged, over all files.",
         |m| m.checkpoint_lag_bytes.get(),
+    ),
+    (
+        "checkpoint_failing",
+        "1 while checkpoint writes fail (data directory full or read-only): positions stay at the last good checkpoint, shipping goes on, a restart resends since then.",
+        |m| m.checkpoint_failing.get(),
     ),
     (
         "rate_limited_containers",

@@ -71,8 +71,8 @@ fn die_with_parent(cmd: &mut Command) -> &mut Command {
 }
 
 /// `bpftail run` arguments for a node whose CRI logs are under `pods`
-/// (no Docker dir), checkpoints in `data`, producing to `topic`, plus
-/// `extra`.
+/// (no Docker dir), checkpoints in `data` (made if its parent is there, as
+/// the DaemonSet's hostPath volume is), producing to `topic`, plus `extra`.
 pub fn agent_args(
     pods: &Path,
     data: &Path,
@@ -80,6 +80,9 @@ pub fn agent_args(
     topic: &str,
     extra: &[&str],
 ) -> Vec<String> {
+    if data.parent().is_some_and(Path::is_dir) {
+        let _ = std::fs::create_dir(data);
+    }
     let mut a: Vec<String> = [
         "--pods-dir",
         pods.to_str().unwrap(),

@@ -59,7 +59,27 @@ impl ScratchFs {
     /// A fresh, empty file system of `kind`. Fails the test, saying why, if
     /// this machine cannot make or mount one.
     pub fn new(kind: FsKind) -> ScratchFs {
-        Self::make(kind, &[])
+        Self::make(kind, &[], "512m")
+    }
+
+    /// A tmpfs of `size` (mount's `size=`: `64k`, `1m`…), to fill up.
+    pub fn small_tmpfs(size: &str) -> ScratchFs {
+        Self::make(FsKind::Tmpfs, &[], size)
+    }
+
+    /// Changes the mount's options (`ro`, `rw`).
+    pub fn remount(&self, opts: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.mount_point)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cannot remount {} {opts}: {}",
+            self.mount_point.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
 
     /// overlayfs whose lower dir holds the empty files `lower_files`
@@ -68,10 +88,10 @@ impl ScratchFs {
     /// `fstat` through the overlay reports the lower file's inode number
     /// while the kernel writes to the upper file's.
     pub fn overlay_with_lower(lower_files: &[&str]) -> ScratchFs {
-        Self::make(FsKind::Overlay, lower_files)
+        Self::make(FsKind::Overlay, lower_files, "")
     }
 
-    fn make(kind: FsKind, lower_files: &[&str]) -> ScratchFs {
+    fn make(kind: FsKind, lower_files: &[&str], tmpfs_size: &str) -> ScratchFs {
         assert!(
             lower_files.is_empty() || kind == FsKind::Overlay,
             "only overlayfs has a lower dir"
@@ -93,7 +113,8 @@ impl ScratchFs {
         let mnt = fs.mount_point.clone();
         match kind {
             FsKind::Tmpfs => {
-                fs.mount(&["-t", "tmpfs", "-o", "size=512m,mode=0755", "tmpfs"]);
+                let opts = format!("size={tmpfs_size},mode=0755");
+                fs.mount(&["-t", "tmpfs", "-o", &opts, "tmpfs"]);
             }
             FsKind::Xfs => fs.loop_mount("xfs", &["mkfs.xfs", "-q"]),
             FsKind::Btrfs | FsKind::BtrfsSubvolume => {

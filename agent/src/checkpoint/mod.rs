@@ -7,7 +7,11 @@
 //! - [`Store`] persists those offsets crash-safely: a versioned JSON document
 //!   written to a temp file, fsynced, renamed over the old one, and the
 //!   directory fsynced. A crash leaves either the old or the new checkpoint,
-//!   never a torn one.
+//!   never a torn one. The one before the newest is kept too
+//!   (`checkpoints.json.prev`): when the newest is damaged anyway (a file
+//!   system that lost it, a hand edit, a newer agent's layout), loading
+//!   falls back to it, else to no positions at all; both only resend.
+//! - [`parse`] is the loader's pure part: bytes in, entries or why not.
 //! - [`writer::Writer`] saves snapshots on its own thread, off the data loop.
 //!
 //! Guarantee: a restored offset is never past a byte whose record was not
@@ -248,12 +252,73 @@ enum Document {
     V1 { files: Vec<Entry> },
 }
 
+/// Why a checkpoint file's bytes cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+    #[error("written by a newer bpftail (layout version {0}; this one reads version 1)")]
+    Newer(String),
+}
+
+/// The entries a checkpoint file's bytes hold.
+pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>, Unusable> {
+    match serde_json::from_slice::<Document>(bytes) {
+        Ok(Document::V1 { files }) => Ok(files),
+        Err(e) => {
+            /// Only the version, to tell a newer layout from damage.
+            #[derive(Deserialize)]
+            struct Version {
+                version: String,
+            }
+            match serde_json::from_slice::<Version>(bytes) {
+                Ok(v) if v.version.parse::<u32>().is_ok_and(|n| n > 1) => {
+                    Err(Unusable::Newer(v.version))
+                }
+                _ => Err(Unusable::Corrupt(e.to_string())),
+            }
+        }
+    }
+}
+
+/// What [`Store::load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The positions to resume from, by file identity.
+    pub entries: HashMap<FileKey, Entry>,
+    /// Set when the newest checkpoint could not be used.
+    pub recovery: Option<Recovery>,
+}
+
+/// The newest checkpoint was unusable, and what was used instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// What was wrong with it.
+    pub problem: String,
+    /// Where it was moved, kept for inspection (`None`: it was missing).
+    pub moved_to: Option<PathBuf>,
+    /// The previous checkpoint was used (else: no positions at all).
+    pub used_previous: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error(
-        "cannot create data directory {path} (--data-dir: a writable directory for checkpoints): {source}"
+        "data directory {path} does not exist (--data-dir: create it, or mount the volume that should hold the checkpoints there; a hostPath of type DirectoryOrCreate)"
     )]
-    CreateDir {
+    MissingDir { path: PathBuf },
+    #[error(
+        "data directory {path} is not usable (--data-dir: an existing, writable directory that outlives the agent): {source}"
+    )]
+    BadDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "data directory {path} is not writable (--data-dir: checkpoints are written there): {source}"
+    )]
+    ReadOnlyDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -264,10 +329,6 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "checkpoint {path} is corrupt ({message}); move it away to start from the beginning of every file"
-    )]
-    Corrupt { path: PathBuf, message: String },
     #[error("cannot write checkpoint {path}: {source}")]
     Write {
         path: PathBuf,
@@ -281,56 +342,113 @@ pub enum CheckpointError {
 pub struct Store {
     dir: PathBuf,
     path: PathBuf,
+    prev: PathBuf,
     tmp: PathBuf,
 }
 
 impl Store {
-    /// Opens the store, creating the data directory; fails if it cannot be
-    /// written.
+    /// Opens the store in the data directory `dir`; fails if it does not
+    /// exist (it is not made: a missing one is a volume that is not
+    /// mounted, where checkpoints would not outlive the container) or
+    /// cannot be written.
     pub fn open(dir: &Path) -> Result<Store, CheckpointError> {
-        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::CreateDir {
+        let bad = |source| CheckpointError::BadDir {
             path: dir.to_owned(),
             source,
-        })?;
+        };
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(bad(std::io::Error::from_raw_os_error(libc::ENOTDIR))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::MissingDir {
+                    path: dir.to_owned(),
+                });
+            }
+            Err(e) => return Err(bad(e)),
+        }
         let store = Store {
             dir: dir.to_owned(),
             path: dir.join("checkpoints.json"),
+            prev: dir.join("checkpoints.json.prev"),
             tmp: dir.join("checkpoints.json.tmp"),
         };
         // Prove now that the directory is writable, not at the first flush.
         let _ = std::fs::remove_file(&store.tmp);
         File::create(&store.tmp)
             .and_then(|_| std::fs::remove_file(&store.tmp))
-            .map_err(|source| CheckpointError::Write {
-                path: store.tmp.clone(),
+            .map_err(|source| CheckpointError::ReadOnlyDir {
+                path: dir.to_owned(),
                 source,
             })?;
         Ok(store)
     }
 
-    /// The last persisted positions, by file identity.
-    pub fn load(&self) -> Result<HashMap<FileKey, Entry>, CheckpointError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
-            Err(source) => {
-                return Err(CheckpointError::Read {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
-        };
-        let doc: Document =
-            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
-        let Document::V1 { files } = doc;
-        Ok(files.into_iter().map(|e| (e.key, e)).collect())
+    /// The file's bytes; `None` if it does not exist.
+    fn read(path: &Path) -> Result<Option<Vec<u8>>, CheckpointError> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CheckpointError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
-    /// Replaces the persisted positions with `entries`, crash-safely.
+    /// The last persisted positions. An unusable newest checkpoint is moved
+    /// aside (`checkpoints.json.corrupt`, or `.newer` for a newer layout)
+    /// and the previous one is used, or none; [`Loaded::recovery`] says
+    /// which. Only a file that cannot be read at all is an error.
+    pub fn load(&self) -> Result<Loaded, CheckpointError> {
+        let into_map = |files: Vec<Entry>| files.into_iter().map(|e| (e.key, e)).collect();
+        let (problem, moved_to) = match Self::read(&self.path)? {
+            Some(bytes) => match parse(&bytes) {
+                Ok(files) => {
+                    return Ok(Loaded {
+                        entries: into_map(files),
+                        recovery: None,
+                    });
+                }
+                Err(u) => {
+                    let suffix = match u {
+                        Unusable::Corrupt(_) => "corrupt",
+                        Unusable::Newer(_) => "newer",
+                    };
+                    let aside = self.dir.join(format!("checkpoints.json.{suffix}"));
+                    let moved = std::fs::rename(&self.path, &aside).is_ok();
+                    (u.to_string(), moved.then_some(aside))
+                }
+            },
+            // Only the previous one: a crash between the two renames of a
+            // save, or the newest was removed.
+            None => match Self::read(&self.prev)? {
+                Some(_) => ("missing, the previous one is there".to_owned(), None),
+                None => return Ok(Loaded::default()),
+            },
+        };
+        let previous = Self::read(&self.prev)?.and_then(|b| parse(&b).ok());
+        Ok(Loaded {
+            recovery: Some(Recovery {
+                problem,
+                moved_to,
+                used_previous: previous.is_some(),
+            }),
+            entries: previous.map(into_map).unwrap_or_default(),
+        })
+    }
+
+    /// Replaces the persisted positions with `entries`, crash-safely; the
+    /// replaced ones become the previous checkpoint. A failed save leaves
+    /// both as they were (and no partial temp file filling the disk).
     pub fn save(&self, entries: Vec<Entry>) -> Result<(), CheckpointError> {
+        let result = self.try_save(entries);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result
+    }
+
+    fn try_save(&self, entries: Vec<Entry>) -> Result<(), CheckpointError> {
         let err = |source| CheckpointError::Write {
             path: self.path.clone(),
             source,
@@ -341,6 +459,10 @@ impl Store {
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
         drop(f);
+        match std::fs::rename(&self.path, &self.prev) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+            _ => {}
+        }
         std::fs::rename(&self.tmp, &self.path).map_err(err)?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -423,7 +545,7 @@ mod tests {
     fn store_round_trips_and_replaces_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert!(store.load().unwrap().is_empty());
+        assert!(store.load().unwrap().entries.is_empty());
         let e = Entry {
             key: FileKey { dev: 1, ino: 2 },
             fingerprint: Fingerprint::of(b"abc"),
@@ -438,22 +560,130 @@ mod tests {
             }])
             .unwrap();
         let loaded = store.load().unwrap();
-        assert_eq!(loaded[&e.key].offset, 43);
+        assert_eq!(loaded.recovery, None);
+        assert_eq!(loaded.entries[&e.key].offset, 43);
+        let prev = parse(&std::fs::read(dir.path().join("checkpoints.json.prev")).unwrap());
+        assert_eq!(prev.unwrap()[0].offset, 42, "the one before is kept");
         assert!(!dir.path().join("checkpoints.json.tmp").exists());
         let text = std::fs::read_to_string(dir.path().join("checkpoints.json")).unwrap();
         assert!(text.starts_with(r#"{"version":"1""#), "{text}");
     }
 
-    #[test]
-    fn a_corrupt_checkpoint_is_reported_not_ignored() {
+    fn entry(offset: u64) -> Entry {
+        Entry {
+            key: FileKey { dev: 1, ino: 2 },
+            fingerprint: Fingerprint::of(b"abc"),
+            offset,
+            path: "/var/log/pods/x/0.log".into(),
+        }
+    }
+
+    /// A store with two saves (offsets 10 then 20), whose newest file is
+    /// then replaced by `newest` (`None`: removed).
+    fn damaged(newest: Option<&[u8]>) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("checkpoints.json"), b"{\"version\":\"9\"}").unwrap();
-        let err = Store::open(dir.path())
-            .unwrap()
-            .load()
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("corrupt"), "{err}");
+        let store = Store::open(dir.path()).unwrap();
+        store.save(vec![entry(10)]).unwrap();
+        store.save(vec![entry(20)]).unwrap();
+        let path = dir.path().join("checkpoints.json");
+        match newest {
+            Some(b) => std::fs::write(&path, b).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+        (dir, store)
+    }
+
+    #[test]
+    fn a_truncated_checkpoint_falls_back_to_the_previous_one_and_is_kept_aside() {
+        let good = std::fs::read(damaged(None).0.path().join("checkpoints.json.prev")).unwrap();
+        let (dir, store) = damaged(Some(&good[..good.len() / 2]));
+        let loaded = store.load().unwrap();
+        let r = loaded.recovery.unwrap();
+        assert!(r.used_previous);
+        assert!(r.problem.starts_with("corrupt: "), "{}", r.problem);
+        assert_eq!(
+            r.moved_to,
+            Some(dir.path().join("checkpoints.json.corrupt"))
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("checkpoints.json.corrupt")).unwrap(),
+            &good[..good.len() / 2]
+        );
+        assert_eq!(loaded.entries[&entry(0).key].offset, 10);
+        // The next save starts a new pair; the previous one stays usable.
+        store.save(vec![entry(30)]).unwrap();
+        assert_eq!(store.load().unwrap().entries[&entry(0).key].offset, 30);
+    }
+
+    #[test]
+    fn a_newer_layout_is_told_apart_from_damage() {
+        let (dir, store) = damaged(Some(br#"{"version":"2","files":{}}"#));
+        let r = store.load().unwrap().recovery.unwrap();
+        assert_eq!(
+            r.problem,
+            "written by a newer bpftail (layout version 2; this one reads version 1)"
+        );
+        assert_eq!(r.moved_to, Some(dir.path().join("checkpoints.json.newer")));
+        for bytes in [
+            &br#"{"version":"9"#[..],
+            br#"{"version":"x"}"#,
+            b"\0\0",
+            b"",
+        ] {
+            assert!(
+                matches!(parse(bytes), Err(Unusable::Corrupt(_))),
+                "{bytes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn with_both_checkpoints_unusable_there_are_no_positions() {
+        let (dir, store) = damaged(Some(b"{garbage"));
+        std::fs::write(dir.path().join("checkpoints.json.prev"), b"").unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.entries.is_empty());
+        assert!(!loaded.recovery.unwrap().used_previous);
+    }
+
+    #[test]
+    fn a_missing_newest_checkpoint_with_a_previous_one_uses_it() {
+        let (_dir, store) = damaged(None);
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.entries[&entry(0).key].offset, 10);
+        let r = loaded.recovery.unwrap();
+        assert!(r.used_previous && r.moved_to.is_none(), "{r:?}");
+    }
+
+    #[test]
+    fn a_failed_save_keeps_both_checkpoints_and_leaves_no_temp_file() {
+        let (dir, store) = damaged(None);
+        store.save(vec![entry(20)]).unwrap();
+        // The temp file's name taken by a directory: the save fails at once.
+        let tmp = dir.path().join("checkpoints.json.tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        assert!(store.save(vec![entry(99)]).is_err());
+        std::fs::remove_dir(&tmp).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.recovery, None);
+        assert_eq!(loaded.entries[&entry(0).key].offset, 20);
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_missing_or_unusable_data_directory_is_refused_not_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("data");
+        let err = Store::open(&missing).unwrap_err();
+        assert!(matches!(err, CheckpointError::MissingDir { .. }), "{err}");
+        assert!(!missing.exists());
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = Store::open(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("not usable") && err.contains("--data-dir"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,16 +26,25 @@ impl Writer {
             .name("bpftail-checkpoint".into())
             .spawn(move || {
                 let limit = RateLimit::new(Duration::from_secs(30));
+                // Failures since the last good write.
+                let mut failures = 0u64;
                 for entries in rx {
                     let t = Instant::now();
                     match store.save(entries) {
                         Ok(()) => {
                             metrics.checkpoint_writes.inc();
+                            if failures > 0 {
+                                tracing::info!(failures, "checkpoint writes succeed again");
+                                metrics.checkpoint_failing.set(0);
+                                failures = 0;
+                            }
                             tracing::debug!(took = ?t.elapsed(), "checkpoint written");
                         }
                         Err(e) => {
                             metrics.checkpoint_errors.inc();
-                            limit.log(|suppressed| tracing::error!(error = %e, suppressed, "checkpoint write failed"));
+                            metrics.checkpoint_failing.set(1);
+                            failures += 1;
+                            limit.log(|suppressed| tracing::error!(error = %e, suppressed, "checkpoint write failed: positions stay at the last good checkpoint and shipping goes on; a restart now resends what was delivered since (free space in --data-dir)"));
                         }
                     }
                 }
@@ -85,7 +94,7 @@ mod tests {
             std::thread::yield_now();
         }
         let store = w.finish().unwrap();
-        assert_eq!(store.load().unwrap()[&entry.key], entry);
+        assert_eq!(store.load().unwrap().entries[&entry.key], entry);
         assert_eq!(metrics.checkpoint_writes.get(), 1);
     }
 }

@@ -83,6 +83,17 @@ impl Memory {
         }
     }
 
+    /// Positions from a checkpoint that replaced a lost newer one (or none
+    /// at all): rotated files it does not name may hold lines never
+    /// shipped, so they are read from their start like rotations seen while
+    /// running, even in the first scan.
+    pub fn after_lost_checkpoint(restored: HashMap<FileKey, Entry>) -> Memory {
+        Memory {
+            started: true,
+            ..Memory::new(restored)
+        }
+    }
+
     /// A file not followed, found under a rotated name (`rotated`) or its
     /// live one, whose identity is `key`.
     pub fn admit(&mut self, key: FileKey, rotated: bool) -> Admit {
@@ -314,6 +325,15 @@ mod tests {
         // A live file is read from its start, before or after.
         assert_eq!(Memory::default().admit(K, false), Admit::Consider(None));
         assert_eq!(m.start(K, None, false, &given(300)), Start::At(0));
+    }
+
+    #[test]
+    fn after_a_lost_checkpoint_unknown_rotated_files_are_read_from_the_first_scan() {
+        let mut m = Memory::after_lost_checkpoint(HashMap::from([(K, entry(5))]));
+        assert_eq!(m.admit(K, true), Admit::Consider(Some(entry(5))));
+        let other = FileKey { dev: 1, ino: 99 };
+        assert_eq!(m.admit(other, true), Admit::Consider(None));
+        assert_eq!(m.start(other, None, true, &given(300)), Start::LateRotation);
     }
 
     #[test]

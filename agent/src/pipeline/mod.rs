@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use crate::checkpoint::writer::Writer;
-use crate::checkpoint::{Entry, FileKey, Fingerprint, Store};
+use crate::checkpoint::{Entry, Fingerprint, Store};
 use crate::config::Config;
 use crate::discover::MetaContext;
 use crate::discover::declared::Notes;
@@ -155,6 +155,9 @@ pub struct Pipeline<S: Sink> {
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
+    /// The newest checkpoint was unusable and the first complete scan is
+    /// not done: what files hold past their start counts as replayed.
+    replaying: bool,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -166,7 +169,7 @@ impl<S: Sink> Pipeline<S> {
         cfg: Config,
         metrics: Arc<Metrics>,
         store: Store,
-        restored: HashMap<FileKey, Entry>,
+        restored: crate::checkpoint::Loaded,
         sink: S,
         changes: ChangeQueue,
         wake: Receiver<()>,
@@ -200,7 +203,11 @@ impl<S: Sink> Pipeline<S> {
             ctx,
             files: Registry::default(),
             schedule: Schedule::default(),
-            memory: Memory::new(restored),
+            memory: match restored.recovery {
+                Some(_) => Memory::after_lost_checkpoint(restored.entries),
+                None => Memory::new(restored.entries),
+            },
+            replaying: restored.recovery.is_some(),
             pods: PodGate::new(false),
             pods_seen: 0,
             pod_rescan: RescanThrottle::default(),

@@ -203,6 +203,7 @@ impl<S: Sink> Pipeline<S> {
         let files = &self.files;
         self.memory
             .after_scan(&present, |k| files.by_key(k).is_some(), complete);
+        self.replaying &= !complete;
         if self.memory.shipped().count() != shipped {
             self.files.touch();
         }
@@ -325,6 +326,11 @@ impl<S: Sink> Pipeline<S> {
             Start::LateRotation => (0, true),
             Start::Later => return None,
         };
+        if self.replaying {
+            self.metrics
+                .checkpoint_replay_bytes
+                .add(st.len.saturating_sub(offset));
+        }
         let fingerprint =
             Fingerprint::read(&file, Fingerprint::MAX_LEN).unwrap_or(Fingerprint::of(b""));
         let max_record = self.cfg.max_record_bytes;
