@@ -295,3 +295,325 @@ fn an_unusable_checkpoint_resumes_from_the_previous_one_or_the_start_and_skips_n
     let t = assert_complete(&node, &collector.received(), 30_000);
     eprintln!("all phases: {t:?}");
 }
+
+/// Appends lines `seqs` of writer `w` to `path`.
+fn write_to(path: &Path, w: usize, seqs: Range<u64>) {
+    let mut out = LineWriter::create(path);
+    for seq in seqs {
+        out.line(w, seq, LINE_LEN);
+    }
+}
+
+/// Waits until every `(writer, lines)` pair's lines have arrived.
+#[track_caller]
+fn wait_lines(collector: &Collector, node: &Node, want: &[(usize, Range<u64>)]) {
+    collector.wait_for(
+        Duration::from_secs(120),
+        || format!("lines {want:?}\nagent log:\n{}", node.agent_log()),
+        |r| {
+            let seen: std::collections::HashSet<(usize, u64)> =
+                r.iter().filter_map(|r| parse_seq(&r.value)).collect();
+            want.iter()
+                .all(|(w, seqs)| seqs.clone().all(|s| seen.contains(&(*w, s))))
+        },
+    );
+}
+
+/// Makes `n` empty files named `<prefix><i>` in `dir`.
+fn junk(dir: &Path, prefix: &str, n: usize) {
+    for i in 0..n {
+        std::fs::File::create(dir.join(format!("{prefix}{i}"))).unwrap();
+    }
+}
+
+#[test]
+fn a_hostile_pods_tree_is_counted_bounded_and_never_fatal() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let node = Node::new();
+    let args = node.args(
+        &broker.addr(),
+        "logs",
+        &["--format", "raw", "--sweep-interval-ms", "500"],
+    );
+    // 100,000 entries in the pods dir that are no pod dirs, and a
+    // container dir with more rotated names than are followed beside its
+    // live log.
+    junk(&node.pods, "junk-", 100_000);
+    let crowded = node.log_of(0);
+    junk(crowded.parent().unwrap(), "0.log.20261130-", 1_500);
+    for w in 0..WRITERS {
+        write_to(&node.log_of(w), w, 0..1_000);
+    }
+    let agent = Agent::start(&args, &node.log);
+    let collector = Collector::start(&broker.addr(), "logs");
+    wait_lines(
+        &collector,
+        &node,
+        &[(0, 0..1_000), (1, 0..1_000), (2, 0..1_000), (3, 0..1_000)],
+    );
+    agent.wait_metric(Duration::from_secs(30), "bpftail_listings_cut_total", 1);
+
+    // Log paths that turn into a directory, a FIFO, a symlink loop.
+    let turned = [1, 2, 3].map(|w| node.log_of(w));
+    for p in &turned {
+        std::fs::remove_file(p).unwrap();
+    }
+    std::fs::create_dir(&turned[0]).unwrap();
+    let fifo = std::ffi::CString::new(turned[1].to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    std::os::unix::fs::symlink("0.log", &turned[2]).unwrap();
+    write_to(&crowded, 0, 1_000..2_000);
+    // A new container is found (its first write makes the agent list the
+    // pods dir again, and so meet the three).
+    let late = |w: usize| {
+        container_dir(
+            &node.pods,
+            "ns",
+            &format!("pod-{w}"),
+            &format!("uid-{w}"),
+            "app",
+        )
+        .join("0.log")
+    };
+    write_to(&late(4), 4, 0..1_000);
+    wait_lines(&collector, &node, &[(0, 1_000..2_000), (4, 0..1_000)]);
+    agent.wait_metric(
+        Duration::from_secs(60),
+        "bpftail_files_not_regular_total",
+        2,
+    );
+    agent.wait_metric(Duration::from_secs(60), "bpftail_open_errors_total", 1);
+
+    // The next scans count nothing twice.
+    let counted = |a: &Agent| {
+        [
+            "bpftail_files_not_regular_total",
+            "bpftail_open_errors_total",
+            "bpftail_listings_cut_total",
+        ]
+        .map(|m| a.metric(m))
+    };
+    let before = counted(&agent);
+    assert_eq!(before, [2, 1, 1], "{}", node.agent_log());
+    let scans = agent.metric("bpftail_scans_total");
+    write_to(&late(6), 6, 0..1_000);
+    wait_lines(&collector, &node, &[(6, 0..1_000)]);
+    agent.wait_metric(Duration::from_secs(30), "bpftail_scans_total", scans + 1);
+    assert_eq!(counted(&agent), before);
+    let log = node.agent_log();
+    assert_eq!(
+        log.matches("not a regular file where a log file should be")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("directory holds more log entries than are followed")
+            .count(),
+        1,
+        "{log}"
+    );
+
+    // The pods dir deleted, then made again with a new pod in it.
+    std::fs::remove_dir_all(&node.pods).unwrap();
+    agent.wait_log(Duration::from_secs(60), "log directory is missing");
+    let again = container_dir(&node.pods, "ns", "pod-5", "uid-5", "app").join("0.log");
+    write_to(&again, 5, 0..1_000);
+    wait_lines(&collector, &node, &[(5, 0..1_000)]);
+    assert!(agent.healthz());
+    let peak = agent.peak_rss_kib();
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
+    eprintln!("hostile tree: peak RSS {peak} KiB");
+    assert!(agent.stop().success());
+}
+
+/// Makes directory `name` in the directory `parent_fd`, and opens it.
+fn mkdir_at(parent_fd: i32, name: &str) -> i32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid descriptor and NUL-terminated name.
+    unsafe {
+        assert_eq!(libc::mkdirat(parent_fd, c.as_ptr(), 0o755), 0);
+        let fd = libc::openat(parent_fd, c.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY);
+        assert!(fd >= 0);
+        fd
+    }
+}
+
+#[test]
+fn a_4000_byte_log_path_is_shipped_and_one_past_path_max_is_counted_not_fatal() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let mut node = Node::new();
+    // A pods dir about 3,800 bytes deep.
+    while node.pods.as_os_str().len() < 3_800 {
+        node.pods.push("d".repeat(200));
+    }
+    std::fs::create_dir_all(&node.pods).unwrap();
+    let args = node.args(
+        &broker.addr(),
+        "logs",
+        &["--format", "raw", "--sweep-interval-ms", "500"],
+    );
+    // A log path of 4,000 bytes.
+    let short = node.pods.join("ns_p_u").join("app").join("0.log");
+    let pad = 4_000 - short.as_os_str().len();
+    let long = container_dir(
+        &node.pods,
+        "ns",
+        &format!("p{}", "x".repeat(pad)),
+        "u",
+        "app",
+    )
+    .join("0.log");
+    assert_eq!(long.as_os_str().len(), 4_000);
+    write_to(&long, 0, 0..1_000);
+    // A container dir whose path is past PATH_MAX (4,096 bytes): it can be
+    // made relative to its parent, but not looked at by its path.
+    let pod = node.pods.join(format!("ns_q{}_u", "y".repeat(200)));
+    std::fs::create_dir(&pod).unwrap();
+    let pod_fd = std::fs::File::open(&pod).unwrap();
+    let name = "z".repeat(255);
+    let cfd = mkdir_at(std::os::fd::AsRawFd::as_raw_fd(&pod_fd), &name);
+    assert!(pod.join(&name).as_os_str().len() > 4_096);
+    // SAFETY: valid descriptor, NUL-terminated name.
+    let log_fd = unsafe {
+        libc::openat(
+            cfd,
+            c"0.log".as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        )
+    };
+    assert!(log_fd >= 0);
+    // SAFETY: a valid descriptor and buffer.
+    unsafe {
+        let line = b"2026-11-30T10:00:00.000000000Z stdout F unreachable\n";
+        assert_eq!(
+            libc::write(log_fd, line.as_ptr().cast(), line.len()),
+            line.len() as isize
+        );
+        libc::close(log_fd);
+        libc::close(cfd);
+    }
+
+    let agent = Agent::start(&args, &node.log);
+    let collector = Collector::start(&broker.addr(), "logs");
+    wait_lines(&collector, &node, &[(0, 0..1_000)]);
+    agent.wait_metric(Duration::from_secs(30), "bpftail_listing_errors_total", 1);
+    write_to(&long, 0, 1_000..2_000);
+    let scans = agent.metric("bpftail_scans_total");
+    let other = container_dir(&node.pods, "ns", "p2", "u2", "app").join("0.log");
+    write_to(&other, 1, 0..1_000);
+    wait_lines(&collector, &node, &[(0, 1_000..2_000), (1, 0..1_000)]);
+    agent.wait_metric(Duration::from_secs(30), "bpftail_scans_total", scans + 1);
+    assert_eq!(agent.metric("bpftail_listing_errors_total"), 1, "said once");
+    let log = node.agent_log();
+    assert_eq!(log.matches("File name too long").count(), 1, "{log}");
+    assert!(
+        !collector
+            .received()
+            .iter()
+            .any(|r| r.value == b"unreachable")
+    );
+    assert!(agent.stop().success());
+}
+
+/// Moves the wall clock (CLOCK_REALTIME) by a number of seconds from the
+/// true time; puts it back, as the true time, when dropped. The monotonic
+/// clock keeps the true time meanwhile.
+struct WallClock {
+    true_at_start: libc::timespec,
+    mono_at_start: std::time::Instant,
+}
+
+impl WallClock {
+    fn new() -> WallClock {
+        WallClock {
+            true_at_start: now_realtime(),
+            mono_at_start: std::time::Instant::now(),
+        }
+    }
+
+    /// Sets the wall clock to the true time plus `offset_s`.
+    fn set(&self, offset_s: i64) {
+        let elapsed = self.mono_at_start.elapsed();
+        let mut t = self.true_at_start;
+        t.tv_sec += elapsed.as_secs() as i64 + offset_s;
+        t.tv_nsec += elapsed.subsec_nanos() as i64;
+        if t.tv_nsec >= 1_000_000_000 {
+            t.tv_sec += 1;
+            t.tv_nsec -= 1_000_000_000;
+        }
+        // SAFETY: a valid timespec; needs CAP_SYS_TIME (the tests run as root).
+        let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &t) };
+        assert_eq!(rc, 0, "clock_settime: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for WallClock {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
+fn now_realtime() -> libc::timespec {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
+    assert_eq!(rc, 0);
+    t
+}
+
+#[test]
+fn the_wall_clock_jumping_an_hour_back_and_forth_stalls_no_timer_and_loses_nothing() {
+    let broker = Broker::start();
+    broker.create_topic("logs", 1);
+    let node = Node::new();
+    let args = node.args(
+        &broker.addr(),
+        "logs",
+        &[
+            "--format",
+            "raw",
+            "--checkpoint-interval-ms",
+            "100",
+            "--sweep-interval-ms",
+            "500",
+        ],
+    );
+    let agent = Agent::start(&args, &node.log);
+    let collector = Collector::start(&broker.addr(), "logs");
+    node.write(0..5_000);
+    wait_arrived(&collector, &node, 5_000);
+    let clock = WallClock::new();
+    // The timers go on (sweeps, checkpoints) and lines flow, at each jump.
+    let mut upto = 5_000;
+    for offset_s in [-3_600, 3_600, 0] {
+        clock.set(offset_s);
+        let (sweeps, saves) = (
+            agent.metric("bpftail_sweeps_total"),
+            agent.metric("bpftail_checkpoint_writes_total"),
+        );
+        node.write(upto..upto + 5_000);
+        upto += 5_000;
+        wait_arrived(&collector, &node, upto);
+        agent.wait_metric(Duration::from_secs(30), "bpftail_sweeps_total", sweeps + 3);
+        agent.wait_metric(
+            Duration::from_secs(30),
+            "bpftail_checkpoint_writes_total",
+            saves + 1,
+        );
+        eprintln!("wall clock {offset_s:+} s: lines to {upto} arrived, timers running");
+    }
+    drop(clock);
+    let records = wait_arrived(&collector, &node, upto);
+    agent.settle(Duration::from_secs(60));
+    assert!(agent.stop().success());
+    let t = assert_complete(&node, &records, upto);
+    assert_eq!((t.duplicates, t.rewinds), (0, 0), "{t:?}");
+}

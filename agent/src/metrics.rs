@@ -135,6 +135,12 @@ pub struct Metrics {
     /// Bytes at start in files read from an older position than the
     /// newest checkpoint's, because it was unusable.
     pub checkpoint_replay_bytes: Counter,
+    /// Log paths a listing could not look at (once per path while it
+    /// lasts), and directories cut at their entry limit.
+    pub listing_errors: Counter,
+    pub listings_cut: Counter,
+    /// Entries where a log file should be that are not regular files.
+    pub files_not_regular: Counter,
     pub watcher_overflows: Counter,
     /// Times a change-source thread woke up to handle kernel events.
     pub watcher_wakeups: Counter,
@@ -439,6 +445,21 @@ const COUNTERS: &[Row] = &[
         "checkpoint_errors_total",
         "Checkpoint writes that failed.",
         |m| m.checkpoint_errors.get(),
+    ),
+    (
+        "listing_errors_total",
+        "Log directories that could not be listed and log paths that could not be looked at (too long, a symlink loop, no permission), once per path while it lasts.",
+        |m| m.listing_errors.get(),
+    ),
+    (
+        "listings_cut_total",
+        "Directories holding more pod, container or log entries than are followed (20,000 pod dirs, 1,000 containers or log files): the rest are not read.",
+        |m| m.listings_cut.get(),
+    ),
+    (
+        "files_not_regular_total",
+        "Entries named as log files that are not regular files (a directory, FIFO, socket or device): not read, once per path.",
+        |m| m.files_not_regular.get(),
     ),
     (
         "checkpoint_replay_bytes_total",

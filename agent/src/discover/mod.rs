@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::config::{Globs, OutputFormat, ShipMode, TopicTemplate, TopicVars};
 use crate::declare::{self, Declaration, Declared, LineFormat, Refusal};
 use crate::files::limits::{RateLimit, parse_rate};
-use crate::fs::Fs;
+use crate::fs::{Fs, Want};
 use crate::kube::{PodCache, PodInfo};
 use crate::tail::decode::{Format, Stream};
 use crate::tail::multiline::{Multiline, Rule, RuleCache};
@@ -469,7 +469,12 @@ pub struct Scan {
     /// Every directory that holds log files or log directories: the change
     /// source watches these.
     pub dirs: Vec<PathBuf>,
+    /// Directories that could not be listed, entries that could not be
+    /// looked at.
     pub errors: Vec<(PathBuf, std::io::Error)>,
+    /// Directories holding more entries than are followed: how many more,
+    /// and the limit.
+    pub cut: Vec<(PathBuf, usize, usize)>,
 }
 
 /// Splits `<namespace>_<pod>_<uid>`; namespaces and pod names cannot hold
@@ -502,15 +507,37 @@ pub fn is_live_log_name(name: &std::ffi::OsStr) -> bool {
         .is_some_and(|n| parse_cri_file(n) == Some(false) || n.ends_with("-json.log"))
 }
 
-fn read_dir_sorted(fs: &Fs, dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf)> {
-    let names = match fs.read_dir(dir) {
-        Ok(rd) => rd,
+/// At most this many pod directories in `--pods-dir`, or container
+/// directories in `--docker-dir`, are followed (kubelet's default is 110
+/// pods a node): a root holding more is cut, in name order of what was
+/// read, and said.
+pub const MAX_POD_DIRS: usize = 20_000;
+/// At most this many container directories in a pod directory, and log
+/// files (live and rotated) in a container directory.
+pub const MAX_DIR_LOGS: usize = 1_000;
+
+/// The entries of `dir` that `want` asks for (UTF-8 names only), at most
+/// `max` but for the [`Want::Always`] ones, sorted. A directory that cannot
+/// be listed, or holds more than `max` such entries, is noted in `scan`.
+fn read_dir_sorted(
+    fs: &Fs,
+    dir: &Path,
+    scan: &mut Scan,
+    max: usize,
+    want: impl Fn(&str) -> Want,
+) -> Vec<(String, PathBuf)> {
+    let listed = fs.read_dir(dir, max, |n| n.to_str().map_or(Want::No, &want));
+    let (names, over) = match listed {
+        Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => {
             scan.errors.push((dir.to_owned(), e));
             return Vec::new();
         }
     };
+    if over > 0 {
+        scan.cut.push((dir.to_owned(), over, max));
+    }
     let mut out: Vec<(String, PathBuf)> = names
         .into_iter()
         .filter_map(|n| {
@@ -520,6 +547,24 @@ fn read_dir_sorted(fs: &Fs, dir: &Path, scan: &mut Scan) -> Vec<(String, PathBuf
         .collect();
     out.sort();
     out
+}
+
+fn want_if(yes: bool) -> Want {
+    if yes { Want::IfRoom } else { Want::No }
+}
+
+/// Whether `path` is a directory; what cannot be looked at (too long a
+/// path, a symlink loop, no permission) is noted in `scan` (what is gone,
+/// or is no directory, is not).
+fn is_dir(fs: &Fs, path: &Path, scan: &mut Scan) -> bool {
+    match fs.stat(path) {
+        Ok(st) => st.is_dir,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => false,
+        Err(e) => {
+            scan.errors.push((path.to_owned(), e));
+            false
+        }
+    }
 }
 
 /// What is at a log root (`--pods-dir`, `--docker-dir`).
@@ -569,20 +614,31 @@ pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
         return;
     }
     scan.dirs.push(root.to_owned());
-    for (name, pod_dir) in read_dir_sorted(fs, root, scan) {
+    let pod_dirs = read_dir_sorted(fs, root, scan, MAX_POD_DIRS, |n| {
+        want_if(parse_pod_dir(n).is_some())
+    });
+    for (name, pod_dir) in pod_dirs {
         let Some((ns, pod, uid)) = parse_pod_dir(&name) else {
             continue;
         };
-        if !fs.is_dir(&pod_dir) {
+        if !is_dir(fs, &pod_dir, scan) {
             continue;
         }
         scan.dirs.push(pod_dir.clone());
-        for (container, cdir) in read_dir_sorted(fs, &pod_dir, scan) {
-            if !fs.is_dir(&cdir) {
+        for (container, cdir) in read_dir_sorted(fs, &pod_dir, scan, MAX_DIR_LOGS, |_| Want::IfRoom)
+        {
+            if !is_dir(fs, &cdir, scan) {
                 continue;
             }
             scan.dirs.push(cdir.clone());
-            for (fname, path) in read_dir_sorted(fs, &cdir, scan) {
+            // The live logs always; rotated ones while there is room.
+            let logs =
+                read_dir_sorted(fs, &cdir, scan, MAX_DIR_LOGS, |n| match parse_cri_file(n) {
+                    Some(false) => Want::Always,
+                    Some(true) => Want::IfRoom,
+                    None => Want::No,
+                });
+            for (fname, path) in logs {
                 let Some(rotated) = parse_cri_file(&fname) else {
                     continue;
                 };
@@ -617,12 +673,19 @@ pub fn scan_docker_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
         return;
     }
     scan.dirs.push(root.to_owned());
-    for (id, cdir) in read_dir_sorted(fs, root, scan) {
-        if !fs.is_dir(&cdir) {
+    for (id, cdir) in read_dir_sorted(fs, root, scan, MAX_POD_DIRS, |_| Want::IfRoom) {
+        if !is_dir(fs, &cdir, scan) {
             continue;
         }
         let log_name = format!("{id}-json.log");
-        let files: Vec<(PathBuf, bool)> = read_dir_sorted(fs, &cdir, scan)
+        let files: Vec<(PathBuf, bool)> =
+            read_dir_sorted(fs, &cdir, scan, MAX_DIR_LOGS, |n| {
+                match n.strip_prefix(&log_name) {
+                    Some("") => Want::Always,
+                    Some(_) => Want::IfRoom,
+                    None => Want::No,
+                }
+            })
             .into_iter()
             .filter_map(|(fname, path)| match fname.strip_prefix(&log_name) {
                 Some("") => Some((path, false)),
@@ -781,6 +844,29 @@ mod tests {
         ] {
             assert_eq!(is_live_log_name(std::ffi::OsStr::new(name)), live, "{name}");
         }
+    }
+
+    #[test]
+    fn listings_keep_only_what_they_follow_and_note_what_they_cut_or_cannot_see() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for name in ["ns_a_1", "ns_b_2", "ns_c_3", "junk", "more-junk"] {
+            std::fs::create_dir(root.join(name)).unwrap();
+        }
+        let mut scan = Scan::default();
+        let got = read_dir_sorted(&Fs::Os, root, &mut scan, 2, |n| {
+            want_if(parse_pod_dir(n).is_some())
+        });
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|(n, _)| n.starts_with("ns_")), "{got:?}");
+        assert_eq!(scan.cut, vec![(root.to_owned(), 1, 2)]);
+        // Gone or no directory: not a problem; a name too long to look at is.
+        assert!(!is_dir(&Fs::Os, &root.join("gone"), &mut scan));
+        assert!(!is_dir(&Fs::Os, &root.join("junk/x"), &mut scan));
+        assert!(scan.errors.is_empty());
+        assert!(!is_dir(&Fs::Os, &root.join("x".repeat(300)), &mut scan));
+        assert_eq!(scan.errors.len(), 1);
+        assert_eq!(scan.errors[0].1.raw_os_error(), Some(libc::ENAMETOOLONG));
     }
 
     #[test]

@@ -99,6 +99,17 @@ impl ReadAt for Handle {
     }
 }
 
+/// Which directory entries a listing keeps ([`Fs::read_dir`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    No,
+    /// While the listing has room.
+    IfRoom,
+    /// Even past the limit (a container's live log among thousands of
+    /// rotated ones).
+    Always,
+}
+
 /// A file system.
 #[derive(Debug, Clone, Default)]
 pub enum Fs {
@@ -122,15 +133,34 @@ impl Fs {
         self.stat(path).is_ok_and(|s| s.is_dir)
     }
 
-    /// The names in a directory, in no particular order.
-    pub fn read_dir(&self, path: &Path) -> io::Result<Vec<OsString>> {
+    /// The names in a directory that `want` asks for, in no particular
+    /// order: every [`Want::Always`] one, and [`Want::IfRoom`] ones while
+    /// fewer than `max` names are kept (a directory of 100,000 entries
+    /// costs only what is kept); and how many were left out for want of
+    /// room.
+    pub fn read_dir(
+        &self,
+        path: &Path,
+        max: usize,
+        mut want: impl FnMut(&std::ffi::OsStr) -> Want,
+    ) -> io::Result<(Vec<OsString>, usize)> {
+        let mut names = Vec::new();
+        let mut over = 0;
+        let mut take = |name: OsString| match want(&name) {
+            Want::No => {}
+            Want::IfRoom if names.len() >= max => over += 1,
+            Want::IfRoom | Want::Always => names.push(name),
+        };
         match self {
-            Fs::Os => std::fs::read_dir(path)?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect(),
+            Fs::Os => {
+                for e in std::fs::read_dir(path)? {
+                    take(e?.file_name());
+                }
+            }
             #[cfg(test)]
-            Fs::Sim(s) => s.read_dir(path),
+            Fs::Sim(s) => s.read_dir(path)?.into_iter().for_each(take),
         }
+        Ok((names, over))
     }
 
     /// Opens a log file to read it: without updating its access time (where

@@ -220,7 +220,7 @@ impl SimFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::{Fs, ReadAt};
+    use crate::fs::{Fs, ReadAt, Want};
 
     #[test]
     fn open_files_keep_their_inode_across_rename_and_unlink() {
@@ -240,16 +240,22 @@ mod tests {
         let mut buf = [0u8; 16];
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), 8);
         assert_eq!(&buf[..8], b"one\ntwo\n");
-        let mut names = fs.read_dir(dir).unwrap();
+        let (mut names, over) = fs.read_dir(dir, 10, |_| Want::IfRoom).unwrap();
         names.sort();
-        assert_eq!(names, vec![OsString::from("0.log.1")]);
+        assert_eq!((names, over), (vec![OsString::from("0.log.1")], 0));
         sim.remove(&dir.join("0.log.1"));
         assert!(fs.stat(&dir.join("0.log.1")).is_err());
         assert_eq!(r.stat().unwrap().len, 8);
         assert!(fs.is_dir(dir) && fs.is_dir(Path::new("/p")));
         assert_eq!(
-            fs.read_dir(Path::new("/p")).unwrap(),
-            vec![OsString::from("c")]
+            fs.read_dir(Path::new("/p"), 10, |_| Want::IfRoom).unwrap(),
+            (vec![OsString::from("c")], 0)
         );
+        // Only what `keep` accepts, at most `max` of it.
+        let p = Path::new("/p");
+        assert_eq!(fs.read_dir(p, 10, |_| Want::No).unwrap(), (vec![], 0));
+        assert_eq!(fs.read_dir(p, 0, |_| Want::IfRoom).unwrap(), (vec![], 1));
+        let c = vec![OsString::from("c")];
+        assert_eq!(fs.read_dir(p, 0, |_| Want::Always).unwrap(), (c, 0));
     }
 }

@@ -155,6 +155,11 @@ pub struct Pipeline<S: Sink> {
     stopping: Arc<AtomicBool>,
     read_errors: RateLimit,
     open_errors: RateLimit,
+    /// Paths the last listing could not look at or cut (said once).
+    listing_problems: HashSet<PathBuf>,
+    /// Listed log paths that cannot be opened or are not regular files
+    /// (said and counted once while they are listed).
+    unreadable: HashSet<PathBuf>,
     /// The newest checkpoint was unusable and the first complete scan is
     /// not done: what files hold past their start counts as replayed.
     replaying: bool,
@@ -208,6 +213,8 @@ impl<S: Sink> Pipeline<S> {
                 None => Memory::new(restored.entries),
             },
             replaying: restored.recovery.is_some(),
+            listing_problems: HashSet::new(),
+            unreadable: HashSet::new(),
             pods: PodGate::new(false),
             pods_seen: 0,
             pod_rescan: RescanThrottle::default(),

@@ -47,22 +47,39 @@ fn status_of(found: &Found) -> FileStatus {
 /// file itself (opened beneath its volume only, and identified by what was
 /// opened: its path may lead elsewhere). `None`: gone, or not a regular
 /// file (a FIFO or device where a log should be: opening it could block).
-fn stat_found(fs: &Fs, found: &Found) -> Option<(Option<Handle>, Stat)> {
+/// What a listed log path holds.
+enum Looked {
+    /// A regular file (opened already if it is an in-container one).
+    File(Option<Handle>, Stat),
+    /// Gone since the listing, or an in-container file not opened.
+    Gone,
+    /// A directory, FIFO, socket or device.
+    NotRegular,
+    /// It cannot be looked at (a symlink loop, no permission).
+    Failed(std::io::Error),
+}
+
+fn stat_found(fs: &Fs, found: &Found) -> Looked {
     let preopened = match &found.confined {
         Some(c) => match c.open() {
             Ok(f) => Some(Handle::from(f)),
             Err(e) => {
                 tracing::debug!(path = %found.path.display(), error = %e, "in-container file not opened");
-                return None;
+                return Looked::Gone;
             }
         },
         None => None,
     };
     let st = match &preopened {
-        Some(f) => f.stat().ok()?,
-        None => fs.stat(&found.path).ok()?,
+        Some(f) => f.stat(),
+        None => fs.stat(&found.path),
     };
-    st.is_file.then_some((preopened, st))
+    match st {
+        Ok(st) if st.is_file => Looked::File(preopened, st),
+        Ok(_) => Looked::NotRegular,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Looked::Gone,
+        Err(e) => Looked::Failed(e),
+    }
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -148,10 +165,29 @@ impl<S: Sink> Pipeline<S> {
             self.source.unwatch_dir(&d);
             self.watched_dirs.remove(&d);
         }
-        for (path, e) in &scan.errors {
-            tracing::warn!(path = %path.display(), error = %e, "cannot list directory");
-        }
+        self.report_listing(&scan);
         scan
+    }
+
+    /// Paths a listing could not look at, and directories it cut at their
+    /// limit: said and counted once per path while the problem lasts.
+    fn report_listing(&mut self, scan: &Scan) {
+        let mut problems = HashSet::new();
+        for (path, e) in &scan.errors {
+            if !self.listing_problems.contains(path) {
+                self.metrics.listing_errors.inc();
+                tracing::warn!(path = %path.display(), error = %e, "cannot list or look at this log path: skipped while that lasts");
+            }
+            problems.insert(path.clone());
+        }
+        for (dir, over, limit) in &scan.cut {
+            if !self.listing_problems.contains(dir) {
+                self.metrics.listings_cut.inc();
+                tracing::warn!(dir = %dir.display(), limit, beyond_limit = over, "directory holds more log entries than are followed: the rest are not read");
+            }
+            problems.insert(dir.clone());
+        }
+        self.listing_problems = problems;
     }
 
     /// In-container files that pods declare; a declaration that cannot be
@@ -212,6 +248,7 @@ impl<S: Sink> Pipeline<S> {
             .files_awaiting_pod
             .set(self.pods.waiting() as u64);
         self.noted.retain(|p| listed.contains(p));
+        self.unreadable.retain(|p| listed.contains(p));
         let vanished: Vec<FileId> = self
             .files
             .iter()
@@ -235,7 +272,18 @@ impl<S: Sink> Pipeline<S> {
         mut found: Found,
         present: &mut HashSet<FileKey>,
     ) -> Option<(FileId, bool)> {
-        let (preopened, st) = stat_found(&self.fs, &found)?;
+        let (preopened, st) = match stat_found(&self.fs, &found) {
+            Looked::File(preopened, st) => (preopened, st),
+            Looked::Gone => return None,
+            Looked::NotRegular => {
+                self.unreadable(&found.path, None);
+                return None;
+            }
+            Looked::Failed(e) => {
+                self.unreadable(&found.path, Some(e));
+                return None;
+            }
+        };
         let key = key_of(&st);
         present.insert(key);
         if let Some(id) = self.files.by_key(&key) {
@@ -305,7 +353,11 @@ impl<S: Sink> Pipeline<S> {
             None => self.open(&found.path)?,
         };
         // Identity of what was opened, not of what was stat'ed before.
-        let st = file.stat().ok().filter(|s| s.is_file)?;
+        let st = file.stat().ok()?;
+        if !st.is_file {
+            self.unreadable(&found.path, None);
+            return None;
+        }
         let key = key_of(&st);
         if self.files.by_key(&key).is_some() {
             return None;
@@ -370,10 +422,31 @@ impl<S: Sink> Pipeline<S> {
         match self.fs.open(path) {
             Ok(f) => Some(f),
             Err(e) => {
-                self.metrics.open_errors.inc();
-                let path = path.display().to_string();
-                self.open_errors.log(|suppressed| tracing::warn!(path, error = %e, suppressed, "cannot open log file"));
+                self.unreadable(path, Some(e));
                 None
+            }
+        }
+    }
+
+    /// A listed log path that cannot be opened (`error`) or is not a
+    /// regular file (`None`): counted and said once while it is listed (a
+    /// rescan retries it quietly).
+    fn unreadable(&mut self, path: &Path, error: Option<std::io::Error>) {
+        if !self.unreadable.insert(path.to_owned()) {
+            return;
+        }
+        let path = path.display().to_string();
+        match error {
+            Some(e) => {
+                self.metrics.open_errors.inc();
+                self.open_errors.log(|suppressed| tracing::warn!(path, error = %e, suppressed, "cannot open log file"));
+            }
+            None => {
+                self.metrics.files_not_regular.inc();
+                tracing::warn!(
+                    path,
+                    "not a regular file where a log file should be (a directory, FIFO, socket or device): not read"
+                );
             }
         }
     }

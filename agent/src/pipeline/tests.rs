@@ -228,6 +228,7 @@ fn pipeline<'a>(
     sink: &'a mut ModelSink,
     world: &World,
 ) -> Pipeline<&'a mut ModelSink> {
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
     let store = Store::open(&cfg.data_dir).unwrap();
     let restored = store.load().unwrap();
     let (tx, rx) = crossbeam_channel::bounded(1);
