@@ -217,6 +217,18 @@ impl AckTracker {
             self.committed = self.committed.max(self.safe_when_drained);
         }
         self.prune_reads();
+        if self.in_flight.is_empty() {
+            self.release();
+        }
+    }
+
+    /// Gives back what a burst made the queues grow to (one slot per record
+    /// in flight: 10,000 files after a burst held 16 MiB), keeping room
+    /// for a trickle's few records.
+    fn release(&mut self) {
+        const KEEP: usize = 8;
+        self.in_flight.shrink_to(KEEP);
+        self.reads.shrink_to(KEEP);
     }
 
     /// Forgets what is in flight and restarts at `offset` (a rewind after a
@@ -226,6 +238,7 @@ impl AckTracker {
         self.base_seq += self.in_flight.len() as u64;
         self.in_flight.clear();
         self.reads.clear();
+        self.release();
         self.committed = offset;
         self.safe_when_drained = offset;
     }
@@ -519,6 +532,20 @@ mod tests {
         t.acked(d);
         assert_eq!(t.oldest_read(), None);
         assert!(t.reads.is_empty());
+    }
+
+    #[test]
+    fn a_drained_tracker_gives_back_what_a_burst_took() {
+        let mut t = AckTracker::starting_at(0);
+        t.note_read(Instant::now());
+        let seqs: Vec<u64> = (1..=10_000).map(|i| t.sent(i)).collect();
+        assert!(t.in_flight.capacity() >= 10_000);
+        for s in seqs {
+            t.acked(s);
+        }
+        assert_eq!(t.committed(), 10_000);
+        assert!(t.in_flight.capacity() <= 8, "{}", t.in_flight.capacity());
+        assert!(t.reads.capacity() <= 8);
     }
 
     #[test]
