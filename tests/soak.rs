@@ -332,7 +332,6 @@ fn soak_kills_rotations_and_outages_lose_nothing_and_memory_stays_flat() {
         },
     );
     peaks.push(peak_rss_mib(&agent));
-    let checkpoint_interval_ms = 1_000;
     assert!(agent.stop().success());
 
     let streams = checker.streams();
@@ -370,11 +369,12 @@ fn soak_kills_rotations_and_outages_lose_nothing_and_memory_stays_flat() {
     assert_eq!(checker.foreign.load(Ordering::Relaxed), 0);
     assert!(kills >= 3, "the run is too short for kills: {s:?}");
     // A resend goes back at most to the last saved checkpoint: what was in
-    // flight at the kill (the 2 MiB budget: about 12,000 records of these
-    // lines; 100 B a line here, to spare rounding) and what was
-    // acknowledged since the last save (a checkpoint interval, plus a
-    // save's latency: 3 s of lines here).
-    let bound = (2 << 20) / 100 + s.rate * 3 * checkpoint_interval_ms / 1_000;
+    // flight at the kill (the 2 MiB budget; at 100 B a record, to spare
+    // rounding, 20,971 records) plus what was acknowledged since the last
+    // save. That is a checkpoint interval of reading, which right after an
+    // outage runs at catch-up speed through the backlog the outage left:
+    // at most the outage's lines plus 3 s of lines.
+    let bound = (2 << 20) / 100 + s.rate * (3 + s.outage_secs);
     assert!(
         deepest <= bound,
         "resent {deepest} lines at once (bound {bound})"

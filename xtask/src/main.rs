@@ -6,9 +6,9 @@
 //!   schemas (kubernetes-validate), clippy with warnings denied.
 //! - `demo`: the main job on this machine: a broker, containers logging
 //!   into a pods dir, bpftail shipping them; shows progress.
-//! - `bench [pipeline|watchers|producer]`: the end-to-end benchmark, the
-//!   change-detection one, or the Kafka producer floor (print figures,
-//!   assert nothing).
+//! - `bench [pipeline|watchers|producer|fairness|scale]`: the end-to-end
+//!   benchmark, the change-detection one, the Kafka producer floor, fair
+//!   sharing, or 10,000 files (print figures, assert nothing).
 //! - `build-ebpf`: installs the eBPF toolchain if missing (the `rust-src`
 //!   component; `bpf-linker` built against rustc's own LLVM) and builds the
 //!   object that `bpftail` embeds. Every command that builds the agent runs
@@ -19,7 +19,15 @@
 //!   the agent against it and read the records back; runs until Ctrl-C.
 //! - `image [--tag NAME]`: the DaemonSet's container image, built with
 //!   podman without pulling a base image (see [`image`]).
+//! - `fuzz [TARGET..] [--secs N] [--list] [--merge]`: coverage-guided
+//!   fuzzing of the parsers with libFuzzer (see [`fuzz`]); `test` runs
+//!   every target briefly.
+//! - `soak [--minutes N]`: the long soak (30 minutes: rotations, kill -9,
+//!   broker outages; see [`soak`]); `test` runs it for 150 s.
 //! - `deps`: only the installation step of `test`.
+
+mod fuzz;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,6 +66,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 fn main() -> Result<()> {
+    // The fuzz build runs rustc through this binary (see `fuzz`).
+    if std::env::var_os(fuzz::WRAPPER_ENV).is_some() {
+        return fuzz::rustc_wrapper();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
         .split_first()
@@ -95,9 +107,16 @@ fn main() -> Result<()> {
             build_ebpf()?;
             image(rest)
         }
+        // Builds the eBPF object itself (not for --list).
+        "fuzz" => fuzz::fuzz(rest),
+        "soak" => {
+            deps()?;
+            build_ebpf()?;
+            soak::soak(rest)
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|lint|demo|bench|broker|image|build-ebpf|deps> [args]"
+                "usage: cargo xtask <test|lint|demo|bench|broker|image|fuzz|soak|build-ebpf|deps> [args]"
             );
             Ok(())
         }
@@ -353,7 +372,9 @@ fn test(rest: &[String]) -> Result<()> {
         .args(TEST_FEATURES)
         .args(rest)
         .args(["--", "--test-threads=1"])
-        .env("BPFTAIL_KAFKA_CLIENT", "rdkafka"))
+        .env("BPFTAIL_KAFKA_CLIENT", "rdkafka"))?;
+    // Every fuzz target for a few seconds, from its committed corpus.
+    fuzz::ci()
 }
 
 fn lint() -> Result<()> {
@@ -515,11 +536,13 @@ fn broker(rest: &[String]) -> Result<()> {
     std::process::exit(code);
 }
 
-/// `bench [pipeline|watchers|producer|fairness] [args]`: one benchmark
+/// `bench [pipeline|watchers|producer|fairness|scale] [args]`: one benchmark
 /// (default pipeline).
 fn bench(rest: &[String]) -> Result<()> {
     let (which, args) = match rest.split_first() {
-        Some((w, a)) if ["pipeline", "watchers", "producer", "fairness"].contains(&w.as_str()) => {
+        Some((w, a))
+            if ["pipeline", "watchers", "producer", "fairness", "scale"].contains(&w.as_str()) =>
+        {
             (w.as_str(), a)
         }
         _ => ("pipeline", rest),

@@ -419,7 +419,8 @@ pub fn parse_records(mut buf: &[u8]) -> Option<Vec<RecordView<'_>>> {
     let mut out = Vec::new();
     while !buf.is_empty() {
         let mut at = 0;
-        let len = get_varlong(buf, &mut at)? as usize;
+        // A negative length is malformed (as a usize it would wrap).
+        let len = usize::try_from(get_varlong(buf, &mut at)?).ok()?;
         let body = buf.get(at..at + len)?;
         buf = &buf[at + len..];
         let mut p = 1; // attributes
@@ -550,6 +551,25 @@ mod tests {
             let base = i64::from_be_bytes(b.data[27..35].try_into().unwrap());
             assert_eq!(base + parsed[0].timestamp_delta, 1_700_000_000_003);
         }
+    }
+
+    #[test]
+    fn a_negative_record_length_is_malformed_not_an_overflow() {
+        // Found by `cargo xtask fuzz kafka`: a record length of -1 (zigzag
+        // 0x01) was taken as usize::MAX, and `at + len` overflowed.
+        assert_eq!(parse_records(&[0x01, 0x00]), None);
+        assert_eq!(parse_records(&[0xf6, 0x01, 0x02, 0x00]), None);
+        let mut b = BatchWriter::new(64);
+        let r = b.begin(0, None);
+        b.value(|v| v.push(b'x'));
+        b.header_count(0);
+        b.end(r, 1, 0);
+        let mut data = b.seal(Compression::None).data[HEADER_LEN..].to_vec();
+        assert_eq!(parse_records(&data).map(|r| r.len()), Some(1));
+        // A second record whose length is the most negative varlong.
+        data.extend([0xff; 9]);
+        data.push(0x01);
+        assert_eq!(parse_records(&data), None);
     }
 
     #[test]

@@ -195,10 +195,80 @@ impl Drop for ConnHandle {
     }
 }
 
-struct Versions {
-    produce: i16,
-    metadata: i16,
-    sasl_authenticate: i16,
+/// The API versions used on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    pub produce: i16,
+    pub metadata: i16,
+    pub sasl_authenticate: i16,
+}
+
+/// Why a broker's ApiVersions answer does not do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unnegotiable {
+    /// The answer's error code.
+    Error(i16),
+    /// An API this client needs, in no version it speaks.
+    Unsupported(String),
+}
+
+/// The versions to use with a broker, from its ApiVersions answer: the
+/// highest each side speaks of Produce 3..=9 and Metadata 1..=9, and of
+/// SaslHandshake v1 and SaslAuthenticate 0..=1 when `sasl` is on.
+pub fn negotiated(resp: &ApiVersionsResponse, sasl: bool) -> Result<Versions, Unnegotiable> {
+    if resp.error_code != 0 {
+        return Err(Unnegotiable::Error(resp.error_code));
+    }
+    let pick = |key: ApiKey, min: i16, max: i16| {
+        resp.api_keys
+            .iter()
+            .find(|k| k.api_key == key as i16)
+            .map(|k| k.max_version.min(max))
+            .filter(|&v| v >= min)
+            .ok_or_else(|| Unnegotiable::Unsupported(format!("{key:?} v{min}..v{max}")))
+    };
+    let sasl_authenticate = if sasl {
+        pick(ApiKey::SaslHandshake, 1, 1)?;
+        pick(ApiKey::SaslAuthenticate, 0, 1)?
+    } else {
+        0
+    };
+    Ok(Versions {
+        produce: pick(ApiKey::Produce, 3, PRODUCE_MAX)?,
+        metadata: pick(ApiKey::Metadata, 1, METADATA_MAX)?,
+        sasl_authenticate,
+    })
+}
+
+/// The length of a response frame from its 4-byte prefix, or why it is
+/// refused (shorter than a header, or over [`MAX_FRAME`]).
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, String> {
+    let len = i32::from_be_bytes(prefix);
+    if len < 4 || len as usize > MAX_FRAME {
+        return Err(format!("frame length {len}"));
+    }
+    Ok(len as usize)
+}
+
+/// Decodes a response frame (what follows its length): the header, which
+/// must answer request `correlation`, then the response to `key` at
+/// `version`; or why not. Bytes after the response are ignored, as
+/// librdkafka does (its own mock cluster sends one after Metadata v9).
+pub fn decode_response<P: Decodable>(
+    mut frame: Bytes,
+    key: ApiKey,
+    version: i16,
+    correlation: i32,
+) -> Result<P, String> {
+    let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))
+        .map_err(|e| format!("{key:?} response header: {e}"))?;
+    if header.correlation_id != correlation {
+        return Err(format!(
+            "correlation id {} for request {correlation}",
+            header.correlation_id
+        ));
+    }
+    P::decode(&mut frame, version).map_err(|e| format!("{key:?} v{version}: {e}"))
 }
 
 /// Plain TCP or TLS over it.
@@ -448,34 +518,15 @@ impl Connection {
                 )?,
                 Err(e) => return Err(e),
             };
-        if resp.error_code != 0 {
-            return Err(ConnError::Protocol {
+        negotiated(&resp, opts.sasl.is_some()).map_err(|e| match e {
+            Unnegotiable::Error(code) => ConnError::Protocol {
                 addr: addr.to_owned(),
-                why: format!("ApiVersions error {}", resp.error_code),
-            });
-        }
-        let pick = |key: ApiKey, min: i16, max: i16| {
-            resp.api_keys
-                .iter()
-                .find(|k| k.api_key == key as i16)
-                .map(|k| k.max_version.min(max))
-                .filter(|&v| v >= min)
-                .ok_or_else(|| ConnError::Unsupported {
-                    addr: addr.to_owned(),
-                    what: format!("{key:?} v{min}..v{max}"),
-                })
-        };
-        let sasl_authenticate = match opts.sasl {
-            Some(_) => {
-                pick(ApiKey::SaslHandshake, 1, 1)?;
-                pick(ApiKey::SaslAuthenticate, 0, 1)?
-            }
-            None => 0,
-        };
-        Ok(Versions {
-            produce: pick(ApiKey::Produce, 3, PRODUCE_MAX)?,
-            metadata: pick(ApiKey::Metadata, 1, METADATA_MAX)?,
-            sasl_authenticate,
+                why: format!("ApiVersions error {code}"),
+            },
+            Unnegotiable::Unsupported(what) => ConnError::Unsupported {
+                addr: addr.to_owned(),
+                what,
+            },
         })
     }
 
@@ -583,27 +634,12 @@ impl Connection {
         let io = |e| io_error(addr, opts, e);
         let mut len = [0u8; 4];
         read_exact_by(&mut self.stream, &mut len, deadline).map_err(io)?;
-        let len = i32::from_be_bytes(len);
-        if len < 4 || len as usize > MAX_FRAME {
-            return Err(protocol(format!("frame length {len}")));
-        }
+        let len = frame_len(len).map_err(protocol)?;
         self.out.clear();
-        self.out.resize(len as usize, 0);
+        self.out.resize(len, 0);
         read_exact_by(&mut self.stream, &mut self.out, deadline).map_err(io)?;
-        let mut body: Bytes = self.out.split().freeze();
-        let header = ResponseHeader::decode(&mut body, key.response_header_version(version))
-            .map_err(|e| protocol(format!("{key:?} response header: {e}")))?;
-        if header.correlation_id != self.correlation {
-            return Err(protocol(format!(
-                "correlation id {} for request {}",
-                header.correlation_id, self.correlation
-            )));
-        }
-        let resp = P::decode(&mut body, version)
-            .map_err(|e| protocol(format!("{key:?} v{version}: {e}")))?;
-        // Bytes after the response are ignored, as librdkafka does (its own
-        // mock cluster sends one after Metadata v9).
-        Ok(resp)
+        let body: Bytes = self.out.split().freeze();
+        decode_response(body, key, version, self.correlation).map_err(protocol)
     }
 }
 

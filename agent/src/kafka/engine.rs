@@ -135,12 +135,7 @@ impl TopicState {
     /// leader is not available) and grows its queues to `n`; false if a
     /// partition has no leader.
     fn set_leaders(&mut self, partitions: &[MetadataResponsePartition], n: usize) -> bool {
-        self.leaders = vec![-1; n];
-        for p in partitions {
-            if p.partition_index >= 0 && p.error_code != 5 {
-                self.leaders[p.partition_index as usize] = p.leader_id.0;
-            }
-        }
+        self.leaders = partition_leaders(partitions, n);
         if self.parts.len() < n {
             self.parts.resize_with(n, PartQueue::default);
         }
@@ -148,10 +143,23 @@ impl TopicState {
     }
 }
 
+/// The leader node of each of a topic's `n` partitions (-1: not
+/// available), from a metadata answer whose partitions are `0..n`
+/// ([`sane_partitions`]).
+pub fn partition_leaders(partitions: &[MetadataResponsePartition], n: usize) -> Vec<i32> {
+    let mut leaders = vec![-1; n];
+    for p in partitions {
+        if p.partition_index >= 0 && p.error_code != 5 {
+            leaders[p.partition_index as usize] = p.leader_id.0;
+        }
+    }
+    leaders
+}
+
 /// The partition count, if the partitions are 0..n, each listed once, and
 /// at most [`MAX_PARTITIONS`]; anything else from the broker is not
 /// believed (and asked again).
-fn sane_partitions(partitions: &[MetadataResponsePartition]) -> Option<usize> {
+pub fn sane_partitions(partitions: &[MetadataResponsePartition]) -> Option<usize> {
     let n = partitions.len();
     let mut seen = vec![false; n.min(MAX_PARTITIONS)];
     let sane = n > 0
@@ -818,26 +826,17 @@ impl Engine {
                     self.partition_log.log(|suppressed| {
                         tracing::warn!(topic = %name, partition = p, error = ?err, message = msg.as_deref().unwrap_or(""), suppressed, "Kafka refused a batch");
                     });
-                    match err {
-                        ResponseError::MessageTooLarge | ResponseError::RecordListTooLarge => {
+                    match refused_batch(code) {
+                        Refused::Split => {
                             if !self.split(&name, p) {
                                 self.complete(&name, p, Outcome::Dropped);
                             }
                         }
-                        e if e.is_retriable() => {
-                            if matches!(
-                                e,
-                                ResponseError::NotLeaderOrFollower
-                                    | ResponseError::LeaderNotAvailable
-                                    | ResponseError::UnknownTopicOrPartition
-                                    | ResponseError::FencedLeaderEpoch
-                                    | ResponseError::UnknownLeaderEpoch
-                            ) {
-                                self.metadata_wanted = true;
-                            }
+                        Refused::Retry { metadata } => {
+                            self.metadata_wanted |= metadata;
                             self.retry(&name, p, now);
                         }
-                        _ => self.complete(&name, p, Outcome::Dropped),
+                        Refused::Drop => self.complete(&name, p, Outcome::Dropped),
                     }
                 }
             }
@@ -926,6 +925,38 @@ impl Engine {
         {
             let _ = self.wake.try_send(());
         }
+    }
+}
+
+/// What is done with a batch a partition's produce answer refused with
+/// error `code` (not 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Too large: split in two and sent again (dropped if it holds one
+    /// record).
+    Split,
+    /// Retriable: sent again after a backoff; `metadata`: the leaders may
+    /// have moved, ask for them again.
+    Retry { metadata: bool },
+    /// Refused for good (authorization, invalid topic, …): reported dropped.
+    Drop,
+}
+
+/// The decision for a batch refused with `code`.
+pub fn refused_batch(code: i16) -> Refused {
+    match code.err().unwrap_or(ResponseError::Unknown(code)) {
+        ResponseError::MessageTooLarge | ResponseError::RecordListTooLarge => Refused::Split,
+        e if e.is_retriable() => Refused::Retry {
+            metadata: matches!(
+                e,
+                ResponseError::NotLeaderOrFollower
+                    | ResponseError::LeaderNotAvailable
+                    | ResponseError::UnknownTopicOrPartition
+                    | ResponseError::FencedLeaderEpoch
+                    | ResponseError::UnknownLeaderEpoch
+            ),
+        },
+        _ => Refused::Drop,
     }
 }
 

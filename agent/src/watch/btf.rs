@@ -151,9 +151,17 @@ impl Btf {
         ))
     }
 
-    /// Byte size of type `id`, through typedefs and qualifiers.
-    fn size_of(&self, mut id: u32) -> Option<u32> {
-        for _ in 0..32 {
+    /// Byte size of type `id`, through typedefs, qualifiers and array
+    /// elements.
+    fn size_of(&self, id: u32) -> Option<u32> {
+        self.size_within(id, 32)
+    }
+
+    /// [`Btf::size_of`], following at most `steps` references: types that
+    /// refer to themselves (an array of itself) end as `None`, not in an
+    /// endless recursion.
+    fn size_within(&self, mut id: u32, steps: u32) -> Option<u32> {
+        for step in 0..steps {
             let (_, kind, _, _, st, at) = self.ty(id)?;
             match kind {
                 INT | STRUCT | UNION | ENUM | ENUM64 | FLOAT => return Some(st),
@@ -161,7 +169,7 @@ impl Btf {
                 ARRAY => {
                     let elem = self.u32_at(at + 12).ok()?;
                     let n = self.u32_at(at + 20).ok()?;
-                    return self.size_of(elem)?.checked_mul(n);
+                    return self.size_within(elem, steps - step - 1)?.checked_mul(n);
                 }
                 TYPEDEF | VOLATILE | CONST | RESTRICT | TYPE_TAG => id = st,
                 _ => return None,
@@ -413,6 +421,48 @@ mod tests {
         // Corrupt the first record's kind.
         b[24 + 7] = 0x1f;
         assert!(Btf::parse(b).is_err());
+    }
+
+    #[test]
+    fn an_array_of_itself_is_no_size_not_a_stack_overflow() {
+        // struct task_struct { <array of itself> files; }: the member's
+        // size recursed through the array's element without end (found by
+        // review while writing `cargo xtask fuzz btf`).
+        let strings = b"\0task_struct\0files\0other\0";
+        let mut t: Vec<u8> = Vec::new();
+        let rec = |t: &mut Vec<u8>, name: u32, kind: u32, vlen: u32, st: u32, extra: &[u32]| {
+            t.extend(name.to_le_bytes());
+            t.extend(((kind << 24) | vlen).to_le_bytes());
+            t.extend(st.to_le_bytes());
+            for v in extra {
+                t.extend(v.to_le_bytes());
+            }
+        };
+        // 1: an array of 2 of itself; 2: struct task_struct { 1 files; }
+        rec(&mut t, 0, ARRAY, 0, 0, &[1, 1, 2]);
+        rec(&mut t, 1, STRUCT, 1, 16, &[13, 1, 0]);
+        // 3: int; 4: int[3]; 5: int[2][3]; 6: struct other { 5 files; }
+        rec(&mut t, 0, INT, 0, 4, &[32]);
+        rec(&mut t, 0, ARRAY, 0, 0, &[3, 3, 3]);
+        rec(&mut t, 0, ARRAY, 0, 0, &[4, 3, 2]);
+        rec(&mut t, 19, STRUCT, 1, 24, &[13, 5, 0]);
+        let mut b = Vec::new();
+        b.extend(MAGIC.to_le_bytes());
+        b.extend([1, 0]);
+        for v in [
+            24u32,
+            0,
+            t.len() as u32,
+            t.len() as u32,
+            strings.len() as u32,
+        ] {
+            b.extend(v.to_le_bytes());
+        }
+        b.extend(t);
+        b.extend(strings);
+        let btf = Btf::parse(b).unwrap();
+        assert!(btf.member("task_struct", "files").is_err());
+        assert_eq!(btf.member("other", "files").unwrap().size, 24);
     }
 
     #[test]
