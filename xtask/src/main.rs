@@ -350,8 +350,17 @@ const TEST_FEATURES: [&str; 2] = ["--features", "bpftail/test-hooks"];
 fn test(rest: &[String]) -> Result<()> {
     // Unit tests first (fast), then the end-to-end tests one at a time: each
     // starts its own broker and pushes 800,000 lines through it.
+    // (Not the fuzz targets: they are libFuzzer's, with no `main` of their
+    // own; `cargo xtask fuzz` runs them below.)
     run(cargo()
-        .args(["test", "--workspace", "--lib", "--bins"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "bpftail-fuzz",
+            "--lib",
+            "--bins",
+        ])
         .args(TEST_FEATURES)
         .args(rest))?;
     // The file-lifecycle model on the simulated file system, with thousands
