@@ -7,7 +7,8 @@
 //! Input: the BTF blob. Checked: no panic, no endless loop or recursion
 //! (however the types refer to each other), and what a lookup finds is
 //! consistent (a found function has an id, a tracepoint has its typedef).
-#![no_main]
+// `cargo test --bins` builds this with a test harness, which has its own main.
+#![cfg_attr(not(test), no_main)]
 
 use bpftail::watch::btf::Btf;
 

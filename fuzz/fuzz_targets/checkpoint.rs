@@ -5,7 +5,8 @@
 //! Input: the file's bytes. Checked: what parses writes back out and
 //! parses again to the same entries; a refusal says why, and "newer" only
 //! for a layout version above 1.
-#![no_main]
+// `cargo test --bins` builds this with a test harness, which has its own main.
+#![cfg_attr(not(test), no_main)]
 
 use bpftail::checkpoint::{self, Unusable};
 

@@ -20,7 +20,8 @@
 //! merging keeps the first declaration of each name (a second stdout one
 //! aside), and every one it leaves out is refused with a reason; a rate limit parsed is positive;
 //! the annotation chosen for the rate limit is the container's own if any.
-#![no_main]
+// `cargo test --bins` builds this with a test harness, which has its own main.
+#![cfg_attr(not(test), no_main)]
 
 use std::sync::OnceLock;
 

@@ -20,7 +20,8 @@
 //! - 3, SCRAM (byte 1: SHA-256 or SHA-512): the server-first message (up
 //!   to the first `\n`) and the server-final one (the rest), through the
 //!   client's `client_final` and `verify_server_final`.
-#![no_main]
+// `cargo test --bins` builds this with a test harness, which has its own main.
+#![cfg_attr(not(test), no_main)]
 
 use bpftail::config::Compression;
 use bpftail::kafka::batch::{self, BatchWriter, HEADER_LEN, RecordView};

@@ -14,7 +14,8 @@
 //! path resolves only to the pod's own emptyDir directory under the
 //! kubelet's, or to an allowed, clean hostPath, with a pattern of plain
 //! components (no `..`, `.` or `/` in one).
-#![no_main]
+// `cargo test --bins` builds this with a test harness, which has its own main.
+#![cfg_attr(not(test), no_main)]
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
