@@ -306,8 +306,19 @@ fn soak_kills_rotations_and_outages_lose_nothing_and_memory_stays_flat() {
                 peak_rss_mib(agent.as_ref().unwrap()),
             );
         }
-        // The schedule's clock tick (the workload's pacing).
-        std::thread::sleep(Duration::from_millis(100));
+        // Nothing to wait for but the schedule: sleep until its next entry
+        // (a kill, an outage's start or end, a report, the end).
+        let outage_event = outage_until.unwrap_or(next_outage);
+        let next = [
+            next_kill,
+            outage_event,
+            last_report + Duration::from_secs(60),
+            end,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(end);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     broker.restore();
     stop.store(true, Ordering::Relaxed);
