@@ -244,7 +244,10 @@ fn start_watcher(
     // Starting the eBPF watcher read the kernel's BTF (a few MB, freed
     // since): hand those pages back to the system now.
     // SAFETY: mi_collect has no preconditions.
-    unsafe { libmimalloc_sys::mi_collect(true) };
+    #[cfg(feature = "mimalloc")]
+    unsafe {
+        libmimalloc_sys::mi_collect(true)
+    };
     let _ = metrics.watcher.set(started.detail);
     Ok(started.source)
 }

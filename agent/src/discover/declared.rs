@@ -153,10 +153,10 @@ fn scan_container(
         out.dirs.extend(listing.dirs);
         out.files.extend(listing.files.into_iter().map(|f| Found {
             path: f.base.join(&f.rel),
-            origin: Origin {
+            origin: Arc::new(Origin {
                 declaration: Some(d.name.clone()),
                 ..origin.clone()
-            },
+            }),
             format: Format::Raw,
             rotated: false,
             confined: Some(f),

@@ -67,6 +67,8 @@ pub struct Sealed {
 pub struct RecordStart(usize);
 
 impl BatchWriter {
+    /// A writer whose buffer starts with room for `capacity` bytes (it
+    /// grows past that as records come).
     pub fn new(capacity: usize) -> BatchWriter {
         Self::reusing(Vec::with_capacity(capacity.max(HEADER_LEN + 64)))
     }
@@ -418,34 +420,41 @@ fn get_bytes<'a>(buf: &'a [u8], at: &mut usize) -> Option<Option<&'a [u8]>> {
 pub fn parse_records(mut buf: &[u8]) -> Option<Vec<RecordView<'_>>> {
     let mut out = Vec::new();
     while !buf.is_empty() {
-        let mut at = 0;
-        // A negative length is malformed (as a usize it would wrap).
-        let len = usize::try_from(get_varlong(buf, &mut at)?).ok()?;
-        let body = buf.get(at..at + len)?;
-        buf = &buf[at + len..];
-        let mut p = 1; // attributes
-        let timestamp_delta = get_varlong(body, &mut p)?;
-        let _offset_delta = get_varlong(body, &mut p)?;
-        let key = get_bytes(body, &mut p)?;
-        let value = get_bytes(body, &mut p)?;
-        let n = get_varlong(body, &mut p)?;
-        let mut headers = Vec::new();
-        for _ in 0..n.max(0) {
-            let k = get_bytes(body, &mut p)??;
-            let v = get_bytes(body, &mut p)?;
-            headers.push((k, v));
-        }
-        if p != body.len() {
-            return None;
-        }
-        out.push(RecordView {
-            timestamp_delta,
-            key,
-            value,
-            headers,
-        });
+        out.push(next_record(&mut buf)?);
     }
     Some(out)
+}
+
+/// Parses the first record of a records section (uncompressed) and moves
+/// `buf` past it; `None` if it is malformed. For walking a batch without
+/// holding a view of every record at once.
+pub fn next_record<'a>(buf: &mut &'a [u8]) -> Option<RecordView<'a>> {
+    let mut at = 0;
+    // A negative length is malformed (as a usize it would wrap).
+    let len = usize::try_from(get_varlong(buf, &mut at)?).ok()?;
+    let body = buf.get(at..at.checked_add(len)?)?;
+    *buf = &buf[at + len..];
+    let mut p = 1; // attributes
+    let timestamp_delta = get_varlong(body, &mut p)?;
+    let _offset_delta = get_varlong(body, &mut p)?;
+    let key = get_bytes(body, &mut p)?;
+    let value = get_bytes(body, &mut p)?;
+    let n = get_varlong(body, &mut p)?;
+    let mut headers = Vec::new();
+    for _ in 0..n.max(0) {
+        let k = get_bytes(body, &mut p)??;
+        let v = get_bytes(body, &mut p)?;
+        headers.push((k, v));
+    }
+    if p != body.len() {
+        return None;
+    }
+    Some(RecordView {
+        timestamp_delta,
+        key,
+        value,
+        headers,
+    })
 }
 
 #[cfg(test)]

@@ -59,6 +59,9 @@ pub enum NativeError {
 /// Uncompressed buffers kept for reuse after compression.
 const MAX_SPARES: usize = 8;
 
+/// What a new partition batch's buffer holds before it has to grow.
+const INITIAL_BATCH_BYTES: usize = 16 * 1024;
+
 /// Entries of [`NativeSink::recent`].
 const TOPIC_CACHE: usize = 64;
 
@@ -273,18 +276,26 @@ impl NativeSink {
         self.budget.give_back(cost);
         let sealed = parked.seal(crate::config::Compression::None);
         let base_ts = i64::from_be_bytes(sealed.data[27..35].try_into().expect("header"));
-        let Some(records) = batch::parse_records(&sealed.data[batch::HEADER_LEN..]) else {
-            // Our own encoding always parses; if it did not, the records
-            // are read again from their files rather than lost.
-            tracing::error!("parked records could not be read back; they are read again");
-            self.acks.push_runs(&sealed.acks, Outcome::Retry);
-            return;
-        };
+        // Checked whole first, then walked a record at a time (a view of
+        // every parked record at once would be a second copy of them).
+        let section = &sealed.data[batch::HEADER_LEN..];
+        let mut rest = section;
+        while !rest.is_empty() {
+            if batch::next_record(&mut rest).is_none() {
+                // Our own encoding always parses; if it did not, the
+                // records are read again from their files rather than lost.
+                tracing::error!("parked records could not be read back; they are read again");
+                self.acks.push_runs(&sealed.acks, Outcome::Retry);
+                return;
+            }
+        }
         let seqs = sealed
             .acks
             .iter()
             .flat_map(|r| (0..u64::from(r.count)).map(move |k| (r.file, r.first + k)));
-        for (r, (file, seq)) in records.iter().zip(seqs) {
+        let mut rest = section;
+        let records = std::iter::from_fn(|| batch::next_record(&mut rest));
+        for (r, (file, seq)) in records.zip(seqs) {
             let key = r.key.unwrap_or_default();
             let n = self.topics[ti].parts.len();
             let pi = partitioner::partition(key, n);
@@ -312,7 +323,11 @@ impl NativeSink {
         if self.topics[ti].parts[pi].open.is_none() {
             let w = match self.spares.pop().or_else(|| self.recycled.try_recv().ok()) {
                 Some(buf) => BatchWriter::reusing(buf),
-                None => BatchWriter::new(self.opts.batch_size + 4096),
+                // Small at first: most partitions' batches stay far below
+                // the batch size (10,000 files' first lines over 8
+                // partitions filled 8 buffers of the full size otherwise);
+                // a busy one grows, and its buffer is reused at that size.
+                None => BatchWriter::new((self.opts.batch_size + 4096).min(INITIAL_BATCH_BYTES)),
             };
             let part = &mut self.topics[ti].parts[pi];
             self.budget.take(w.len() as u64);
@@ -410,6 +425,14 @@ impl RecordSink for NativeSink {
         let ti = self.topic_index(&meta.topics[rec.stream as usize]);
         let ts = self.batch_time_ms;
         self.metrics.records_sent.inc();
+        // A topic's partitions may have come since the last turn: then its
+        // records (those parked before this one first) go to them now
+        // rather than piling up in the parked batch.
+        if matches!(self.topics[ti].status, SlotStatus::Unknown)
+            && self.shared.generation.load(Ordering::SeqCst) != self.seen_generation
+        {
+            self.refresh_topics();
+        }
         let t = &mut self.topics[ti];
         match t.status {
             SlotStatus::Known => {

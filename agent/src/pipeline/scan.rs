@@ -267,11 +267,7 @@ impl<S: Sink> Pipeline<S> {
 
     /// Follows a discovered file; returns its id if it is being read, and
     /// whether it was opened just now.
-    fn track(
-        &mut self,
-        mut found: Found,
-        present: &mut HashSet<FileKey>,
-    ) -> Option<(FileId, bool)> {
+    fn track(&mut self, found: Found, present: &mut HashSet<FileKey>) -> Option<(FileId, bool)> {
         let (preopened, st) = match stat_found(&self.fs, &found) {
             Looked::File(preopened, st) => (preopened, st),
             Looked::Gone => return None,
@@ -306,9 +302,7 @@ impl<S: Sink> Pipeline<S> {
             }
             return None;
         }
-        let meta = self
-            .ctx
-            .render(std::mem::take(&mut found.origin), found.format);
+        let meta = self.ctx.render(found.origin.clone(), found.format);
         // A checkpointed file is followed even if it is not to be shipped
         // now (its lines are read and discarded), so it keeps its place.
         if !self.ships(&found.path, &meta) && restored.is_none() {

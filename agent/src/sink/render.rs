@@ -30,15 +30,18 @@ pub struct Subject<'a> {
     pub annotations: &'a Globs,
 }
 
-/// The parts every record of a file shares.
+/// The parts every record of a file shares, for its output format only
+/// (the others are left empty).
 #[derive(Debug, Default)]
 pub struct FileParts {
-    /// For JSON output: the members after time and stream, escaped.
+    /// For JSON and log-pilot output: the members after time and stream,
+    /// escaped.
     pub json_members: Box<[u8]>,
     /// For raw output: headers beyond time, stream, namespace, pod,
     /// container and node.
     pub headers: Vec<(Box<str>, Box<str>)>,
-    /// Headers from namespace on, in Kafka's record-header encoding.
+    /// For raw output: headers from namespace on, in Kafka's record-header
+    /// encoding.
     pub kafka_headers: Box<[u8]>,
     pub kafka_header_count: usize,
     /// Tags dropped (named like a field of log-pilot's records).
@@ -77,6 +80,16 @@ pub fn file_parts(output: OutputFormat, s: &Subject<'_>) -> FileParts {
     if !logpilot {
         json.push_str(&pod_json);
     }
+    // Only the encoding the output format uses is kept (a format change
+    // renders every file's metadata again): at 10,000 files each is a
+    // megabyte or more.
+    if output != OutputFormat::Raw {
+        return FileParts {
+            json_members: json.into_bytes().into(),
+            dropped_tags,
+            ..FileParts::default()
+        };
+    }
     let mut kafka_headers = Vec::new();
     for (k, v) in [
         ("namespace", s.namespace),
@@ -93,7 +106,7 @@ pub fn file_parts(output: OutputFormat, s: &Subject<'_>) -> FileParts {
         crate::kafka::batch::put_header(&mut kafka_headers, k.as_bytes(), v.as_bytes());
     }
     FileParts {
-        json_members: json.into_bytes().into(),
+        json_members: Box::default(),
         kafka_header_count: 4 + headers.len(),
         headers,
         kafka_headers: kafka_headers.into(),
