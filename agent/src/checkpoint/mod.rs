@@ -22,7 +22,6 @@ pub mod writer;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -467,9 +466,14 @@ impl Store {
             source,
         };
         let doc = Document::V1 { files: entries };
-        let bytes = serde_json::to_vec(&doc).expect("checkpoint entries serialize");
-        let mut f = File::create(&self.tmp).map_err(err)?;
-        f.write_all(&bytes).map_err(err)?;
+        let f = File::create(&self.tmp).map_err(err)?;
+        // Streamed: at 10,000 files the document is a megabyte and more,
+        // which a buffer would hold twice over while it grew.
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
+        serde_json::to_writer(&mut w, &doc)
+            .map_err(std::io::Error::from)
+            .map_err(err)?;
+        let f = w.into_inner().map_err(|e| err(e.into_error()))?;
         f.sync_all().map_err(err)?;
         drop(f);
         match std::fs::rename(&self.path, &self.prev) {

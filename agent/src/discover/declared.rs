@@ -153,13 +153,13 @@ fn scan_container(
         out.dirs.extend(listing.dirs);
         out.files.extend(listing.files.into_iter().map(|f| Found {
             path: f.base.join(&f.rel),
-            origin: Arc::new(Origin {
+            origin: Some(Arc::new(Origin {
                 declaration: Some(d.name.clone()),
                 ..origin.clone()
-            }),
+            })),
             format: Format::Raw,
             rotated: false,
-            confined: Some(f),
+            confined: Some(Box::new(f)),
         }));
     }
 }

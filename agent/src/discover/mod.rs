@@ -455,16 +455,52 @@ fn stream_key(o: &Origin) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub path: PathBuf,
-    /// Shared by every file of one container (its rotations), and with the
-    /// metadata of the files followed: 10,000 files listed held 5 MiB of
-    /// copies otherwise.
-    pub origin: Arc<Origin>,
+    /// What discovery knows of it beyond its path, shared by the files of
+    /// one container; `None` for a CRI log, whose path says it all (see
+    /// [`Found::origin`]). Most of a listing is files already followed, of
+    /// which only the path is looked at: 10,000 of them held 5 MiB of
+    /// origins otherwise, twice while a listing was repeated.
+    pub origin: Option<Arc<Origin>>,
     pub format: Format,
     /// A rotated copy (`0.log.<ts>`, `-json.log.1`): followed only if it is
     /// a file already being read or one the checkpoint knows.
     pub rotated: bool,
-    /// An in-container file: opened only beneath its volume's directory.
-    pub confined: Option<volumes::Confined>,
+    /// An in-container file: opened only beneath its volume's directory
+    /// (boxed: most files are not).
+    pub confined: Option<Box<volumes::Confined>>,
+}
+
+impl Found {
+    /// Where it comes from: the namespace, pod, container and so on.
+    pub fn origin(&self) -> Arc<Origin> {
+        match &self.origin {
+            Some(o) => o.clone(),
+            None => Arc::new(cri_origin(&self.path).unwrap_or_default()),
+        }
+    }
+}
+
+/// A CRI log's origin, from its path:
+/// `<pods dir>/<namespace>_<pod>_<uid>/<container>/<attempt>.log[.<suffix>]`.
+pub fn cri_origin(path: &Path) -> Option<Origin> {
+    fn name(p: Option<&Path>) -> Option<&str> {
+        p?.file_name()?.to_str()
+    }
+    let container_dir = path.parent();
+    let (namespace, pod, uid) = parse_pod_dir(name(container_dir.and_then(Path::parent))?)?;
+    let attempt = name(Some(path))?
+        .split('.')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Some(Origin {
+        namespace: namespace.to_owned(),
+        pod: pod.to_owned(),
+        pod_uid: uid.to_owned(),
+        container: name(container_dir)?.to_owned(),
+        attempt,
+        ..Default::default()
+    })
 }
 
 /// The result of one scan.
@@ -622,23 +658,15 @@ pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
     let pod_dirs = read_dir_sorted(fs, root, scan, MAX_POD_DIRS, |n| {
         want_if(parse_pod_dir(n).is_some())
     });
-    for (name, pod_dir) in pod_dirs {
-        let Some((ns, pod, uid)) = parse_pod_dir(&name) else {
-            continue;
-        };
+    for (_, pod_dir) in pod_dirs {
         if !is_dir(fs, &pod_dir, scan) {
             continue;
         }
         scan.dirs.push(pod_dir.clone());
-        for (container, cdir) in read_dir_sorted(fs, &pod_dir, scan, MAX_DIR_LOGS, |_| Want::IfRoom)
-        {
+        for (_, cdir) in read_dir_sorted(fs, &pod_dir, scan, MAX_DIR_LOGS, |_| Want::IfRoom) {
             if !is_dir(fs, &cdir, scan) {
                 continue;
             }
-            // One per container (the restart count is the same for its
-            // rotations: they are `<attempt>.log.<time>`), made on its
-            // first file.
-            let mut origins: Vec<Arc<Origin>> = Vec::new();
             scan.dirs.push(cdir.clone());
             // The live logs always; rotated ones while there is room.
             let logs =
@@ -651,29 +679,9 @@ pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
                 let Some(rotated) = parse_cri_file(&fname) else {
                     continue;
                 };
-                let attempt = fname
-                    .split('.')
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
-                let origin = match origins.iter().find(|o| o.attempt == attempt) {
-                    Some(o) => o.clone(),
-                    None => {
-                        let o = Arc::new(Origin {
-                            namespace: ns.to_owned(),
-                            pod: pod.to_owned(),
-                            pod_uid: uid.to_owned(),
-                            container: container.clone(),
-                            attempt,
-                            ..Default::default()
-                        });
-                        origins.push(o.clone());
-                        o
-                    }
-                };
                 scan.files.push(Found {
                     path,
-                    origin,
+                    origin: None,
                     format: Format::Cri,
                     rotated,
                     confined: None,
@@ -726,7 +734,7 @@ pub fn scan_docker_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
         if files.is_empty() {
             continue;
         }
-        let origin = Arc::new(docker_origin(&id, &cdir.join("config.v2.json")));
+        let origin = Some(Arc::new(docker_origin(&id, &cdir.join("config.v2.json"))));
         for (path, rotated) in files {
             scan.files.push(Found {
                 path,
@@ -840,11 +848,12 @@ mod tests {
                 ("1.log".into(), false)
             ]
         );
-        let o = &scan.files[0].origin;
+        let o = scan.files[0].origin();
         assert_eq!(
             (&*o.namespace, &*o.pod, &*o.pod_uid, &*o.container),
             ("ns", "pod", "uid1", "app")
         );
+        assert_eq!(scan.files[2].origin().attempt, 1);
         assert_eq!(scan.dirs.len(), 3);
     }
 
@@ -912,7 +921,7 @@ mod tests {
         let mut scan = Scan::default();
         scan_docker_dir(&Fs::Os, root.path(), &mut scan);
         assert_eq!(scan.files.len(), 2);
-        let o = &scan.files[0].origin;
+        let o = scan.files[0].origin();
         assert_eq!(
             (&*o.namespace, &*o.pod, &*o.pod_uid, &*o.container),
             ("prod", "web-1", "u-1", "app")

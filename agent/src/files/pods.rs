@@ -88,6 +88,12 @@ impl PodGate {
         self.waiting() > 0
     }
 
+    /// Whether the file at `path` waits (so [`PodGate::after_scan`] must be
+    /// told when it is listed).
+    pub fn holds(&self, path: &Path) -> bool {
+        self.awaiting.contains_key(path) || self.pending.contains(path)
+    }
+
     /// How many files wait.
     pub fn waiting(&self) -> usize {
         self.awaiting.len() + self.pending.len()
@@ -98,7 +104,8 @@ impl PodGate {
         self.awaiting.values().min().map(|t| *t + POD_WAIT)
     }
 
-    /// After a scan that listed `listed`: forgets files no longer there.
+    /// After a scan that listed `listed` (at least every listed path it
+    /// [`PodGate::holds`]): forgets files no longer there.
     /// (A file that was never looked at again — it cannot be stat'ed any
     /// more — must not keep the loop rescanning: a timed wait is forgotten
     /// after twice [`POD_WAIT`].)

@@ -25,7 +25,8 @@
 //!   [`Registry::touch`] (the checkpoint is written only when it changed).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::checkpoint::FileKey;
 use crate::files::StreamId;
@@ -45,7 +46,8 @@ pub struct Registry {
     /// it grew).
     files: HashMap<FileId, Box<TailedFile>>,
     by_key: HashMap<FileKey, FileId>,
-    by_path: HashMap<PathBuf, FileId>,
+    /// Keys share the files' own paths.
+    by_path: HashMap<Arc<Path>, FileId>,
     retired: HashMap<StreamId, Vec<FileId>>,
     next_id: FileId,
     generation: u64,
@@ -153,13 +155,14 @@ impl Registry {
     }
 
     /// The file is now at `path`; true if that is news.
-    pub fn rename(&mut self, id: FileId, path: PathBuf) -> bool {
+    pub fn rename(&mut self, id: FileId, path: &Path) -> bool {
         let Some(f) = self.files.get_mut(&id) else {
             return false;
         };
-        if f.path == path {
+        if *f.path == *path {
             return false;
         }
+        let path: Arc<Path> = Arc::from(path);
         if self.by_path.get(&f.path) == Some(&id) {
             self.by_path.remove(&f.path);
         }
@@ -306,10 +309,10 @@ mod tests {
         let mut r = Registry::default();
         let a = add(&mut r, 1, "/d/0.log", "s", FileStatus::Live);
         let other = add(&mut r, 9, "/e/0.log", "t", FileStatus::Live);
-        r.rename(a, "/d/0.log.1".into());
+        r.rename(a, Path::new("/d/0.log.1"));
         r.set_status(a, FileStatus::Rotated);
         let b = add(&mut r, 2, "/d/0.log", "s", FileStatus::Live);
-        r.rename(b, "/d/0.log.2".into());
+        r.rename(b, Path::new("/d/0.log.2"));
         r.set_status(b, FileStatus::Rotated);
         let c = add(&mut r, 3, "/d/0.log", "s", FileStatus::Live);
         assert_eq!(r.predecessors(c), vec![a, b]);
@@ -354,7 +357,7 @@ mod tests {
             for _ in 0..200 {
                 let ids: Vec<FileId> = r.ids().collect();
                 let pick = |k: u64| ids.get(k as usize % ids.len().max(1)).copied();
-                let path = PathBuf::from(format!("/p/{}", next(6)));
+                let path = std::path::PathBuf::from(format!("/p/{}", next(6)));
                 let status =
                     [FileStatus::Live, FileStatus::Rotated, FileStatus::Gone][next(3) as usize];
                 match next(5) {
@@ -365,7 +368,7 @@ mod tests {
                     }
                     2 => {
                         if let Some(id) = pick(next(64)) {
-                            r.rename(id, path);
+                            r.rename(id, &path);
                         }
                     }
                     3 => {
@@ -392,8 +395,8 @@ mod tests {
                 } else if f.status != FileStatus::Gone {
                     // Re-asserts the path, as a scan that sees the file does.
                     let p = f.path.clone();
-                    r.rename(id, "/tmp/x".into());
-                    r.rename(id, p);
+                    r.rename(id, Path::new("/tmp/x"));
+                    r.rename(id, &p);
                 }
             }
             r.check_settled();

@@ -56,7 +56,8 @@ pub enum NativeError {
     Thread(#[source] std::io::Error),
 }
 
-/// Uncompressed buffers kept for reuse after compression.
+/// Free batch buffers kept for reuse (uncompressed ones after compression,
+/// sent ones back from the sender); see [`NativeSink::keep_spare`].
 const MAX_SPARES: usize = 8;
 
 /// What a new partition batch's buffer holds before it has to grow.
@@ -318,6 +319,17 @@ impl NativeSink {
         }
     }
 
+    /// Keeps a free buffer for the next batch, up to [`MAX_SPARES`] of them
+    /// holding at most two full batches between them (eight buffers that
+    /// grew to the batch size in a burst were 4 MiB kept for nothing
+    /// afterwards); the rest are freed.
+    fn keep_spare(&mut self, buf: Vec<u8>) {
+        let held: usize = self.spares.iter().map(Vec::capacity).sum();
+        if self.spares.len() < MAX_SPARES && held + buf.capacity() <= 2 * self.opts.batch_size {
+            self.spares.push(buf);
+        }
+    }
+
     /// The open batch of a partition (opened if there is none).
     fn writer(&mut self, ti: usize, pi: usize) -> &mut BatchWriter {
         if self.topics[ti].parts[pi].open.is_none() {
@@ -347,11 +359,7 @@ impl NativeSink {
         part.shared.waiting.store(false, Ordering::SeqCst);
         let cost = w.len() as u64;
         let s = w.seal(self.opts.compression);
-        if let Some(spare) = s.spare
-            && self.spares.len() < MAX_SPARES
-        {
-            self.spares.push(spare);
-        }
+        let spare = s.spare;
         part.shared.outstanding.fetch_add(1, Ordering::SeqCst);
         let b = Batch {
             topic: t.name.clone(),
@@ -370,6 +378,9 @@ impl NativeSink {
                 b.part.outstanding.fetch_sub(1, Ordering::SeqCst);
             }
             self.budget.give_back(cost);
+        }
+        if let Some(spare) = spare {
+            self.keep_spare(spare);
         }
     }
 
@@ -520,9 +531,7 @@ impl Sink for NativeSink {
         self.refresh_topics();
         // Buffers back from the sender: kept up to a few, the rest freed.
         while let Ok(buf) = self.recycled.try_recv() {
-            if self.spares.len() < MAX_SPARES {
-                self.spares.push(buf);
-            }
+            self.keep_spare(buf);
         }
         let now = Instant::now();
         let stopping = self.stopping.load(Ordering::Relaxed);

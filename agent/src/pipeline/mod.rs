@@ -81,7 +81,7 @@ fn entry(f: &TailedFile) -> Entry {
         key: f.key,
         fingerprint: f.fingerprint,
         offset: f.acks.committed(),
-        path: f.path.clone(),
+        path: f.path.to_path_buf(),
     }
 }
 

@@ -12,7 +12,7 @@ use super::Pipeline;
 use crate::checkpoint::{Entry, FileKey, Fingerprint};
 use crate::config::ShipMode;
 use crate::discover::declared::{self, Roots};
-use crate::discover::{self, FileMeta, Found, Scan};
+use crate::discover::{self, FileMeta, Found, Origin, Scan};
 use crate::files::identity::OnDisk;
 use crate::files::lifecycle::{Admit, Start};
 use crate::files::pods::{self, Gate};
@@ -121,7 +121,8 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
-    /// Lists the log directories, watching each before trusting the listing.
+    /// Lists the log directories, watching each before trusting the
+    /// listing; returns the files found (`dirs` is left empty).
     pub(super) fn list(&mut self) -> Scan {
         let mut scan = Scan::default();
         // Watch new directories before trusting the listing, then list again
@@ -166,6 +167,9 @@ impl<S: Sink> Pipeline<S> {
             self.watched_dirs.remove(&d);
         }
         self.report_listing(&scan);
+        // Watched now; the files are what is left to follow (a listing of
+        // 10,000 files names 12,000 directories).
+        scan.dirs = Vec::new();
         scan
     }
 
@@ -218,11 +222,17 @@ impl<S: Sink> Pipeline<S> {
             listed.clear();
             let mut new_live = false;
             for found in std::mem::take(&mut scan.files) {
-                listed.insert(found.path.clone());
-                let live = !found.rotated;
-                if let Some((id, new)) = self.track(found, &mut present) {
+                if let Some((id, new)) = self.track(&found, &mut present) {
                     seen.insert(id);
-                    new_live |= new && live;
+                    new_live |= new && !found.rotated;
+                }
+                // The paths the sets below keep, so that they forget the
+                // ones gone (not every path: most are in none of them).
+                if self.pods.holds(&found.path)
+                    || self.noted.contains(&found.path)
+                    || self.unreadable.contains(&found.path)
+                {
+                    listed.insert(found.path);
                 }
             }
             // A live file first seen now may have been created after its
@@ -267,8 +277,8 @@ impl<S: Sink> Pipeline<S> {
 
     /// Follows a discovered file; returns its id if it is being read, and
     /// whether it was opened just now.
-    fn track(&mut self, found: Found, present: &mut HashSet<FileKey>) -> Option<(FileId, bool)> {
-        let (preopened, st) = match stat_found(&self.fs, &found) {
+    fn track(&mut self, found: &Found, present: &mut HashSet<FileKey>) -> Option<(FileId, bool)> {
+        let (preopened, st) = match stat_found(&self.fs, found) {
             Looked::File(preopened, st) => (preopened, st),
             Looked::Gone => return None,
             Looked::NotRegular => {
@@ -283,42 +293,42 @@ impl<S: Sink> Pipeline<S> {
         let key = key_of(&st);
         present.insert(key);
         if let Some(id) = self.files.by_key(&key) {
-            if self.files.rename(id, found.path.clone()) {
+            if self.files.rename(id, &found.path) {
                 if let Some(f) = self.files.get_mut(id) {
                     f.last_activity = Instant::now();
                 }
                 self.schedule.mark(id);
             }
-            self.set_status(id, status_of(&found));
+            self.set_status(id, status_of(found));
             return Some((id, false));
         }
         let Admit::Consider(restored) = self.memory.admit(key, found.rotated) else {
             return None;
         };
-        if !self.pod_allows(&found, restored.is_some()) {
+        let origin = found.origin();
+        if !self.pod_allows(found, &origin, restored.is_some()) {
             // A checkpointed file keeps its checkpoint while it waits.
             if let Some(e) = restored {
                 self.memory.keep(key, e);
             }
             return None;
         }
-        let meta = self.ctx.render(found.origin.clone(), found.format);
+        let meta = self.ctx.render(origin, found.format);
         // A checkpointed file is followed even if it is not to be shipped
         // now (its lines are read and discarded), so it keeps its place.
         if !self.ships(&found.path, &meta) && restored.is_none() {
             return None;
         }
-        let id = self.open_new(&found, preopened, meta, restored)?;
+        let id = self.open_new(found, preopened, meta, restored)?;
         Some((id, true))
     }
 
     /// Whether a file may be opened now, as far as its pod goes
     /// ([`crate::files::pods`]).
-    fn pod_allows(&mut self, found: &Found, checkpointed: bool) -> bool {
+    fn pod_allows(&mut self, found: &Found, origin: &Origin, checkpointed: bool) -> bool {
         let facts = pods::Found {
-            pod_known: self.ctx.pod_of(&found.origin).is_some(),
-            needs_declaration: self.ctx.policy.ship == ShipMode::Declared
-                && found.origin.env.is_empty(),
+            pod_known: self.ctx.pod_of(origin).is_some(),
+            needs_declaration: self.ctx.policy.ship == ShipMode::Declared && origin.env.is_empty(),
             checkpointed,
             rotated: found.rotated,
         };
@@ -450,7 +460,12 @@ impl<S: Sink> Pipeline<S> {
     /// and counted once per path.
     fn ships(&mut self, path: &Path, meta: &FileMeta) -> bool {
         let skip = meta.skip_reason(self.ctx.policy.ship);
-        if !self.noted.insert(path.to_owned()) {
+        // Said once per path while it is listed; a file with nothing to
+        // say is not remembered.
+        let says = skip.is_some()
+            || meta.bad_tags > 0
+            || (meta.pod_info.is_none() && !meta.refused.is_empty());
+        if !says || !self.noted.insert(path.to_owned()) {
             return skip.is_none();
         }
         let p = path.display().to_string();

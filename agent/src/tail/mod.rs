@@ -18,7 +18,7 @@
 pub mod decode;
 pub mod multiline;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,7 +49,8 @@ pub struct TailedFile {
     pub id: u32,
     pub key: FileKey,
     pub file: Handle,
-    pub path: PathBuf,
+    /// Shared with the registry's index by path.
+    pub path: Arc<Path>,
     pub meta: Arc<FileMeta>,
     /// The container stream it belongs to (its rotations share it).
     pub stream: StreamId,
@@ -86,7 +87,7 @@ impl TailedFile {
         id: u32,
         key: FileKey,
         file: Handle,
-        path: PathBuf,
+        path: impl Into<Arc<Path>>,
         meta: Arc<FileMeta>,
         offset: u64,
         max_record_bytes: usize,
@@ -95,7 +96,7 @@ impl TailedFile {
             id,
             key,
             file,
-            path,
+            path: path.into(),
             stream: StreamId::of(&meta.origin),
             decoder: Decoder::new(meta.format, max_record_bytes),
             meta,
@@ -522,6 +523,7 @@ pub mod testing {
     use crate::config::TopicTemplate;
     use crate::discover::{MetaContext, Origin};
     use std::fs::File;
+    use std::path::PathBuf;
 
     /// A file of no pod (reading `/dev/null`) with the given identity.
     pub fn tailed_file(id: u32, key: FileKey, path: PathBuf) -> TailedFile {

@@ -361,7 +361,7 @@ pub fn start(
 pub struct InotifySource {
     shared: Arc<InotifyShared>,
     reports: Reports,
-    by_path: HashMap<PathBuf, WatchDescriptor>,
+    by_path: HashMap<Arc<Path>, WatchDescriptor>,
 }
 
 /// What an [`InotifySource`] reports.
@@ -375,7 +375,7 @@ enum Reports {
 
 struct InotifyShared {
     watches: Mutex<Watches>,
-    dirs: Mutex<HashMap<WatchDescriptor, PathBuf>>,
+    dirs: Mutex<HashMap<WatchDescriptor, Arc<Path>>>,
     /// Directories whose `IN_MODIFY` is off until the data loop re-arms.
     disarmed: Mutex<HashSet<WatchDescriptor>>,
 }
@@ -518,8 +518,11 @@ impl ChangeSource for InotifySource {
             Reports::EntriesOnly => DISARMED,
         };
         let wd = lock(&self.shared.watches).add(dir, mask)?;
-        lock(&self.shared.dirs).insert(wd.clone(), dir.to_owned());
-        self.by_path.insert(dir.to_owned(), wd);
+        // One copy of the path for both maps (12,000 directories at
+        // 10,000 files).
+        let dir: Arc<Path> = Arc::from(dir);
+        lock(&self.shared.dirs).insert(wd.clone(), dir.clone());
+        self.by_path.insert(dir, wd);
         Ok(true)
     }
 
@@ -542,7 +545,7 @@ impl ChangeSource for InotifySource {
         wds.iter()
             .filter_map(|wd| dirs.get(wd))
             .filter(|dir| watches.add(dir, ARMED).is_ok())
-            .cloned()
+            .map(|dir| dir.to_path_buf())
             .collect()
     }
 }
