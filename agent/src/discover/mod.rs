@@ -31,9 +31,6 @@ use crate::tail::multiline::{Multiline, Rule, RuleCache};
 /// when its pod's metadata changes).
 #[derive(Debug)]
 pub struct FileMeta {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
     pub format: Format,
     /// Kafka key: the container stream (pod uid + container), so one
     /// container's lines share a partition and keep their order. Taken from
@@ -77,6 +74,20 @@ pub struct FileMeta {
 }
 
 impl FileMeta {
+    /// The namespace its records carry: the path's, else the API's.
+    pub fn namespace(&self) -> &str {
+        names(&self.origin, self.pod_info.as_deref()).0
+    }
+
+    /// The pod name its records carry: the path's, else the API's.
+    pub fn pod(&self) -> &str {
+        names(&self.origin, self.pod_info.as_deref()).1
+    }
+
+    pub fn container(&self) -> &str {
+        &self.origin.container
+    }
+
     /// Why a file with this metadata is not shipped, if it is not: opted
     /// out, or undeclared when only declared containers ship.
     pub fn skip_reason(&self, ship: ShipMode) -> Option<&'static str> {
@@ -269,8 +280,8 @@ impl MetaContext {
         let rate_limit = self.rate_limit_of(&o, pod.as_deref(), &mut refused);
         let (namespace, pod_name) = names(&o, pod.as_deref());
         let vars = TopicVars {
-            namespace: &namespace,
-            pod: &pod_name,
+            namespace,
+            pod: pod_name,
             container: &o.container,
         };
         let [stdout, stderr] = self.topics(route.as_ref(), &vars);
@@ -278,8 +289,8 @@ impl MetaContext {
         let parts = crate::sink::render::file_parts(
             self.policy.output,
             &crate::sink::render::Subject {
-                namespace: &namespace,
-                pod: &pod_name,
+                namespace,
+                pod: pod_name,
                 node: &self.node,
                 origin: &o,
                 topic: &stdout,
@@ -292,9 +303,6 @@ impl MetaContext {
         FileMeta {
             kafka_header_count: parts.kafka_header_count,
             kafka_headers: parts.kafka_headers,
-            namespace,
-            pod: pod_name,
-            container: o.container.clone(),
             format,
             key: key.into_bytes().into(),
             topics: [stdout, stderr],
@@ -428,14 +436,16 @@ fn route(o: &Origin, declared: &Declared) -> Option<Declaration> {
 }
 
 /// The namespace and pod name: the file path's, else the pod's.
-fn names(o: &Origin, pod: Option<&PodInfo>) -> (String, String) {
+/// A file's namespace and pod name: its path's, else (a Docker log) the
+/// API's.
+fn names<'a>(o: &'a Origin, pod: Option<&'a PodInfo>) -> (&'a str, &'a str) {
     let namespace = match pod {
-        Some(p) if o.namespace.is_empty() => p.namespace.clone(),
-        _ => o.namespace.clone(),
+        Some(p) if o.namespace.is_empty() => &p.namespace,
+        _ => &o.namespace,
     };
     let pod_name = match pod {
-        Some(p) if o.pod.is_empty() => p.name.clone(),
-        _ => o.pod.clone(),
+        Some(p) if o.pod.is_empty() => &p.name,
+        _ => &o.pod,
     };
     (namespace, pod_name)
 }
@@ -1031,7 +1041,7 @@ mod tests {
             ..Default::default()
         };
         let d = ctx.render(docker, Format::DockerJson);
-        assert_eq!(d.namespace, "ns");
+        assert_eq!(d.namespace(), "ns");
         assert_eq!(&*d.key, b"abc123");
         assert!(d.pod_info.is_some());
         // An unknown pod: the path's metadata only.

@@ -911,7 +911,7 @@ impl<S: Sink> Pipeline<S> {
             bytes += unread;
             if log {
                 let limit = meta.rate_limit.as_ref().map_or(0, |l| l.bytes_per_s);
-                tracing::info!(namespace = %meta.namespace, pod = %meta.pod, container = %meta.container, bytes_per_s = limit, unread_bytes = unread, "container writes faster than its rate limit: read at the limit, the rest waits in its log file");
+                tracing::info!(namespace = %meta.namespace(), pod = %meta.pod(), container = %meta.container(), bytes_per_s = limit, unread_bytes = unread, "container writes faster than its rate limit: read at the limit, the rest waits in its log file");
             }
         }
         if full || containers > 0 {

@@ -54,7 +54,7 @@ impl<S: Sink> Pipeline<S> {
             let size = f.size_seen.max(f.read_offset);
             let waiting = size.saturating_sub(f.acks.committed());
             if waiting > 0 {
-                *per_ns.entry(f.meta.namespace.as_str()).or_default() += waiting;
+                *per_ns.entry(f.meta.namespace()).or_default() += waiting;
             }
         }
         let waiting_ns = top_namespaces(per_ns);

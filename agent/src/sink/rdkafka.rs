@@ -415,15 +415,15 @@ fn raw_headers(meta: &FileMeta, rec: &Record<'_>, node: &[u8]) -> OwnedHeaders {
         })
         .insert(Header {
             key: "namespace",
-            value: Some(&meta.namespace),
+            value: Some(meta.namespace()),
         })
         .insert(Header {
             key: "pod",
-            value: Some(&meta.pod),
+            value: Some(meta.pod()),
         })
         .insert(Header {
             key: "container",
-            value: Some(&meta.container),
+            value: Some(meta.container()),
         })
         .insert(Header {
             key: "node",
