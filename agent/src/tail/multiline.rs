@@ -297,6 +297,8 @@ pub struct Joiner {
     lines: usize,
     truncated: bool,
     partial: bool,
+    /// One of its lines was not in the file's format (and was taken whole).
+    malformed: bool,
     /// When its last line was added.
     last: Option<Instant>,
 }
@@ -341,6 +343,7 @@ impl Joiner {
                     self.lines += 1;
                     self.truncated |= rec.truncated;
                     self.partial |= rec.partial;
+                    self.malformed |= rec.malformed;
                     self.last = Some(now);
                 }
             }
@@ -367,6 +370,7 @@ impl Joiner {
         self.lines = 1;
         self.truncated = rec.truncated;
         self.partial = rec.partial;
+        self.malformed = rec.malformed;
         self.last = Some(now);
     }
 
@@ -382,7 +386,7 @@ impl Joiner {
             msg: &self.msg,
             partial: self.partial,
             truncated: self.truncated,
-            malformed: false,
+            malformed: self.malformed,
             start: self.start.unwrap_or_default(),
         });
         self.clear();
@@ -444,6 +448,48 @@ mod tests {
 
     fn join(r: &str, text: &str) -> Vec<String> {
         join_with(&rule(r), 1 << 20, text)
+    }
+
+    #[test]
+    fn a_joined_record_with_a_malformed_line_stays_flagged_malformed() {
+        let ml = rule("java");
+        let mut j = Joiner::default();
+        let mut out = Vec::new();
+        let mut emit =
+            |r: Record<'_>| out.push((String::from_utf8_lossy(r.msg).into_owned(), r.malformed));
+        let now = Instant::now();
+        let lines: [(&str, bool); 4] = [
+            ("com.example.Failure", true),
+            ("\tat com.example.A.b(A.java:1)", false),
+            ("com.example.Other", false),
+            ("\tat com.example.C.d(C.java:2)", true),
+        ];
+        for (i, (msg, malformed)) in lines.into_iter().enumerate() {
+            let rec = Record {
+                time: b"t",
+                stream: Stream::Stdout,
+                msg: msg.as_bytes(),
+                partial: false,
+                truncated: false,
+                malformed,
+                start: i as u64 * 100,
+            };
+            j.push(&ml, 1 << 20, now, rec, i as u64 * 100, &mut emit);
+        }
+        j.take(Stream::Stdout, &mut emit);
+        assert_eq!(
+            out,
+            [
+                (
+                    "com.example.Failure\n\tat com.example.A.b(A.java:1)".to_string(),
+                    true
+                ),
+                (
+                    "com.example.Other\n\tat com.example.C.d(C.java:2)".to_string(),
+                    true
+                ),
+            ]
+        );
     }
 
     #[test]
