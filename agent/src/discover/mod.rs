@@ -56,8 +56,8 @@ pub struct FileMeta {
     /// The pod metadata this was rendered with; `None`: the path's only.
     pub pod_info: Option<Arc<PodInfo>>,
     /// The declaration routing this container's stdout (topic, tags,
-    /// format), if any.
-    pub route: Option<Declaration>,
+    /// format), if any (boxed: most containers have none).
+    pub route: Option<Box<Declaration>>,
     /// How its records are joined into multiline records (`None`: not).
     pub multiline: Option<Multiline>,
     /// How fast its container may be read (`None`: no limit).
@@ -311,7 +311,7 @@ impl MetaContext {
             origin: o,
             pod_info: pod,
             suppressed: excluded || (self.policy.ship == ShipMode::Declared && route.is_none()),
-            route,
+            route: route.map(Box::new),
             excluded,
             multiline,
             rate_limit,
@@ -760,15 +760,19 @@ pub fn scan_docker_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
 /// Reads name, labels and env from `config.v2.json`; a missing or broken
 /// file leaves only the id (the log is still shipped).
 pub fn docker_origin(id: &str, config: &Path) -> Origin {
+    docker_config(id, &std::fs::read(config).unwrap_or_default())
+}
+
+/// A Docker container's origin from the bytes of its `config.v2.json`
+/// (what the daemon wrote; anything that does not parse leaves only the
+/// id).
+pub fn docker_config(id: &str, config: &[u8]) -> Origin {
     let mut o = Origin {
         container_id: id.to_owned(),
         container: id.get(..12).unwrap_or(id).to_owned(),
         ..Default::default()
     };
-    let Ok(bytes) = std::fs::read(config) else {
-        return o;
-    };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(config) else {
         return o;
     };
     if let Some(name) = v["Name"].as_str() {

@@ -33,7 +33,7 @@ mod status;
 mod tests;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -123,7 +123,7 @@ pub struct Pipeline<S: Sink> {
     /// Delivery reports being applied (reused buffer).
     acks: Vec<Ack>,
     source: Box<dyn ChangeSource>,
-    watched_dirs: HashSet<PathBuf>,
+    watched_dirs: HashSet<Arc<Path>>,
     writer: Writer,
     /// [`Registry::generation`] of the last checkpoint handed to the writer.
     saved: Option<u64>,

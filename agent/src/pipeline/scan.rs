@@ -136,14 +136,17 @@ impl<S: Sink> Pipeline<S> {
             self.scan_declared(&mut scan);
             let mut added = false;
             for dir in &scan.dirs {
+                // One copy of the path, shared with the change source.
+                let shared = match self.watched_dirs.get(dir.as_path()) {
+                    Some(d) => d.clone(),
+                    None => Arc::from(dir.as_path()),
+                };
                 // Idempotent; renews a watch the kernel dropped (a
                 // directory deleted and made again at the same path).
-                match self.source.watch_dir(dir) {
+                match self.source.watch_dir(&shared) {
                     Ok(new) => {
                         added |= new;
-                        if !self.watched_dirs.contains(dir) {
-                            self.watched_dirs.insert(dir.clone());
-                        }
+                        self.watched_dirs.insert(shared);
                     }
                     Err(e) => {
                         self.dirs_unwatched = true;
@@ -155,11 +158,11 @@ impl<S: Sink> Pipeline<S> {
                 break;
             }
         }
-        let present: HashSet<&PathBuf> = scan.dirs.iter().collect();
-        let gone: Vec<PathBuf> = self
+        let present: HashSet<&Path> = scan.dirs.iter().map(PathBuf::as_path).collect();
+        let gone: Vec<Arc<Path>> = self
             .watched_dirs
             .iter()
-            .filter(|d| !present.contains(d))
+            .filter(|d| !present.contains(&***d))
             .cloned()
             .collect();
         for d in gone {

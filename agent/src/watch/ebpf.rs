@@ -1042,7 +1042,7 @@ impl EbpfSource {
 }
 
 impl ChangeSource for EbpfSource {
-    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool> {
+    fn watch_dir(&mut self, dir: &Arc<Path>) -> std::io::Result<bool> {
         self.dirs.watch_dir(dir)
     }
 

@@ -156,7 +156,8 @@ impl FanotifySource {
 }
 
 impl ChangeSource for FanotifySource {
-    fn watch_dir(&mut self, dir: &Path) -> std::io::Result<bool> {
+    fn watch_dir(&mut self, dir: &Arc<Path>) -> std::io::Result<bool> {
+        let dir: &Path = dir;
         let handle = handle_of(dir)?;
         if self.by_path.get(dir) == Some(&handle) {
             return Ok(false);
@@ -346,8 +347,11 @@ mod tests {
         let q = ChangeQueue::new(tx);
         let mut src =
             FanotifySource::start(q.clone(), Arc::default(), Duration::from_millis(5)).unwrap();
-        assert!(src.watch_dir(dir.path()).unwrap());
-        assert!(!src.watch_dir(dir.path()).unwrap(), "idempotent");
+        assert!(src.watch_dir(&Arc::from(dir.path())).unwrap());
+        assert!(
+            !src.watch_dir(&Arc::from(dir.path())).unwrap(),
+            "idempotent"
+        );
         let file = dir.path().join("0.log");
         std::fs::write(&file, b"x\n").unwrap();
         let got = collect(&q, &wake, |p| p.rescan && p.written.contains(&file));
@@ -369,7 +373,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let mut src =
             FanotifySource::start(q.clone(), metrics.clone(), Duration::from_millis(10)).unwrap();
-        src.watch_dir(dir.path()).unwrap();
+        src.watch_dir(&Arc::from(dir.path())).unwrap();
         for _ in 0..100_000 {
             f.write_all(b"line\n").unwrap();
         }
