@@ -14,12 +14,14 @@
 // `cargo test --bins` builds this with a test harness, which has its own main.
 #![cfg_attr(not(test), no_main)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::sync::{Arc, OnceLock};
 
 use bpftail::config::{Globs, OutputFormat, TopicTemplate};
 use bpftail::declare;
 use bpftail::discover::{self, MetaContext, MultilineDefaults, Origin, Policy};
-use bpftail::kafka::batch::{BatchWriter, HEADER_LEN, parse_records};
 use bpftail::tail::decode::Format;
 use bpftail::tail::multiline::RuleCache;
 
@@ -81,32 +83,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     ] {
         let ctx = context(output);
         let meta = ctx.render(o.clone(), Format::DockerJson);
-        check_rendered(&meta);
+        common::check_rendered(&meta);
         assert!(!meta.key.is_empty() || id.is_empty());
         for d in &ctx.declared(&o, None).declarations {
             assert!(declare::valid_topic(&d.topic), "{:?}", d.topic);
         }
     }
 });
-
-/// The JSON members make an object; the Kafka headers decode.
-fn check_rendered(meta: &discover::FileMeta) {
-    let mut obj = b"{\"time\":\"t\"".to_vec();
-    obj.extend_from_slice(&meta.json_members);
-    obj.push(b'}');
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&obj) {
-        panic!(
-            "invalid JSON members ({e}): {}",
-            String::from_utf8_lossy(&obj)
-        );
-    }
-    let mut w = BatchWriter::new(256);
-    let r = w.begin(0, None);
-    w.value(|v| v.extend_from_slice(b"m"));
-    w.header_count(meta.kafka_header_count);
-    w.encoded_headers(&meta.kafka_headers);
-    w.end(r, 0, 0);
-    let sealed = w.seal(bpftail::config::Compression::None);
-    let records = parse_records(&sealed.data[HEADER_LEN..]).expect("the headers decode");
-    assert_eq!(records[0].headers.len(), meta.kafka_header_count);
-}

@@ -17,13 +17,15 @@
 // `cargo test --bins` builds this with a test harness, which has its own main.
 #![cfg_attr(not(test), no_main)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use bpftail::config::{Globs, OutputFormat, TopicTemplate};
 use bpftail::declare::{self, Source};
 use bpftail::discover::{MetaContext, MultilineDefaults, Origin, Policy, declared, volumes};
-use bpftail::kafka::batch::{BatchWriter, HEADER_LEN, parse_records};
 use bpftail::kube::{PodCache, PodInfo};
 use bpftail::tail::decode::Format;
 use bpftail::tail::multiline::RuleCache;
@@ -103,7 +105,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         };
         let meta = ctx.render(origin.clone(), Format::Cri);
         assert!(meta.pod_info.as_ref().is_some_and(|p| **p == info));
-        check_rendered(&meta);
+        common::check_rendered(&meta);
         if let Some(r) = &meta.route {
             assert!(declare::valid_topic(&r.topic));
             assert_eq!(&*meta.topics[0], r.topic);
@@ -130,33 +132,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 Format::Raw,
             );
             assert_eq!(file.route.as_ref().map(|r| &r.name), Some(&x.name));
-            check_rendered(&file);
+            common::check_rendered(&file);
         }
     }
     let _ = declared::signature(&[kept], &ctx);
 });
-
-/// The JSON members make an object; the Kafka headers decode.
-fn check_rendered(meta: &bpftail::discover::FileMeta) {
-    let mut obj = b"{\"time\":\"t\"".to_vec();
-    obj.extend_from_slice(&meta.json_members);
-    obj.push(b'}');
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&obj) {
-        panic!(
-            "invalid JSON members ({e}): {}",
-            String::from_utf8_lossy(&obj)
-        );
-    }
-    let mut w = BatchWriter::new(256);
-    let r = w.begin(0, None);
-    w.value(|v| v.extend_from_slice(b"m"));
-    w.header_count(meta.kafka_header_count);
-    w.encoded_headers(&meta.kafka_headers);
-    w.end(r, 0, 0);
-    let sealed = w.seal(bpftail::config::Compression::None);
-    let records = parse_records(&sealed.data[HEADER_LEN..]).expect("the headers decode");
-    assert_eq!(records[0].headers.len(), meta.kafka_header_count);
-}
 
 /// A resolved declared path stays within the pod's volume.
 fn check_resolved(r: &volumes::Resolved, info: &PodInfo) {

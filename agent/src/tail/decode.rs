@@ -114,6 +114,29 @@ impl Pending {
         self.msg.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
 
+    /// Hands the record, which began at `start`, to `out`, and forgets it.
+    fn finish<O: FnMut(Record<'_>, u64)>(
+        &mut self,
+        stream: Stream,
+        partial: bool,
+        start: u64,
+        out: &mut O,
+    ) {
+        out(
+            Record {
+                time: &self.time,
+                stream,
+                msg: &self.msg,
+                partial,
+                truncated: self.truncated,
+                malformed: false,
+                start,
+            },
+            start,
+        );
+        self.reset();
+    }
+
     /// Forgets the record, giving back memory a huge record left behind.
     fn reset(&mut self) {
         self.start = None;
@@ -359,19 +382,7 @@ fn decode_cri<O: FnMut(Record<'_>, u64)>(
     p.append(msg, max);
     if full {
         p.truncated |= line.cut;
-        out(
-            Record {
-                time: &p.time,
-                stream,
-                msg: &p.msg,
-                partial: line.partial,
-                truncated: p.truncated,
-                malformed: false,
-                start,
-            },
-            start,
-        );
-        p.reset();
+        p.finish(stream, line.partial, start, out);
     }
 }
 
@@ -438,19 +449,7 @@ fn docker_line<O: FnMut(Record<'_>, u64)>(
     };
     p.append(scratch, max);
     if complete {
-        out(
-            Record {
-                time: &p.time,
-                stream,
-                msg: &p.msg,
-                partial: line.partial,
-                truncated: p.truncated,
-                malformed: false,
-                start,
-            },
-            start,
-        );
-        p.reset();
+        p.finish(stream, line.partial, start, out);
     }
 }
 
