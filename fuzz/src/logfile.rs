@@ -354,7 +354,10 @@ impl Check {
             "record at {}: no line began there",
             r.start
         );
-        if r.malformed {
+        // An unjoined malformed line has no time and goes to stdout; a
+        // joined record keeps its first line's time and stream and is
+        // flagged malformed when any of its lines was.
+        if r.malformed && meta.multiline.is_none() {
             assert!(r.time.is_empty() && r.stream == Stream::Stdout);
         }
         if self.format == Format::Cri && !r.malformed && meta.multiline.is_none() {
