@@ -212,8 +212,8 @@ fn metas(cfg: &Config) -> Vec<bpftail::discover::FileMeta> {
             ctx.render(
                 Origin {
                     namespace: "bench".into(),
-                    pod: format!("pod-{i}"),
-                    pod_uid: format!("uid-{i}"),
+                    pod: format!("pod-{i}").into(),
+                    pod_uid: format!("uid-{i}").into(),
                     container: "app".into(),
                     ..Origin::default()
                 },
@@ -299,15 +299,15 @@ fn direct(cfg: &Config, records: u64, size: usize) {
             } else {
                 bpftail::sink::render_json(&mut value, cfg.format, meta, &rec, &metrics);
             }
-            let partition = bpftail::kafka::partitioner::partition(&meta.key, STREAMS) as i32;
+            let partition = bpftail::kafka::partitioner::partition(meta.key(), STREAMS) as i32;
             while rd::rd_kafka_produce(
                 rkt,
                 partition,
                 rd::RD_KAFKA_MSG_F_COPY,
                 value.as_mut_ptr() as *mut c_void,
                 value.len(),
-                meta.key.as_ptr() as *const c_void,
-                meta.key.len(),
+                meta.key().as_ptr() as *const c_void,
+                meta.key().len(),
                 std::ptr::null_mut(),
             ) != 0
             {

@@ -807,7 +807,9 @@ pub fn glob_match(pattern: &[u8], s: &[u8]) -> bool {
 /// One piece of a topic template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
-    Literal(String),
+    /// Shared: a topic that is one literal is handed out, not copied, to
+    /// every file ([`TopicTemplate::render_shared`]).
+    Literal(std::sync::Arc<str>),
     Namespace,
     Pod,
     Container,
@@ -851,7 +853,7 @@ impl TopicTemplate {
         let mut rest = s;
         while let Some(open) = rest.find('{') {
             if open > 0 {
-                parts.push(Part::Literal(rest[..open].to_owned()));
+                parts.push(Part::Literal(rest[..open].into()));
             }
             let close = rest[open..]
                 .find('}')
@@ -872,7 +874,7 @@ impl TopicTemplate {
             rest = &rest[close + 1..];
         }
         if !rest.is_empty() {
-            parts.push(Part::Literal(rest.to_owned()));
+            parts.push(Part::Literal(rest.into()));
         }
         for p in &parts {
             if let Part::Literal(l) = p
@@ -895,6 +897,15 @@ impl TopicTemplate {
     /// True if the rendered topic differs between stdout and stderr.
     pub fn uses_stream(&self) -> bool {
         self.parts.contains(&Part::Stream)
+    }
+
+    /// [`TopicTemplate::render`], shared: a literal topic is one allocation
+    /// for every file, not one per file.
+    pub fn render_shared(&self, vars: &TopicVars<'_>, stream: &str) -> std::sync::Arc<str> {
+        match &self.parts[..] {
+            [Part::Literal(l)] if l.len() <= 249 => l.clone(),
+            _ => self.render(vars, stream).into(),
+        }
     }
 
     /// Renders the topic; characters a topic may not hold become `_`, and the

@@ -57,11 +57,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     let id = String::from_utf8_lossy(id);
     let o = discover::docker_config(&id, config);
-    assert_eq!(o.container_id, id);
+    assert_eq!(*o.container_id, *id);
     if serde_json::from_slice::<serde_json::Value>(config).is_err() {
         let bare = Origin {
-            container_id: id.to_string(),
-            container: id.get(..12).unwrap_or(&id).to_owned(),
+            container_id: (*id).into(),
+            container: id.get(..12).unwrap_or(&id).into(),
             ..Default::default()
         };
         assert_eq!(o, bare, "a config that is not JSON gave more than the id");
@@ -73,7 +73,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         ("io.kubernetes.container.name", &o.container),
     ] {
         if let Some(v) = o.labels.get(label) {
-            assert_eq!(v, field, "{label}");
+            assert_eq!(v.as_str(), &**field, "{label}");
         }
     }
     for output in [
@@ -84,7 +84,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let ctx = context(output);
         let meta = ctx.render(o.clone(), Format::DockerJson);
         common::check_rendered(&meta);
-        assert!(!meta.key.is_empty() || id.is_empty());
+        assert!(!meta.key().is_empty() || id.is_empty());
         for d in &ctx.declared(&o, None).declarations {
             assert!(declare::valid_topic(&d.topic), "{:?}", d.topic);
         }

@@ -97,10 +97,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     for c in &info.containers {
         let origin = Origin {
-            namespace: info.namespace.clone(),
-            pod: info.name.clone(),
-            pod_uid: info.uid.clone(),
-            container: c.name.clone(),
+            namespace: info.namespace.clone().into(),
+            pod: info.name.clone().into(),
+            pod_uid: info.uid.clone().into(),
+            container: c.name.clone().into(),
             ..Default::default()
         };
         let meta = ctx.render(origin.clone(), Format::Cri);
@@ -126,7 +126,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
             let file = ctx.render(
                 Origin {
-                    declaration: Some(x.name.clone()),
+                    declaration: Some(x.name.clone().into()),
                     ..origin.clone()
                 },
                 Format::Raw,

@@ -81,7 +81,7 @@ fn metas() -> &'static [FileMeta] {
                     pod: "web-7d4b9c-x2x9z".into(),
                     pod_uid: "0f6c7a52-2d55-4b1e-9b7e-6f3e2a1c9d10".into(),
                     container: "app".into(),
-                    env,
+                    env: env.into(),
                     ..Default::default()
                 };
                 let meta = ctx.render(origin, Format::Cri);

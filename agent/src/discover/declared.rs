@@ -104,10 +104,10 @@ fn scan_container(
     out: &mut DeclaredScan,
 ) {
     let origin = Origin {
-        namespace: pod.namespace.clone(),
-        pod: pod.name.clone(),
-        pod_uid: pod.uid.clone(),
-        container: c.name.clone(),
+        namespace: pod.namespace.clone().into(),
+        pod: pod.name.clone().into(),
+        pod_uid: pod.uid.clone().into(),
+        container: c.name.clone().into(),
         ..Default::default()
     };
     let note = |declaration: &str, problem, path: &str, reason: String| Note {
@@ -154,7 +154,7 @@ fn scan_container(
         out.files.extend(listing.files.into_iter().map(|f| Found {
             path: f.base.join(&f.rel),
             origin: Some(Arc::new(Origin {
-                declaration: Some(d.name.clone()),
+                declaration: Some(d.name.clone().into()),
                 ..origin.clone()
             })),
             format: Format::Raw,
@@ -198,8 +198,8 @@ pub fn signature(pods: &[Arc<PodInfo>], ctx: &MetaContext) -> u64 {
     for pod in pods {
         for c in &pod.containers {
             let origin = Origin {
-                pod_uid: pod.uid.clone(),
-                container: c.name.clone(),
+                pod_uid: pod.uid.clone().into(),
+                container: c.name.clone().into(),
                 ..Default::default()
             };
             for d in ctx.declared(&origin, Some(pod)).declarations {

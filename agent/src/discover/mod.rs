@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use crate::config::{Globs, OutputFormat, ShipMode, TopicTemplate, TopicVars};
 use crate::declare::{self, Declaration, Declared, LineFormat, Refusal};
+use crate::files::StreamId;
 use crate::files::limits::{RateLimit, parse_rate};
 use crate::fs::{Fs, Want};
 use crate::kube::{PodCache, PodInfo};
@@ -32,24 +33,27 @@ use crate::tail::multiline::{Multiline, Rule, RuleCache};
 #[derive(Debug)]
 pub struct FileMeta {
     pub format: Format,
-    /// Kafka key: the container stream (pod uid + container), so one
-    /// container's lines share a partition and keep their order. Taken from
-    /// the path only, so it never changes while a file is read.
-    pub key: Box<[u8]>,
-    /// Rendered topic per stream (`Stream as usize`).
+    /// The container stream (pod uid + container, see [`StreamId::of`]),
+    /// shared with the files of that stream; its bytes are the Kafka key
+    /// ([`FileMeta::key`]), so one container's lines share a partition and
+    /// keep their order. Taken from the path only, so it never changes
+    /// while a file is read.
+    pub stream: StreamId,
+    /// Rendered topic per stream (`Stream as usize`); a literal `--topic`
+    /// is shared by every file.
     pub topics: [Arc<str>; 2],
     /// For `--format json`: the `"namespace":…,"node":…` members, escaped.
     pub json_members: Box<[u8]>,
     /// For `--format raw`: headers beyond time, stream, namespace, pod,
     /// container and node (pod uid, owner, image, selected labels and
     /// annotations).
-    pub headers: Vec<(Box<str>, Box<str>)>,
+    pub headers: Box<[(Box<str>, Box<str>)]>,
     /// For `--format raw` with the native client: the headers from
     /// namespace on (namespace, pod, container, node, then `headers`),
     /// already in Kafka's record-header encoding, and how many they are:
     /// copied into each record whole.
     pub kafka_headers: Box<[u8]>,
-    pub kafka_header_count: usize,
+    pub kafka_header_count: u32,
     /// What discovery found (re-rendering starts from it); shared with the
     /// listing and with the container's other files.
     pub origin: Arc<Origin>,
@@ -58,10 +62,11 @@ pub struct FileMeta {
     /// The declaration routing this container's stdout (topic, tags,
     /// format), if any (boxed: most containers have none).
     pub route: Option<Box<Declaration>>,
-    /// How its records are joined into multiline records (`None`: not).
-    pub multiline: Option<Multiline>,
+    /// How its records are joined into multiline records (`None`: not;
+    /// boxed, as the rest of what few files have: 10,000 files are read).
+    pub multiline: Option<Box<Multiline>>,
     /// How fast its container may be read (`None`: no limit).
-    pub rate_limit: Option<RateLimit>,
+    pub rate_limit: Option<Box<RateLimit>>,
     /// The pod's annotations opt this container out.
     pub excluded: bool,
     /// Not to be shipped: opted out, or undeclared under `--ship
@@ -69,8 +74,8 @@ pub struct FileMeta {
     /// records discarded, so its offset keeps up).
     pub suppressed: bool,
     /// Declarations of this container that were refused, and garbage tags.
-    pub refused: Vec<Refusal>,
-    pub bad_tags: usize,
+    pub refused: Box<[Refusal]>,
+    pub bad_tags: u32,
 }
 
 impl FileMeta {
@@ -132,6 +137,11 @@ impl FileMeta {
     pub fn topic(&self, stream: Stream) -> &str {
         &self.topics[stream as usize]
     }
+
+    /// The Kafka message key of its records: its container stream.
+    pub fn key(&self) -> &[u8] {
+        self.stream.as_bytes()
+    }
 }
 
 /// Everything needed to render per-file metadata.
@@ -175,20 +185,23 @@ impl Default for MultilineDefaults {
 
 /// The identity fields discovery finds for a file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Strings are boxed, not `String`s: one is kept per container, and at
+/// 10,000 files the capacity words were 0.6 MiB.
 pub struct Origin {
-    pub namespace: String,
-    pub pod: String,
-    pub pod_uid: String,
-    pub container: String,
-    pub container_id: String,
+    pub namespace: Box<str>,
+    pub pod: Box<str>,
+    pub pod_uid: Box<str>,
+    pub container: Box<str>,
+    pub container_id: Box<str>,
     pub labels: BTreeMap<String, String>,
-    pub env: Vec<String>,
+    pub env: Box<[String]>,
     /// The container's restart count (CRI: the file name `<n>.log`).
     pub attempt: u32,
     /// For an in-container file: the declaration that named it.
-    pub declaration: Option<String>,
+    pub declaration: Option<Box<str>>,
     /// Docker's container name (`config.v2.json` `Name`, without `/`).
-    pub docker_name: String,
+    pub docker_name: Box<str>,
 }
 
 impl MetaContext {
@@ -285,7 +298,7 @@ impl MetaContext {
             container: &o.container,
         };
         let [stdout, stderr] = self.topics(route.as_ref(), &vars);
-        let key = stream_key(&o);
+        let stream = StreamId::of(&o);
         let parts = crate::sink::render::file_parts(
             self.policy.output,
             &crate::sink::render::Subject {
@@ -304,19 +317,19 @@ impl MetaContext {
             kafka_header_count: parts.kafka_header_count,
             kafka_headers: parts.kafka_headers,
             format,
-            key: key.into_bytes().into(),
+            stream,
             topics: [stdout, stderr],
             json_members: parts.json_members,
-            headers: parts.headers,
+            headers: parts.headers.into_boxed_slice(),
             origin: o,
             pod_info: pod,
             suppressed: excluded || (self.policy.ship == ShipMode::Declared && route.is_none()),
             route: route.map(Box::new),
             excluded,
-            multiline,
-            rate_limit,
-            refused,
-            bad_tags: declared.bad_tags + parts.dropped_tags,
+            multiline: multiline.map(Box::new),
+            rate_limit: rate_limit.map(Box::new),
+            refused: refused.into_boxed_slice(),
+            bad_tags: u32::try_from(declared.bad_tags + parts.dropped_tags).unwrap_or(u32::MAX),
         }
     }
 
@@ -410,9 +423,9 @@ impl MetaContext {
                 [t.clone(), t]
             }
             None => {
-                let out: Arc<str> = self.topic.render(vars, "stdout").into();
+                let out = self.topic.render_shared(vars, "stdout");
                 let err = if self.topic.uses_stream() {
-                    self.topic.render(vars, "stderr").into()
+                    self.topic.render_shared(vars, "stderr")
                 } else {
                     out.clone()
                 };
@@ -429,7 +442,7 @@ fn route(o: &Origin, declared: &Declared) -> Option<Declaration> {
         Some(name) => declared
             .declarations
             .iter()
-            .find(|d| &d.name == name)
+            .find(|d| *d.name == **name)
             .cloned(),
         None => declared.stdout().cloned(),
     }
@@ -440,25 +453,14 @@ fn route(o: &Origin, declared: &Declared) -> Option<Declaration> {
 /// API's.
 fn names<'a>(o: &'a Origin, pod: Option<&'a PodInfo>) -> (&'a str, &'a str) {
     let namespace = match pod {
-        Some(p) if o.namespace.is_empty() => &p.namespace,
+        Some(p) if o.namespace.is_empty() => p.namespace.as_str(),
         _ => &o.namespace,
     };
     let pod_name = match pod {
-        Some(p) if o.pod.is_empty() => &p.name,
+        Some(p) if o.pod.is_empty() => p.name.as_str(),
         _ => &o.pod,
     };
     (namespace, pod_name)
-}
-
-/// The Kafka message key: one stream per container, or per declaration
-/// for in-container files; a Docker log's container id if no pod uid.
-fn stream_key(o: &Origin) -> String {
-    match &o.declaration {
-        // In-container files: one stream per declaration.
-        Some(name) => format!("{}/{}/{name}", o.pod_uid, o.container),
-        None if o.pod_uid.is_empty() => o.container_id.clone(),
-        None => format!("{}/{}", o.pod_uid, o.container),
-    }
 }
 
 /// A log file found on disk.
@@ -504,10 +506,10 @@ pub fn cri_origin(path: &Path) -> Option<Origin> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     Some(Origin {
-        namespace: namespace.to_owned(),
-        pod: pod.to_owned(),
-        pod_uid: uid.to_owned(),
-        container: name(container_dir)?.to_owned(),
+        namespace: namespace.to_owned().into(),
+        pod: pod.to_owned().into(),
+        pod_uid: uid.to_owned().into(),
+        container: name(container_dir)?.to_owned().into(),
         attempt,
         ..Default::default()
     })
@@ -768,15 +770,15 @@ pub fn docker_origin(id: &str, config: &Path) -> Origin {
 /// id).
 pub fn docker_config(id: &str, config: &[u8]) -> Origin {
     let mut o = Origin {
-        container_id: id.to_owned(),
-        container: id.get(..12).unwrap_or(id).to_owned(),
+        container_id: id.to_owned().into(),
+        container: id.get(..12).unwrap_or(id).to_owned().into(),
         ..Default::default()
     };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(config) else {
         return o;
     };
     if let Some(name) = v["Name"].as_str() {
-        o.container = name.trim_start_matches('/').to_owned();
+        o.container = name.trim_start_matches('/').to_owned().into();
         o.docker_name = o.container.clone();
     }
     if let Some(labels) = v["Config"]["Labels"].as_object() {
@@ -793,16 +795,16 @@ pub fn docker_config(id: &str, config: &[u8]) -> Origin {
     }
     let label = |k: &str| o.labels.get(k).cloned();
     if let Some(ns) = label("io.kubernetes.pod.namespace") {
-        o.namespace = ns;
+        o.namespace = ns.into();
     }
     if let Some(pod) = label("io.kubernetes.pod.name") {
-        o.pod = pod;
+        o.pod = pod.into();
     }
     if let Some(uid) = label("io.kubernetes.pod.uid") {
-        o.pod_uid = uid;
+        o.pod_uid = uid.into();
     }
     if let Some(c) = label("io.kubernetes.container.name") {
-        o.container = c;
+        o.container = c.into();
     }
     o
 }
@@ -940,7 +942,7 @@ mod tests {
             (&*o.namespace, &*o.pod, &*o.pod_uid, &*o.container),
             ("prod", "web-1", "u-1", "app")
         );
-        assert_eq!(o.env, vec!["aliyun_logs_x=stdout".to_string()]);
+        assert_eq!(o.env, vec!["aliyun_logs_x=stdout".to_string()].into());
         // Oldest first.
         assert!(scan.files[0].rotated && !scan.files[1].rotated);
     }
@@ -967,7 +969,7 @@ mod tests {
             },
             Format::Cri,
         );
-        assert_eq!(&*m.key, b"uid/c");
+        assert_eq!(m.key(), b"uid/c");
         assert_eq!(m.topic(Stream::Stdout), "logs-ns-stdout");
         assert_eq!(m.topic(Stream::Stderr), "logs-ns-stderr");
         assert_eq!(
@@ -1046,7 +1048,7 @@ mod tests {
         };
         let d = ctx.render(docker, Format::DockerJson);
         assert_eq!(d.namespace(), "ns");
-        assert_eq!(&*d.key, b"abc123");
+        assert_eq!(d.key(), b"abc123");
         assert!(d.pod_info.is_some());
         // An unknown pod: the path's metadata only.
         let unknown = ctx.render(
@@ -1120,7 +1122,7 @@ mod tests {
                 Origin {
                     pod_uid: uid.into(),
                     container: "c".into(),
-                    declaration: declaration.map(str::to_owned),
+                    declaration: declaration.map(Into::into),
                     ..Default::default()
                 },
                 Format::Cri,

@@ -22,7 +22,9 @@ use crate::tail::TailedFile;
 /// Fingerprint and read offset of a file before each of its last
 /// truncations, newest last.
 #[derive(Debug, Default, Clone)]
-pub struct Truncations(Vec<(Fingerprint, u64)>);
+///
+/// One word while there are none (most files are never truncated).
+pub struct Truncations(Option<Box<Vec<(Fingerprint, u64)>>>);
 
 impl Truncations {
     /// How many truncations are remembered.
@@ -30,18 +32,19 @@ impl Truncations {
 
     /// The file, with `fingerprint`, read up to `read_offset`, was truncated.
     pub fn push(&mut self, fingerprint: Fingerprint, read_offset: u64) {
-        if self.0.len() >= Self::KEPT {
-            self.0.remove(0);
+        let kept = self.0.get_or_insert_with(Default::default);
+        if kept.len() >= Self::KEPT {
+            kept.remove(0);
         }
-        self.0.push((fingerprint, read_offset));
+        kept.push((fingerprint, read_offset));
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.as_ref().is_none_or(|k| k.is_empty())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
-        self.0.iter().copied()
+        self.0.iter().flat_map(|k| k.iter().copied())
     }
 }
 

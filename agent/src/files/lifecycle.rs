@@ -217,6 +217,12 @@ pub struct Look {
     pub flush: bool,
 }
 
+/// A ctime (s, ns) as one number, for telling it changed: nanoseconds
+/// since the epoch (wrapping, far past 2262).
+pub fn ctime_ns((s, ns): (i64, i64)) -> i64 {
+    s.wrapping_mul(1_000_000_000).wrapping_add(ns)
+}
+
 /// The sweep looked at `f` (size and ctime from `fstat`) at `now`;
 /// `reading_freely`: reading is not held back by the budget. Updates what
 /// the file remembers of the last look.
@@ -228,6 +234,7 @@ pub fn look(
     idle: Duration,
     reading_freely: bool,
 ) -> Look {
+    let ctime = ctime_ns(ctime);
     let changed = size != f.size_seen || ctime != f.ctime_seen;
     f.ctime_seen = ctime;
     if size != f.size_seen {

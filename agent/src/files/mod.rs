@@ -31,6 +31,8 @@ pub use registry::{FileId, Registry};
 
 /// One container stream: every file a runtime writes one container's log
 /// to (or, for an in-container file, one declaration of one container).
+/// Its text is the Kafka key of the stream's records: `<pod uid>/<container>`,
+/// `<pod uid>/<container>/<declaration>`, or a Docker log's container id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StreamId(Arc<str>);
 
@@ -39,10 +41,16 @@ impl StreamId {
     pub fn of(o: &Origin) -> StreamId {
         let id = match &o.declaration {
             Some(name) => format!("{}/{}/{name}", o.pod_uid, o.container),
-            None if o.pod_uid.is_empty() => format!("docker/{}", o.container_id),
+            // A Docker container id never holds a `/`: no pod's stream
+            // looks like it.
+            None if o.pod_uid.is_empty() => o.container_id.to_string(),
             None => format!("{}/{}", o.pod_uid, o.container),
         };
         StreamId(id.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 
     #[cfg(test)]

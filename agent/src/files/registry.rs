@@ -108,7 +108,7 @@ impl Registry {
 
     /// The files of `stream`, in no particular order.
     pub fn of_stream<'a>(&'a self, stream: &'a StreamId) -> impl Iterator<Item = &'a TailedFile> {
-        self.iter().filter(move |f| &f.stream == stream)
+        self.iter().filter(move |f| f.stream() == stream)
     }
 
     /// Older files of the same stream as `id`, oldest first: every retired
@@ -117,7 +117,7 @@ impl Registry {
         let Some(f) = self.files.get(&id) else {
             return Vec::new();
         };
-        let Some(ids) = self.retired.get(&f.stream) else {
+        let Some(ids) = self.retired.get(f.stream()) else {
             return Vec::new();
         };
         ids.iter().copied().take_while(|&p| p != id).collect()
@@ -147,7 +147,7 @@ impl Registry {
             self.by_path.insert(f.path.clone(), id);
         }
         if f.status != FileStatus::Live {
-            self.retired.entry(f.stream.clone()).or_default().push(id);
+            self.retired.entry(f.stream().clone()).or_default().push(id);
         }
         self.files.insert(id, Box::new(f));
         self.changed();
@@ -192,13 +192,13 @@ impl Registry {
         } else if old == FileStatus::Gone {
             self.by_path.insert(f.path.clone(), id);
         }
-        let ids = self.retired.entry(f.stream.clone()).or_default();
+        let ids = self.retired.entry(f.stream().clone()).or_default();
         ids.retain(|&i| i != id);
         if status != FileStatus::Live {
             ids.push(id);
         }
         if ids.is_empty() {
-            self.retired.remove(&f.stream);
+            self.retired.remove(f.stream());
         }
         self.changed();
         Some(old)
@@ -211,10 +211,10 @@ impl Registry {
         if self.by_path.get(&f.path) == Some(&id) {
             self.by_path.remove(&f.path);
         }
-        if let Some(ids) = self.retired.get_mut(&f.stream) {
+        if let Some(ids) = self.retired.get_mut(f.stream()) {
             ids.retain(|&i| i != id);
             if ids.is_empty() {
-                self.retired.remove(&f.stream);
+                self.retired.remove(f.stream());
             }
         }
         self.changed();
@@ -255,7 +255,7 @@ impl Registry {
             assert!(!ids.is_empty(), "empty retired list");
             for (i, id) in ids.iter().enumerate() {
                 let f = self.files.get(id).expect("retired names a file");
-                assert_eq!(&f.stream, s, "retired stream of {id}");
+                assert_eq!(f.stream(), s, "retired stream of {id}");
                 assert_ne!(f.status, FileStatus::Live, "retired live file {id}");
                 assert!(!ids[..i].contains(id), "{id} retired twice");
             }
@@ -288,7 +288,7 @@ mod tests {
     fn add(r: &mut Registry, ino: u64, path: &str, stream: &str, status: FileStatus) -> FileId {
         r.insert(|id| {
             let mut f = tailed_file(id, FileKey { dev: 1, ino }, path.into());
-            f.stream = StreamId::named(stream);
+            Arc::get_mut(&mut f.meta).expect("not shared yet").stream = StreamId::named(stream);
             f.status = status;
             f
         })

@@ -394,12 +394,12 @@ impl NativeSink {
         rec: &Record<'_>,
         (file, seq): (u32, u64),
     ) {
-        let start = w.begin(ts, Some(&meta.key));
+        let start = w.begin(ts, Some(meta.key()));
         match format {
             OutputFormat::Raw => {
                 w.value(|b| b.extend_from_slice(rec.msg));
                 let count = 2
-                    + meta.kafka_header_count
+                    + meta.kafka_header_count as usize
                     + usize::from(rec.partial)
                     + usize::from(rec.truncated);
                 w.header_count(count);
@@ -447,7 +447,7 @@ impl RecordSink for NativeSink {
         let t = &mut self.topics[ti];
         match t.status {
             SlotStatus::Known => {
-                let pi = partitioner::partition(&meta.key, t.parts.len());
+                let pi = partitioner::partition(meta.key(), t.parts.len());
                 if t.parts[pi].open.is_none() {
                     self.writer(ti, pi);
                 }

@@ -58,13 +58,13 @@ impl RecordSink for ModelSink {
     }
     fn send(&mut self, meta: &FileMeta, rec: &Record<'_>, file: u32, seq: u64) {
         let mut failing = self.failing.borrow_mut();
-        let fail = failing.contains(&*meta.key)
+        let fail = failing.contains(meta.key())
             || (self.fail_one_in > 0 && next(&self.rng).is_multiple_of(self.fail_one_in));
         let outcome = if fail {
-            failing.insert(meta.key.to_vec());
+            failing.insert(meta.key().to_vec());
             Outcome::Retry
         } else {
-            self.sent.push((meta.key.to_vec(), rec.msg.to_vec()));
+            self.sent.push((meta.key().to_vec(), rec.msg.to_vec()));
             Outcome::Delivered
         };
         self.acks.borrow_mut().push(Ack::new(file, seq, outcome));

@@ -359,13 +359,13 @@ impl RecordSink for RdkafkaSink {
             OutputFormat::Json | OutputFormat::Logpilot => &self.value,
             OutputFormat::Raw => rec.msg,
         };
-        let c = cost(value.len(), meta.key.len());
+        let c = cost(value.len(), meta.key().len());
         let headers = match self.format {
             OutputFormat::Json | OutputFormat::Logpilot => None,
             OutputFormat::Raw => Some(raw_headers(meta, rec, &self.node)),
         };
         let mut record = BaseRecord::with_opaque_to(meta.topic(rec.stream), opaque(file, seq))
-            .key(&meta.key[..])
+            .key(meta.key())
             .payload(value)
             .timestamp(self.batch_time_ms);
         if let Some(h) = headers {

@@ -43,7 +43,7 @@ pub struct FileParts {
     /// For raw output: headers from namespace on, in Kafka's record-header
     /// encoding.
     pub kafka_headers: Box<[u8]>,
-    pub kafka_header_count: usize,
+    pub kafka_header_count: u32,
     /// Tags dropped (named like a field of log-pilot's records).
     pub dropped_tags: usize,
 }
@@ -94,7 +94,7 @@ pub fn file_parts(output: OutputFormat, s: &Subject<'_>) -> FileParts {
     for (k, v) in [
         ("namespace", s.namespace),
         ("pod", s.pod),
-        ("container", s.origin.container.as_str()),
+        ("container", &*s.origin.container),
         ("node", s.node),
     ]
     .into_iter()
@@ -107,7 +107,7 @@ pub fn file_parts(output: OutputFormat, s: &Subject<'_>) -> FileParts {
     }
     FileParts {
         json_members: Box::default(),
-        kafka_header_count: 4 + headers.len(),
+        kafka_header_count: u32::try_from(4 + headers.len()).unwrap_or(u32::MAX),
         headers,
         kafka_headers: kafka_headers.into(),
         dropped_tags,
@@ -118,7 +118,7 @@ pub fn file_parts(output: OutputFormat, s: &Subject<'_>) -> FileParts {
 fn logpilot_members(json: &mut String, s: &Subject<'_>) {
     let o = s.origin;
     let docker_container = if !o.docker_name.is_empty() {
-        o.docker_name.clone()
+        o.docker_name.to_string()
     } else if o.container_id.is_empty() {
         // As kubelet's dockershim named containers.
         format!(
@@ -126,7 +126,7 @@ fn logpilot_members(json: &mut String, s: &Subject<'_>) {
             o.container, s.pod, s.namespace, o.pod_uid, o.attempt
         )
     } else {
-        o.container.clone()
+        o.container.to_string()
     };
     let index = s.route.map_or(s.topic, |r| r.name.as_str());
     for (k, v) in [
@@ -199,7 +199,7 @@ fn pod_members(headers: &mut Vec<(Box<str>, Box<str>)>, p: &PodInfo, s: &Subject
     let image = c.map_or("", |c| c.image.as_str());
     let id = match c {
         Some(c) if !c.id.is_empty() => c.id.as_str(),
-        _ => s.origin.container_id.as_str(),
+        _ => &s.origin.container_id,
     };
     for (k, v) in [
         ("pod_uid", p.uid.as_str()),

@@ -170,7 +170,9 @@ type Joins = [Joiner; 2];
 #[derive(Debug)]
 pub struct Decoder {
     format: Format,
-    max_record: usize,
+    /// At most 4 GiB (a larger limit is that): a word less for each of
+    /// 10,000 files.
+    max_record: u32,
     pending: Option<Box<Pendings>>,
     joins: Option<Box<Joins>>,
     /// Docker json: the decoded `log` of the current line.
@@ -181,7 +183,7 @@ impl Decoder {
     pub fn new(format: Format, max_record: usize) -> Decoder {
         Decoder {
             format,
-            max_record,
+            max_record: u32::try_from(max_record).unwrap_or(u32::MAX),
             pending: None,
             joins: None,
             scratch: Vec::new(),
@@ -231,7 +233,7 @@ impl Decoder {
             // out before the lines after it.
             self.flush_joined(None, &mut emit);
         }
-        let max = self.max_record;
+        let max = self.max_record as usize;
         let joins = &mut self.joins;
         let mut out = |rec: Record<'_>, start: u64| match join {
             Some(j) => joins.get_or_insert_with(Box::default)[rec.stream as usize].push(
@@ -260,7 +262,7 @@ impl Decoder {
     /// partial (the file ended inside them and the rest is not coming),
     /// then every open multiline record.
     pub fn flush_partial<E: FnMut(Record<'_>)>(&mut self, join: Option<Joining<'_>>, mut emit: E) {
-        let max = self.max_record;
+        let max = self.max_record as usize;
         let no_pending = &mut Pendings::default();
         let pending = self.pending.as_deref_mut().unwrap_or(no_pending);
         for (i, p) in pending.iter_mut().enumerate() {

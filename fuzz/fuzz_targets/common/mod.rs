@@ -18,10 +18,10 @@ pub fn check_rendered(meta: &FileMeta) {
     let mut w = BatchWriter::new(256);
     let r = w.begin(0, None);
     w.value(|v| v.extend_from_slice(b"m"));
-    w.header_count(meta.kafka_header_count);
+    w.header_count(meta.kafka_header_count as usize);
     w.encoded_headers(&meta.kafka_headers);
     w.end(r, 0, 0);
     let sealed = w.seal(bpftail::config::Compression::None);
     let records = parse_records(&sealed.data[HEADER_LEN..]).expect("the headers decode");
-    assert_eq!(records[0].headers.len(), meta.kafka_header_count);
+    assert_eq!(records[0].headers.len(), meta.kafka_header_count as usize);
 }
