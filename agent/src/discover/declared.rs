@@ -152,7 +152,7 @@ fn scan_container(
         }
         out.dirs.extend(listing.dirs);
         out.files.extend(listing.files.into_iter().map(|f| Found {
-            path: f.base.join(&f.rel),
+            path: f.base.join(&f.rel).into(),
             origin: Some(Arc::new(Origin {
                 declaration: Some(d.name.clone().into()),
                 ..origin.clone()

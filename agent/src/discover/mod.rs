@@ -466,7 +466,8 @@ fn names<'a>(o: &'a Origin, pod: Option<&'a PodInfo>) -> (&'a str, &'a str) {
 /// A log file found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
-    pub path: PathBuf,
+    /// Shared with the followed file it becomes (no copy per file).
+    pub path: Arc<Path>,
     /// What discovery knows of it beyond its path, shared by the files of
     /// one container; `None` for a CRI log, whose path says it all (see
     /// [`Found::origin`]). Most of a listing is files already followed, of
@@ -520,8 +521,8 @@ pub fn cri_origin(path: &Path) -> Option<Origin> {
 pub struct Scan {
     pub files: Vec<Found>,
     /// Every directory that holds log files or log directories: the change
-    /// source watches these.
-    pub dirs: Vec<PathBuf>,
+    /// source watches these (and keeps the path it is given).
+    pub dirs: Vec<Arc<Path>>,
     /// Directories that could not be listed, entries that could not be
     /// looked at.
     pub errors: Vec<(PathBuf, std::io::Error)>,
@@ -666,7 +667,7 @@ pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
     if !fs.is_dir(root) {
         return;
     }
-    scan.dirs.push(root.to_owned());
+    scan.dirs.push(root.into());
     let pod_dirs = read_dir_sorted(fs, root, scan, MAX_POD_DIRS, |n| {
         want_if(parse_pod_dir(n).is_some())
     });
@@ -674,12 +675,12 @@ pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
         if !is_dir(fs, &pod_dir, scan) {
             continue;
         }
-        scan.dirs.push(pod_dir.clone());
+        scan.dirs.push(pod_dir.as_path().into());
         for (_, cdir) in read_dir_sorted(fs, &pod_dir, scan, MAX_DIR_LOGS, |_| Want::IfRoom) {
             if !is_dir(fs, &cdir, scan) {
                 continue;
             }
-            scan.dirs.push(cdir.clone());
+            scan.dirs.push(cdir.as_path().into());
             // The live logs always; rotated ones while there is room.
             let logs =
                 read_dir_sorted(fs, &cdir, scan, MAX_DIR_LOGS, |n| match parse_cri_file(n) {
@@ -692,7 +693,7 @@ pub fn scan_pods_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
                     continue;
                 };
                 scan.files.push(Found {
-                    path,
+                    path: path.into(),
                     origin: None,
                     format: Format::Cri,
                     rotated,
@@ -709,7 +710,7 @@ pub fn scan_docker_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
     if !fs.is_dir(root) {
         return;
     }
-    scan.dirs.push(root.to_owned());
+    scan.dirs.push(root.into());
     for (id, cdir) in read_dir_sorted(fs, root, scan, MAX_POD_DIRS, |_| Want::IfRoom) {
         if !is_dir(fs, &cdir, scan) {
             continue;
@@ -732,7 +733,7 @@ pub fn scan_docker_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
                 _ => None,
             })
             .collect();
-        scan.dirs.push(cdir.clone());
+        scan.dirs.push(cdir.as_path().into());
         // Oldest first: -json.log.3, .2, .1, then the live -json.log.
         let mut files = files;
         files.sort_by_key(|(p, rotated)| {
@@ -749,7 +750,7 @@ pub fn scan_docker_dir(fs: &Fs, root: &Path, scan: &mut Scan) {
         let origin = Some(Arc::new(docker_origin(&id, &cdir.join("config.v2.json"))));
         for (path, rotated) in files {
             scan.files.push(Found {
-                path,
+                path: path.into(),
                 origin: origin.clone(),
                 format: Format::DockerJson,
                 rotated,

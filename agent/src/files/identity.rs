@@ -21,10 +21,16 @@ use crate::tail::TailedFile;
 
 /// Fingerprint and read offset of a file before each of its last
 /// truncations, newest last.
-#[derive(Debug, Default, Clone)]
 ///
 /// One word while there are none (most files are never truncated).
-pub struct Truncations(Option<Box<Vec<(Fingerprint, u64)>>>);
+#[derive(Debug, Default, Clone)]
+pub struct Truncations(Option<Box<Kept>>);
+
+#[derive(Debug, Clone)]
+struct Kept {
+    len: usize,
+    items: [(Fingerprint, u64); Truncations::KEPT],
+}
 
 impl Truncations {
     /// How many truncations are remembered.
@@ -32,19 +38,26 @@ impl Truncations {
 
     /// The file, with `fingerprint`, read up to `read_offset`, was truncated.
     pub fn push(&mut self, fingerprint: Fingerprint, read_offset: u64) {
-        let kept = self.0.get_or_insert_with(Default::default);
-        if kept.len() >= Self::KEPT {
-            kept.remove(0);
+        let kept = self.0.get_or_insert_with(|| {
+            Box::new(Kept {
+                len: 0,
+                items: [(Fingerprint::of(b""), 0); Self::KEPT],
+            })
+        });
+        if kept.len == Self::KEPT {
+            kept.items.rotate_left(1);
+            kept.len -= 1;
         }
-        kept.push((fingerprint, read_offset));
+        kept.items[kept.len] = (fingerprint, read_offset);
+        kept.len += 1;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.as_ref().is_none_or(|k| k.is_empty())
+        self.iter().next().is_none()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
-        self.0.iter().flat_map(|k| k.iter().copied())
+        self.0.iter().flat_map(|k| k.items[..k.len].iter().copied())
     }
 }
 
@@ -203,6 +216,21 @@ mod tests {
         assert!(replaced(10, 6, fp, other), "refilled past the read offset");
         // The fingerprint covers bytes not read yet: not judged by it.
         assert!(!replaced(10, 4, fp, other));
+    }
+
+    #[test]
+    fn the_last_truncations_are_kept_oldest_first() {
+        let mut t = Truncations::default();
+        assert!(t.is_empty());
+        for i in 0..11u64 {
+            t.push(Fingerprint::of(&i.to_le_bytes()), i);
+        }
+        let offsets: Vec<u64> = t.iter().map(|(_, at)| at).collect();
+        assert_eq!(offsets, (3..11).collect::<Vec<_>>());
+        assert_eq!(
+            t.iter().next().unwrap().0,
+            Fingerprint::of(&3u64.to_le_bytes())
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a new file waits for its pod's metadata from the API.
@@ -109,10 +110,10 @@ impl PodGate {
     /// (A file that was never looked at again — it cannot be stat'ed any
     /// more — must not keep the loop rescanning: a timed wait is forgotten
     /// after twice [`POD_WAIT`].)
-    pub fn after_scan(&mut self, listed: &HashSet<PathBuf>, now: Instant) {
+    pub fn after_scan(&mut self, listed: &HashSet<Arc<Path>>, now: Instant) {
         self.awaiting
-            .retain(|p, t| listed.contains(p) && now.duration_since(*t) < POD_WAIT * 2);
-        self.pending.retain(|p| listed.contains(p));
+            .retain(|p, t| listed.contains(p.as_path()) && now.duration_since(*t) < POD_WAIT * 2);
+        self.pending.retain(|p| listed.contains(p.as_path()));
     }
 }
 

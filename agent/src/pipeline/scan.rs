@@ -4,7 +4,7 @@
 //! [`crate::files`]; this is the I/O around it (stat, open).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -137,9 +137,9 @@ impl<S: Sink> Pipeline<S> {
             let mut added = false;
             for dir in &scan.dirs {
                 // One copy of the path, shared with the change source.
-                let shared = match self.watched_dirs.get(dir.as_path()) {
+                let shared = match self.watched_dirs.get(dir) {
                     Some(d) => d.clone(),
-                    None => Arc::from(dir.as_path()),
+                    None => dir.clone(),
                 };
                 // Idempotent; renews a watch the kernel dropped (a
                 // directory deleted and made again at the same path).
@@ -158,7 +158,7 @@ impl<S: Sink> Pipeline<S> {
                 break;
             }
         }
-        let present: HashSet<&Path> = scan.dirs.iter().map(PathBuf::as_path).collect();
+        let present: HashSet<&Path> = scan.dirs.iter().map(|d| &**d).collect();
         let gone: Vec<Arc<Path>> = self
             .watched_dirs
             .iter()
@@ -210,7 +210,7 @@ impl<S: Sink> Pipeline<S> {
         let found = declared::scan(&cache.live_pods(), &self.ctx, &roots);
         self.declared_notes.report(&found, &self.metrics);
         scan.files.extend(found.files);
-        scan.dirs.extend(found.dirs);
+        scan.dirs.extend(found.dirs.into_iter().map(Arc::from));
     }
 
     /// Follows what a listing found and retires what it no longer holds.
@@ -232,8 +232,8 @@ impl<S: Sink> Pipeline<S> {
                 // The paths the sets below keep, so that they forget the
                 // ones gone (not every path: most are in none of them).
                 if self.pods.holds(&found.path)
-                    || self.noted.contains(&found.path)
-                    || self.unreadable.contains(&found.path)
+                    || self.noted.contains(&*found.path)
+                    || self.unreadable.contains(&*found.path)
                 {
                     listed.insert(found.path);
                 }
@@ -260,8 +260,8 @@ impl<S: Sink> Pipeline<S> {
         self.metrics
             .files_awaiting_pod
             .set(self.pods.waiting() as u64);
-        self.noted.retain(|p| listed.contains(p));
-        self.unreadable.retain(|p| listed.contains(p));
+        self.noted.retain(|p| listed.contains(p.as_path()));
+        self.unreadable.retain(|p| listed.contains(p.as_path()));
         let vanished: Vec<FileId> = self
             .files
             .iter()
