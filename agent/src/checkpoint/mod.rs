@@ -82,6 +82,9 @@ impl Fingerprint {
     }
 }
 
+/// A record's slot in [`AckTracker`]'s queue: acknowledged.
+const ACKED: u64 = 1 << 63;
+
 /// The contiguous acknowledged prefix of one file.
 ///
 /// Records are registered in file order with the offset the checkpoint may
@@ -96,8 +99,10 @@ pub struct AckTracker {
     base_seq: u64,
     /// For each record sent and not yet folded into `committed`, in send
     /// order: the offset it lets the checkpoint reach, and whether Kafka has
-    /// acknowledged it.
-    in_flight: VecDeque<(u64, bool)>,
+    /// acknowledged it ([`ACKED`], the top bit: offsets are below 2^63).
+    /// One word a record: a file in a trickle holds 4 slots, at 10,000
+    /// files 0.3 MiB less than a pair.
+    in_flight: VecDeque<u64>,
     /// Where `committed` goes once `in_flight` drains: bytes read after the
     /// last record that produced nothing to send (skipped, empty).
     safe_when_drained: u64,
@@ -138,7 +143,7 @@ impl AckTracker {
     /// number, to come back with the delivery report.
     pub fn sent(&mut self, commit_to: u64) -> u64 {
         let seq = self.base_seq + self.in_flight.len() as u64;
-        self.in_flight.push_back((commit_to, false));
+        self.in_flight.push_back(commit_to.min(!ACKED));
         seq
     }
 
@@ -185,7 +190,7 @@ impl AckTracker {
     pub fn cap_from(&mut self, first: u64, safe: u64) {
         let skip = first.saturating_sub(self.base_seq) as usize;
         for slot in self.in_flight.iter_mut().skip(skip) {
-            slot.0 = slot.0.min(safe);
+            *slot = (*slot & !ACKED).min(safe) | (*slot & ACKED);
         }
     }
 
@@ -206,9 +211,11 @@ impl AckTracker {
         let Some(slot) = self.in_flight.get_mut(i as usize) else {
             return;
         };
-        slot.1 = true;
-        while let Some(&(to, true)) = self.in_flight.front() {
-            self.committed = self.committed.max(to);
+        *slot |= ACKED;
+        while let Some(&slot) = self.in_flight.front()
+            && slot & ACKED != 0
+        {
+            self.committed = self.committed.max(slot & !ACKED);
             self.in_flight.pop_front();
             self.base_seq += 1;
         }
