@@ -107,9 +107,35 @@ pub struct AckTracker {
     /// last record that produced nothing to send (skipped, empty).
     safe_when_drained: u64,
     /// When the records in flight were read: the first sequence number of
-    /// each read and its time (one entry per read, not per record); the
-    /// front one covers the oldest record in flight.
-    reads: VecDeque<(u64, Instant)>,
+    /// each read and its time ([`ReadTime`]; one entry per read, not per
+    /// record); the front one covers the oldest record in flight.
+    reads: VecDeque<(u64, ReadTime)>,
+}
+
+/// An instant as nanoseconds after a fixed point a day before the process
+/// first needed one: a word, where an `Instant` takes two (10,000 files
+/// each keep a few).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadTime(u64);
+
+impl ReadTime {
+    fn anchor() -> Instant {
+        static ANCHOR: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(|| {
+            let now = Instant::now();
+            now.checked_sub(std::time::Duration::from_secs(86_400))
+                .unwrap_or(now)
+        });
+        *ANCHOR
+    }
+
+    fn of(t: Instant) -> ReadTime {
+        let nanos = t.saturating_duration_since(Self::anchor()).as_nanos();
+        ReadTime(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    fn instant(self) -> Instant {
+        Self::anchor() + std::time::Duration::from_nanos(self.0)
+    }
 }
 
 impl AckTracker {
@@ -151,8 +177,8 @@ impl AckTracker {
     pub fn note_read(&mut self, now: Instant) {
         let seq = self.next_seq();
         match self.reads.back_mut() {
-            Some(last) if last.0 == seq => last.1 = now,
-            _ => self.reads.push_back((seq, now)),
+            Some(last) if last.0 == seq => last.1 = ReadTime::of(now),
+            _ => self.reads.push_back((seq, ReadTime::of(now))),
         }
     }
 
@@ -162,7 +188,7 @@ impl AckTracker {
         if self.in_flight.is_empty() {
             return None;
         }
-        self.reads.front().map(|r| r.1)
+        self.reads.front().map(|r| r.1.instant())
     }
 
     /// Drops the read times no record in flight needs.

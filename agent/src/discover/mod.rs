@@ -44,14 +44,11 @@ pub struct FileMeta {
     pub topics: [Arc<str>; 2],
     /// For `--format json`: the `"namespace":…,"node":…` members, escaped.
     pub json_members: Box<[u8]>,
-    /// For `--format raw`: headers beyond time, stream, namespace, pod,
-    /// container and node (pod uid, owner, image, selected labels and
-    /// annotations).
-    pub headers: Box<[(Box<str>, Box<str>)]>,
-    /// For `--format raw` with the native client: the headers from
-    /// namespace on (namespace, pod, container, node, then `headers`),
-    /// already in Kafka's record-header encoding, and how many they are:
-    /// copied into each record whole.
+    /// For `--format raw`: the headers from namespace on (namespace, pod,
+    /// container, node, then pod uid, owner, image, selected labels and
+    /// annotations), already in Kafka's record-header encoding, and how
+    /// many they are: the native client copies them into each record
+    /// whole, rdkafka reads them back ([`FileMeta::raw_headers`]).
     pub kafka_headers: Box<[u8]>,
     pub kafka_header_count: u32,
     /// What discovery found (re-rendering starts from it); shared with the
@@ -136,6 +133,12 @@ impl Default for Policy {
 impl FileMeta {
     pub fn topic(&self, stream: Stream) -> &str {
         &self.topics[stream as usize]
+    }
+
+    /// For `--format raw`: the headers its records carry after time and
+    /// stream, as (key, value).
+    pub fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        crate::kafka::batch::headers_in(&self.kafka_headers)
     }
 
     /// The Kafka message key of its records: its container stream.
@@ -320,7 +323,6 @@ impl MetaContext {
             stream,
             topics: [stdout, stderr],
             json_members: parts.json_members,
-            headers: parts.headers.into_boxed_slice(),
             origin: o,
             pod_info: pod,
             suppressed: excluded || (self.policy.ship == ShipMode::Declared && route.is_none()),
@@ -1033,11 +1035,30 @@ mod tests {
         assert_eq!(json["labels"], serde_json::json!({"app": "web"}));
         assert_eq!(json["annotations"], serde_json::json!({"team": "a\"b"}));
         // JSON output carries no header encodings; raw output no JSON.
-        assert!(m.headers.is_empty() && m.kafka_headers.is_empty());
+        assert!(m.kafka_headers.is_empty());
         ctx.policy.output = crate::config::OutputFormat::Raw;
         let m = ctx.render(cri.clone(), Format::Cri);
         assert!(m.json_members.is_empty() && !m.kafka_headers.is_empty());
-        let h: Vec<(&str, &str)> = m.headers.iter().map(|(k, v)| (&**k, &**v)).collect();
+        let h: Vec<(&[u8], &[u8])> = m.raw_headers().collect();
+        assert_eq!(h.len(), m.kafka_header_count as usize);
+        assert_eq!(
+            h[..4],
+            [
+                (&b"namespace"[..], &b"ns"[..]),
+                (b"pod", b"web-1"),
+                (b"container", b"c"),
+                (b"node", b"node-1")
+            ]
+        );
+        let h: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(k, v)| {
+                (
+                    std::str::from_utf8(k).unwrap(),
+                    std::str::from_utf8(v).unwrap(),
+                )
+            })
+            .collect();
         assert!(h.contains(&("label.app", "web")));
         assert!(h.contains(&("owner_kind", "ReplicaSet")));
         assert!(!h.iter().any(|(k, _)| k.contains("pod-template-hash")));
@@ -1059,7 +1080,7 @@ mod tests {
             },
             Format::Cri,
         );
-        assert!(unknown.pod_info.is_none() && unknown.headers.is_empty());
+        assert!(unknown.pod_info.is_none() && unknown.kafka_header_count == 4);
     }
 
     #[test]

@@ -349,6 +349,20 @@ fn put_varint(buf: &mut Vec<u8>, v: i32) {
     put_varlong(buf, i64::from(v));
 }
 
+/// The headers [`put_header`] wrote into `buf`, in order (up to the first
+/// that does not read back, which none of ours is).
+pub fn headers_in(buf: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= buf.len() {
+            return None;
+        }
+        let key = get_bytes(buf, &mut at)??;
+        let value = get_bytes(buf, &mut at)??;
+        Some((key, value))
+    })
+}
+
 /// Splits a sealed batch into two of half its records each (the broker
 /// found it too large); `None` if it holds fewer than two or cannot be
 /// read back.

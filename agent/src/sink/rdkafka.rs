@@ -236,7 +236,6 @@ pub struct RdkafkaSink {
     /// Serves delivery reports (librdkafka's poll) until dropped.
     _poller: Option<Poller>,
     format: OutputFormat,
-    node: Box<[u8]>,
     /// The JSON value being built; reused for every record.
     value: Vec<u8>,
     budget: Arc<Budget>,
@@ -298,7 +297,6 @@ impl RdkafkaSink {
             producer,
             _poller: Some(poller),
             format: cfg.format,
-            node: cfg.node_name.as_bytes().into(),
             value: Vec::with_capacity(4096),
             budget,
             metrics,
@@ -362,7 +360,7 @@ impl RecordSink for RdkafkaSink {
         let c = cost(value.len(), meta.key().len());
         let headers = match self.format {
             OutputFormat::Json | OutputFormat::Logpilot => None,
-            OutputFormat::Raw => Some(raw_headers(meta, rec, &self.node)),
+            OutputFormat::Raw => Some(raw_headers(meta, rec)),
         };
         let mut record = BaseRecord::with_opaque_to(meta.topic(rec.stream), opaque(file, seq))
             .key(meta.key())
@@ -403,7 +401,7 @@ impl RecordSink for RdkafkaSink {
     }
 }
 
-fn raw_headers(meta: &FileMeta, rec: &Record<'_>, node: &[u8]) -> OwnedHeaders {
+fn raw_headers(meta: &FileMeta, rec: &Record<'_>) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(8)
         .insert(Header {
             key: "time",
@@ -412,27 +410,13 @@ fn raw_headers(meta: &FileMeta, rec: &Record<'_>, node: &[u8]) -> OwnedHeaders {
         .insert(Header {
             key: "stream",
             value: Some(rec.stream.as_str()),
-        })
-        .insert(Header {
-            key: "namespace",
-            value: Some(meta.namespace()),
-        })
-        .insert(Header {
-            key: "pod",
-            value: Some(meta.pod()),
-        })
-        .insert(Header {
-            key: "container",
-            value: Some(meta.container()),
-        })
-        .insert(Header {
-            key: "node",
-            value: Some(node),
         });
-    for (k, v) in &meta.headers {
+    // Namespace, pod, container, node, then the pod's: as the native
+    // client sends them.
+    for (k, v) in meta.raw_headers() {
         h = h.insert(Header {
-            key: k,
-            value: Some(&**v),
+            key: std::str::from_utf8(k).unwrap_or("?"),
+            value: Some(v),
         });
     }
     if rec.partial {

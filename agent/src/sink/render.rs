@@ -37,9 +37,6 @@ pub struct FileParts {
     /// For JSON and log-pilot output: the members after time and stream,
     /// escaped.
     pub json_members: Box<[u8]>,
-    /// For raw output: headers beyond time, stream, namespace, pod,
-    /// container and node.
-    pub headers: Vec<(Box<str>, Box<str>)>,
     /// For raw output: headers from namespace on, in Kafka's record-header
     /// encoding.
     pub kafka_headers: Box<[u8]>,
@@ -108,7 +105,6 @@ pub fn file_parts(output: OutputFormat, s: &Subject<'_>) -> FileParts {
     FileParts {
         json_members: Box::default(),
         kafka_header_count: u32::try_from(4 + headers.len()).unwrap_or(u32::MAX),
-        headers,
         kafka_headers: kafka_headers.into(),
         dropped_tags,
     }

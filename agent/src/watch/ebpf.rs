@@ -1390,7 +1390,11 @@ mod tests {
 
     #[test]
     fn a_files_identities_are_inline_when_one_and_filtered_in_order() {
-        let id = |ino| FileId { dev: 1, pad: 0, ino };
+        let id = |ino| FileId {
+            dev: 1,
+            pad: 0,
+            ino,
+        };
         let one = Ids::of([id(7)].into_iter());
         assert!(matches!(one, Ids::One(_)));
         assert_eq!(one.as_slice(), &[id(7)]);
