@@ -23,6 +23,7 @@ pub mod writer;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -285,8 +286,9 @@ pub struct Entry {
     /// Acknowledged offset: resume reading here.
     pub offset: u64,
     /// Where the file was last seen (informational; identity is key +
-    /// fingerprint).
-    pub path: PathBuf,
+    /// fingerprint). Shared with the followed file: a snapshot of 10,000
+    /// files copies no path.
+    pub path: Arc<Path>,
 }
 
 /// The on-disk document; a new layout gets a new variant.
@@ -614,7 +616,7 @@ mod tests {
             key: FileKey { dev: 1, ino: 2 },
             fingerprint: Fingerprint::of(b"abc"),
             offset: 42,
-            path: "/var/log/pods/x/0.log".into(),
+            path: Path::new("/var/log/pods/x/0.log").into(),
         };
         store.save(vec![e.clone()]).unwrap();
         store
@@ -638,7 +640,7 @@ mod tests {
             key: FileKey { dev: 1, ino: 2 },
             fingerprint: Fingerprint::of(b"abc"),
             offset,
-            path: "/var/log/pods/x/0.log".into(),
+            path: Path::new("/var/log/pods/x/0.log").into(),
         }
     }
 

@@ -87,7 +87,7 @@ mod tests {
             key: FileKey { dev: 1, ino: 2 },
             fingerprint: Fingerprint::of(b"x"),
             offset: 7,
-            path: "/p".into(),
+            path: std::path::Path::new("/p").into(),
         };
         // The channel holds one snapshot: offer until it is taken.
         while !w.offer(vec![entry.clone()]) {

@@ -286,7 +286,7 @@ mod tests {
             key: K,
             fingerprint: Fingerprint::of(b"abc"),
             offset,
-            path: "/p".into(),
+            path: std::path::Path::new("/p").into(),
         }
     }
 

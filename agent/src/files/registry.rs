@@ -102,6 +102,11 @@ impl Registry {
         self.by_key.get(key).copied()
     }
 
+    /// The path of the file followed at `path`, shared (for a listing).
+    pub fn shared_path(&self, path: &Path) -> Option<Arc<Path>> {
+        self.by_path.get_key_value(path).map(|(p, _)| p.clone())
+    }
+
     pub fn by_path(&self, path: &Path) -> Option<FileId> {
         self.by_path.get(path).copied()
     }

@@ -86,7 +86,7 @@ fn entry(f: &TailedFile) -> Entry {
         key: f.key,
         fingerprint: f.fingerprint,
         offset: f.acks.committed(),
-        path: f.path.to_path_buf(),
+        path: f.path.clone(),
     }
 }
 

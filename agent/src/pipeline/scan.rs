@@ -131,8 +131,10 @@ impl<S: Sink> Pipeline<S> {
         self.check_roots();
         for _ in 0..WATCH_PASSES {
             scan = Scan::default();
-            discover::scan_docker_dir(&self.fs, &self.cfg.docker_dir, &mut scan);
-            discover::scan_pods_dir(&self.fs, &self.cfg.pods_dir, &mut scan);
+            let (files, dirs) = (&self.files, &self.watched_dirs);
+            let known = |p: &Path| files.shared_path(p).or_else(|| dirs.get(p).cloned());
+            discover::scan_docker_dir(&self.fs, &self.cfg.docker_dir, &mut scan, &known);
+            discover::scan_pods_dir(&self.fs, &self.cfg.pods_dir, &mut scan, &known);
             self.scan_declared(&mut scan);
             let mut added = false;
             for dir in &scan.dirs {
