@@ -90,25 +90,38 @@ const ACKED: u64 = 1 << 63;
 ///
 /// Records are registered in file order with the offset the checkpoint may
 /// move to once they (and everything before them) are delivered.
+///
+/// The queues exist only while records are in flight: most of 10,000
+/// files have none most of the time, and the two empty queues inline were
+/// a size class more for each followed file.
 #[derive(Debug, Default)]
 pub struct AckTracker {
     /// Every byte before this offset belongs to a delivered record (or to
     /// nothing that needs delivering). Only moves forward, except by
     /// [`AckTracker::reset`].
     committed: u64,
-    /// Sequence number of `in_flight[0]`.
+    /// Sequence number of the oldest record in flight (of the next one when
+    /// none is).
     base_seq: u64,
-    /// For each record sent and not yet folded into `committed`, in send
-    /// order: the offset it lets the checkpoint reach, and whether Kafka has
-    /// acknowledged it ([`ACKED`], the top bit: offsets are below 2^63).
-    /// One word a record: a file in a trickle holds 4 slots, at 10,000
-    /// files 0.3 MiB less than a pair.
-    in_flight: VecDeque<u64>,
-    /// Where `committed` goes once `in_flight` drains: bytes read after the
-    /// last record that produced nothing to send (skipped, empty).
+    /// Where `committed` goes once nothing is in flight: bytes read after
+    /// the last record that produced nothing to send (skipped, empty).
     safe_when_drained: u64,
+    /// The last read ([`AckTracker::note_read`]), and whether a record sent
+    /// since took its time.
+    last_read: ReadTime,
+    last_read_taken: bool,
+    queues: Option<Box<Queues>>,
+}
+
+#[derive(Debug, Default)]
+struct Queues {
+    /// For each record sent and not yet folded into `committed`, in send
+    /// order: the offset it lets the checkpoint reach, and whether Kafka
+    /// has acknowledged it ([`ACKED`], the top bit: offsets are below
+    /// 2^63).
+    in_flight: VecDeque<u64>,
     /// When the records in flight were read: the first sequence number of
-    /// each read and its time ([`ReadTime`]; one entry per read, not per
+    /// each read that sent any and its time (one entry per read, not per
     /// record); the front one covers the oldest record in flight.
     reads: VecDeque<(u64, ReadTime)>,
 }
@@ -116,7 +129,7 @@ pub struct AckTracker {
 /// An instant as nanoseconds after a fixed point a day before the process
 /// first needed one: a word, where an `Instant` takes two (10,000 files
 /// each keep a few).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct ReadTime(u64);
 
 impl ReadTime {
@@ -159,64 +172,56 @@ impl AckTracker {
 
     /// True if `seq` was sent since the last reset.
     pub fn is_current(&self, seq: u64) -> bool {
-        seq >= self.base_seq && seq < self.base_seq + self.in_flight.len() as u64
+        seq >= self.base_seq && seq < self.base_seq + self.in_flight() as u64
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.queues.as_ref().map_or(0, |q| q.in_flight.len())
     }
 
     /// Registers a record just handed to the producer; returns its sequence
     /// number, to come back with the delivery report.
     pub fn sent(&mut self, commit_to: u64) -> u64 {
-        let seq = self.base_seq + self.in_flight.len() as u64;
-        self.in_flight.push_back(commit_to.min(!ACKED));
+        let seq = self.next_seq();
+        let q = self.queues.get_or_insert_with(Default::default);
+        if !self.last_read_taken {
+            q.reads.push_back((seq, self.last_read));
+            self.last_read_taken = true;
+        }
+        q.in_flight.push_back(commit_to.min(!ACKED));
         seq
     }
 
     /// A read at `now` is about to send records: they were read then.
     pub fn note_read(&mut self, now: Instant) {
-        let seq = self.next_seq();
-        match self.reads.back_mut() {
-            Some(last) if last.0 == seq => last.1 = ReadTime::of(now),
-            _ => self.reads.push_back((seq, ReadTime::of(now))),
-        }
+        self.last_read = ReadTime::of(now);
+        self.last_read_taken = false;
     }
 
     /// When the oldest record in flight was read (as of its read's
     /// [`AckTracker::note_read`]).
     pub fn oldest_read(&self) -> Option<Instant> {
-        if self.in_flight.is_empty() {
+        let q = self.queues.as_ref()?;
+        if q.in_flight.is_empty() {
             return None;
         }
-        self.reads.front().map(|r| r.1.instant())
-    }
-
-    /// Drops the read times no record in flight needs.
-    fn prune_reads(&mut self) {
-        let base = self.base_seq;
-        let drained = self.in_flight.is_empty();
-        while let Some(&(first, _)) = self.reads.front() {
-            let next_covers = self.reads.get(1).is_some_and(|r| r.0 <= base);
-            if next_covers || (drained && first < base) {
-                self.reads.pop_front();
-            } else {
-                break;
-            }
-        }
+        q.reads.front().map(|r| r.1.instant())
     }
 
     /// The sequence number the next record sent gets.
     pub fn next_seq(&self) -> u64 {
-        self.base_seq + self.in_flight.len() as u64
+        self.base_seq + self.in_flight() as u64
     }
 
     /// Lowers the commit target of the records registered from `first` on:
     /// a record that began before them (of another stream being
     /// reassembled, or a multiline record being joined) is still open.
     pub fn cap_from(&mut self, first: u64, safe: u64) {
+        let Some(q) = &mut self.queues else {
+            return;
+        };
         let skip = first.saturating_sub(self.base_seq) as usize;
-        for slot in self.in_flight.iter_mut().skip(skip) {
+        for slot in q.in_flight.iter_mut().skip(skip) {
             *slot = (*slot & !ACKED).min(safe) | (*slot & ACKED);
         }
     }
@@ -224,7 +229,7 @@ impl AckTracker {
     /// Everything read so far that needs no delivery ends at `safe`.
     pub fn read_to(&mut self, safe: u64) {
         self.safe_when_drained = self.safe_when_drained.max(safe);
-        if self.in_flight.is_empty() {
+        if self.in_flight() == 0 {
             self.committed = self.committed.max(self.safe_when_drained);
         }
     }
@@ -232,46 +237,43 @@ impl AckTracker {
     /// Records the acknowledgement of `seq` (reports from before a reset are
     /// ignored) and advances `committed` over the acknowledged prefix.
     pub fn acked(&mut self, seq: u64) {
+        let Some(q) = &mut self.queues else {
+            return;
+        };
         let Some(i) = seq.checked_sub(self.base_seq) else {
             return;
         };
-        let Some(slot) = self.in_flight.get_mut(i as usize) else {
+        let Some(slot) = q.in_flight.get_mut(i as usize) else {
             return;
         };
         *slot |= ACKED;
-        while let Some(&slot) = self.in_flight.front()
+        while let Some(&slot) = q.in_flight.front()
             && slot & ACKED != 0
         {
             self.committed = self.committed.max(slot & !ACKED);
-            self.in_flight.pop_front();
+            q.in_flight.pop_front();
             self.base_seq += 1;
         }
-        if self.in_flight.is_empty() {
+        if q.in_flight.is_empty() {
+            // Drained: the queues go (a burst grew them to a slot per
+            // record), and so do the read times.
             self.committed = self.committed.max(self.safe_when_drained);
+            self.queues = None;
+            return;
         }
-        self.prune_reads();
-        if self.in_flight.is_empty() {
-            self.release();
+        // Drops the read times no record in flight needs.
+        let base = self.base_seq;
+        while q.reads.get(1).is_some_and(|r| r.0 <= base) {
+            q.reads.pop_front();
         }
-    }
-
-    /// Gives back what a burst made the queues grow to (one slot per record
-    /// in flight: 10,000 files after a burst held 16 MiB), keeping room
-    /// for a trickle's few records.
-    fn release(&mut self) {
-        const KEEP: usize = 8;
-        self.in_flight.shrink_to(KEEP);
-        self.reads.shrink_to(KEEP);
     }
 
     /// Forgets what is in flight and restarts at `offset` (a rewind after a
     /// failed delivery, or a truncated file). Reports for records sent
     /// before are ignored.
     pub fn reset(&mut self, offset: u64) {
-        self.base_seq += self.in_flight.len() as u64;
-        self.in_flight.clear();
-        self.reads.clear();
-        self.release();
+        self.base_seq += self.in_flight() as u64;
+        self.queues = None;
         self.committed = offset;
         self.safe_when_drained = offset;
     }
@@ -564,13 +566,13 @@ mod tests {
         assert_eq!(t.oldest_read(), Some(t2));
         t.acked(c);
         assert_eq!(t.oldest_read(), None);
-        assert!(t.reads.is_empty());
+        assert!(t.queues.is_none(), "drained: nothing kept");
         t.note_read(t1);
         let d = t.sent(40);
         t.reset(0);
         t.acked(d);
         assert_eq!(t.oldest_read(), None);
-        assert!(t.reads.is_empty());
+        assert!(t.queues.is_none());
     }
 
     #[test]
@@ -578,13 +580,17 @@ mod tests {
         let mut t = AckTracker::starting_at(0);
         t.note_read(Instant::now());
         let seqs: Vec<u64> = (1..=10_000).map(|i| t.sent(i)).collect();
-        assert!(t.in_flight.capacity() >= 10_000);
+        assert!(t.queues.as_ref().unwrap().in_flight.capacity() >= 10_000);
         for s in seqs {
             t.acked(s);
         }
         assert_eq!(t.committed(), 10_000);
-        assert!(t.in_flight.capacity() <= 8, "{}", t.in_flight.capacity());
-        assert!(t.reads.capacity() <= 8);
+        assert!(t.queues.is_none(), "drained: the queues are freed");
+        // A file reading nothing keeps nothing either.
+        t.note_read(Instant::now());
+        t.read_to(10_500);
+        assert!(t.queues.is_none());
+        assert_eq!(t.committed(), 10_500);
     }
 
     #[test]
