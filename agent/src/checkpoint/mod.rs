@@ -106,10 +106,10 @@ pub struct AckTracker {
     /// Where `committed` goes once nothing is in flight: bytes read after
     /// the last record that produced nothing to send (skipped, empty).
     safe_when_drained: u64,
-    /// The last read ([`AckTracker::note_read`]), and whether a record sent
-    /// since took its time.
+    /// The last read ([`AckTracker::note_read`]), and whether no record
+    /// sent since took its time yet.
     last_read: ReadTime,
-    last_read_taken: bool,
+    last_read_pending: bool,
     queues: Option<Box<Queues>>,
 }
 
@@ -184,9 +184,9 @@ impl AckTracker {
     pub fn sent(&mut self, commit_to: u64) -> u64 {
         let seq = self.next_seq();
         let q = self.queues.get_or_insert_with(Default::default);
-        if !self.last_read_taken {
+        if self.last_read_pending {
             q.reads.push_back((seq, self.last_read));
-            self.last_read_taken = true;
+            self.last_read_pending = false;
         }
         q.in_flight.push_back(commit_to.min(!ACKED));
         seq
@@ -195,7 +195,7 @@ impl AckTracker {
     /// A read at `now` is about to send records: they were read then.
     pub fn note_read(&mut self, now: Instant) {
         self.last_read = ReadTime::of(now);
-        self.last_read_taken = false;
+        self.last_read_pending = true;
     }
 
     /// When the oldest record in flight was read (as of its read's
@@ -573,6 +573,9 @@ mod tests {
         t.acked(d);
         assert_eq!(t.oldest_read(), None);
         assert!(t.queues.is_none());
+        // A record of no noted read has no read time (not the anchor's).
+        t.sent(50);
+        assert_eq!(t.oldest_read(), None);
     }
 
     #[test]
