@@ -25,8 +25,11 @@
 //!   [`Registry::touch`] (the checkpoint is written only when it changed).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
 
 use crate::checkpoint::FileKey;
 use crate::files::StreamId;
@@ -45,9 +48,12 @@ pub struct Registry {
     /// files in a 16,384-slot table held 10.5 MiB inline, twice that while
     /// it grew).
     files: HashMap<FileId, Box<TailedFile>>,
-    by_key: HashMap<FileKey, FileId>,
-    /// Keys share the files' own paths.
-    by_path: HashMap<Arc<Path>, FileId>,
+    /// Ids, hashed and compared by their file's key (4 bytes an entry: a
+    /// map holding the key as well took 24, 0.4 MiB at 10,000 files).
+    by_key: HashTable<FileId>,
+    /// Ids, hashed and compared by their file's path.
+    by_path: HashTable<FileId>,
+    hasher: RandomState,
     retired: HashMap<StreamId, Vec<FileId>>,
     next_id: FileId,
     generation: u64,
@@ -57,8 +63,9 @@ impl Default for Registry {
     fn default() -> Self {
         Registry {
             files: HashMap::new(),
-            by_key: HashMap::new(),
-            by_path: HashMap::new(),
+            by_key: HashTable::new(),
+            by_path: HashTable::new(),
+            hasher: RandomState::new(),
             retired: HashMap::new(),
             next_id: 1,
             generation: 0,
@@ -99,16 +106,54 @@ impl Registry {
     }
 
     pub fn by_key(&self, key: &FileKey) -> Option<FileId> {
-        self.by_key.get(key).copied()
+        let files = &self.files;
+        self.by_key
+            .find(self.hasher.hash_one(key), |id| files[id].key == *key)
+            .copied()
     }
 
     /// The path of the file followed at `path`, shared (for a listing).
     pub fn shared_path(&self, path: &Path) -> Option<Arc<Path>> {
-        self.by_path.get_key_value(path).map(|(p, _)| p.clone())
+        self.by_path(path).map(|id| self.files[&id].path.clone())
     }
 
     pub fn by_path(&self, path: &Path) -> Option<FileId> {
-        self.by_path.get(path).copied()
+        let files = &self.files;
+        self.by_path
+            .find(self.hasher.hash_one(path), |id| *files[id].path == *path)
+            .copied()
+    }
+
+    /// Indexes `id` (in `files` already) under `path`, in place of the
+    /// file indexed there before, if any.
+    fn index_path(&mut self, path: &Path, id: FileId) {
+        let Registry {
+            files,
+            by_path,
+            hasher,
+            ..
+        } = self;
+        let hash = hasher.hash_one(path);
+        if let Some(held) = by_path.find_mut(hash, |i| *files[i].path == *path) {
+            *held = id;
+            return;
+        }
+        by_path.insert_unique(hash, id, |i| hasher.hash_one(&*files[i].path));
+    }
+
+    /// Drops `path`'s entry if it is `id`'s.
+    fn unindex_path(&mut self, path: &Path, id: FileId) {
+        let Registry {
+            files,
+            by_path,
+            hasher,
+            ..
+        } = self;
+        if let Ok(entry) = by_path.find_entry(hasher.hash_one(path), |i| {
+            *i == id && *files[i].path == *path
+        }) {
+            entry.remove();
+        }
     }
 
     /// The files of `stream`, in no particular order.
@@ -144,39 +189,48 @@ impl Registry {
         let id = self.free_id()?;
         let f = build(id);
         debug_assert_eq!(f.id, id);
-        if self.by_key.contains_key(&f.key) {
+        if self.by_key(&f.key).is_some() {
             return None;
         }
-        self.by_key.insert(f.key, id);
-        if f.status != FileStatus::Gone {
-            self.by_path.insert(f.path.clone(), id);
-        }
-        if f.status != FileStatus::Live {
+        let (key, path, status) = (f.key, f.path.clone(), f.status);
+        if status != FileStatus::Live {
             self.retired.entry(f.stream().clone()).or_default().push(id);
         }
+        // In `files` first: the indexes hash through it.
         self.files.insert(id, Box::new(f));
+        let Registry {
+            files,
+            by_key,
+            hasher,
+            ..
+        } = self;
+        by_key.insert_unique(hasher.hash_one(key), id, |i| hasher.hash_one(files[i].key));
+        if status != FileStatus::Gone {
+            self.index_path(&path, id);
+        }
         self.changed();
         Some(id)
     }
 
     /// The file is now at `path`; true if that is news.
     pub fn rename(&mut self, id: FileId, path: &Path) -> bool {
-        let Some(f) = self.files.get_mut(&id) else {
+        let Some(f) = self.files.get(&id) else {
             return false;
         };
         if *f.path == *path {
             return false;
         }
-        let path: Arc<Path> = Arc::from(path);
-        if self.by_path.get(&f.path) == Some(&id) {
-            self.by_path.remove(&f.path);
+        let (old, status) = (f.path.clone(), f.status);
+        // Out of the index before the path its entry is hashed by changes.
+        self.unindex_path(&old, id);
+        if let Some(f) = self.files.get_mut(&id) {
+            f.path = Arc::from(path);
         }
-        if f.status != FileStatus::Gone {
+        if status != FileStatus::Gone {
             // A file that had this path and has not been looked at yet in
             // this scan is renamed or marked gone before the scan ends.
-            self.by_path.insert(path.clone(), id);
+            self.index_path(path, id);
         }
-        f.path = path;
         self.changed();
         true
     }
@@ -190,20 +244,19 @@ impl Registry {
             return None;
         }
         f.status = status;
+        let (path, stream) = (f.path.clone(), f.stream().clone());
         if status == FileStatus::Gone {
-            if self.by_path.get(&f.path) == Some(&id) {
-                self.by_path.remove(&f.path);
-            }
+            self.unindex_path(&path, id);
         } else if old == FileStatus::Gone {
-            self.by_path.insert(f.path.clone(), id);
+            self.index_path(&path, id);
         }
-        let ids = self.retired.entry(f.stream().clone()).or_default();
+        let ids = self.retired.entry(stream.clone()).or_default();
         ids.retain(|&i| i != id);
         if status != FileStatus::Live {
             ids.push(id);
         }
         if ids.is_empty() {
-            self.retired.remove(f.stream());
+            self.retired.remove(&stream);
         }
         self.changed();
         Some(old)
@@ -211,11 +264,22 @@ impl Registry {
 
     /// Forgets the file (it is closed when dropped).
     pub fn remove(&mut self, id: FileId) -> Option<TailedFile> {
-        let f = *self.files.remove(&id)?;
-        self.by_key.remove(&f.key);
-        if self.by_path.get(&f.path) == Some(&id) {
-            self.by_path.remove(&f.path);
+        let (key, path) = {
+            let f = self.files.get(&id)?;
+            (f.key, f.path.clone())
+        };
+        // Out of the indexes while `files` still hashes it.
+        self.unindex_path(&path, id);
+        let Registry {
+            files,
+            by_key,
+            hasher,
+            ..
+        } = self;
+        if let Ok(entry) = by_key.find_entry(hasher.hash_one(key), |i| *i == id) {
+            entry.remove();
         }
+        let f = *files.remove(&id)?;
         if let Some(ids) = self.retired.get_mut(f.stream()) {
             ids.retain(|&i| i != id);
             if ids.is_empty() {
@@ -248,11 +312,13 @@ impl Registry {
         assert_eq!(self.by_key.len(), self.files.len(), "by_key size");
         for (&id, f) in &self.files {
             assert_eq!(f.id, id, "file id");
-            assert_eq!(self.by_key.get(&f.key), Some(&id), "by_key of {id}");
+            assert_eq!(self.by_key(&f.key), Some(id), "by_key of {id}");
         }
-        for (p, id) in &self.by_path {
+        for id in &self.by_path {
             let f = self.files.get(id).expect("by_path names a file");
-            assert_eq!(&f.path, p, "by_path of {id}");
+            // Found by its path: the entry is hashed by it, and no other
+            // entry holds that path.
+            assert_eq!(self.by_path(&f.path), Some(*id), "by_path of {id}");
             assert_ne!(f.status, FileStatus::Gone, "by_path names gone file {id}");
         }
         let mut retired = 0;
@@ -279,7 +345,7 @@ impl Registry {
         self.check_invariants();
         for (&id, f) in &self.files {
             if f.status != FileStatus::Gone {
-                assert_eq!(self.by_path.get(&f.path), Some(&id), "path of {id}");
+                assert_eq!(self.by_path(&f.path), Some(id), "path of {id}");
             }
         }
     }
