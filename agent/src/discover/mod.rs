@@ -509,10 +509,10 @@ pub fn cri_origin(path: &Path) -> Option<Origin> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     Some(Origin {
-        namespace: namespace.to_owned().into(),
-        pod: pod.to_owned().into(),
-        pod_uid: uid.to_owned().into(),
-        container: name(container_dir)?.to_owned().into(),
+        namespace: namespace.into(),
+        pod: pod.into(),
+        pod_uid: uid.into(),
+        container: name(container_dir)?.into(),
         attempt,
         ..Default::default()
     })
@@ -788,15 +788,15 @@ pub fn docker_origin(id: &str, config: &Path) -> Origin {
 /// id).
 pub fn docker_config(id: &str, config: &[u8]) -> Origin {
     let mut o = Origin {
-        container_id: id.to_owned().into(),
-        container: id.get(..12).unwrap_or(id).to_owned().into(),
+        container_id: id.into(),
+        container: id.get(..12).unwrap_or(id).into(),
         ..Default::default()
     };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(config) else {
         return o;
     };
     if let Some(name) = v["Name"].as_str() {
-        o.container = name.trim_start_matches('/').to_owned().into();
+        o.container = name.trim_start_matches('/').into();
         o.docker_name = o.container.clone();
     }
     if let Some(labels) = v["Config"]["Labels"].as_object() {

@@ -138,17 +138,14 @@ impl<S: Sink> Pipeline<S> {
             self.scan_declared(&mut scan);
             let mut added = false;
             for dir in &scan.dirs {
-                // One copy of the path, shared with the change source.
-                let shared = match self.watched_dirs.get(dir) {
-                    Some(d) => d.clone(),
-                    None => dir.clone(),
-                };
                 // Idempotent; renews a watch the kernel dropped (a
-                // directory deleted and made again at the same path).
-                match self.source.watch_dir(&shared) {
+                // directory deleted and made again at the same path). The
+                // listing handed out the path already watched, if any: one
+                // copy, shared with the change source.
+                match self.source.watch_dir(dir) {
                     Ok(new) => {
                         added |= new;
-                        self.watched_dirs.insert(shared);
+                        self.watched_dirs.insert(dir.clone());
                     }
                     Err(e) => {
                         self.dirs_unwatched = true;
@@ -212,7 +209,13 @@ impl<S: Sink> Pipeline<S> {
         let found = declared::scan(&cache.live_pods(), &self.ctx, &roots);
         self.declared_notes.report(&found, &self.metrics);
         scan.files.extend(found.files);
-        scan.dirs.extend(found.dirs.into_iter().map(Arc::from));
+        let watched = &self.watched_dirs;
+        scan.dirs.extend(found.dirs.iter().map(|d| {
+            watched
+                .get(d.as_path())
+                .cloned()
+                .unwrap_or_else(|| d.as_path().into())
+        }));
     }
 
     /// Follows what a listing found and retires what it no longer holds.
