@@ -60,15 +60,8 @@ pub enum NativeError {
 /// sent ones back from the sender); see [`NativeSink::keep_spare`].
 const MAX_SPARES: usize = 8;
 
-/// A batch buffer is reused only if no more than this much of it was ever
-/// written: the pages of a small batch stay resident in a kept buffer, a
-/// burst's do not (see [`NativeSink::keep_spare`]).
-const SPARE_MAX_USED: usize = 64 * 1024;
-
-/// Room past the batch size in a batch buffer: a batch is sealed once it
-/// holds `batch.size` bytes, so its last record (up to this size) fits
-/// without the buffer growing.
-const BATCH_HEADROOM: usize = 4096;
+/// What a new partition batch's buffer holds before it has to grow.
+const INITIAL_BATCH_BYTES: usize = 16 * 1024;
 
 /// Entries of [`NativeSink::recent`].
 const TOPIC_CACHE: usize = 64;
@@ -326,27 +319,13 @@ impl NativeSink {
         }
     }
 
-    /// A buffer for a partition's batch: every one is allocated with room
-    /// for a full batch, and only the pages written are resident. It never
-    /// grows (so there is no copy, and no half-filled larger buffer), and
-    /// once its batch is acknowledged it is freed (the allocator returns
-    /// the pages) unless it stayed small: a 10,000-file burst with a 2 MiB
-    /// budget peaked 4 MiB higher when buffers grew by doubling and the
-    /// grown ones were kept for reuse.
-    fn batch_buffer(&mut self) -> Vec<u8> {
-        self.spares
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.opts.batch_size + BATCH_HEADROOM))
-    }
-
-    /// Keeps a free buffer for the next batch if it is one of ours and its
-    /// written part stayed small ([`SPARE_MAX_USED`]), up to [`MAX_SPARES`]:
-    /// a trickle's batches reuse a few buffers, a burst's are freed.
+    /// Keeps a free buffer for the next batch, up to [`MAX_SPARES`] of them
+    /// holding at most two full batches between them (eight buffers that
+    /// grew to the batch size in a burst were 4 MiB kept for nothing
+    /// afterwards); the rest are freed.
     fn keep_spare(&mut self, buf: Vec<u8>) {
-        if self.spares.len() < MAX_SPARES
-            && buf.len() <= SPARE_MAX_USED
-            && buf.capacity() == self.opts.batch_size + BATCH_HEADROOM
-        {
+        let held: usize = self.spares.iter().map(Vec::capacity).sum();
+        if self.spares.len() < MAX_SPARES && held + buf.capacity() <= 2 * self.opts.batch_size {
             self.spares.push(buf);
         }
     }
@@ -354,7 +333,14 @@ impl NativeSink {
     /// The open batch of a partition (opened if there is none).
     fn writer(&mut self, ti: usize, pi: usize) -> &mut BatchWriter {
         if self.topics[ti].parts[pi].open.is_none() {
-            let w = BatchWriter::reusing(self.batch_buffer());
+            let w = match self.spares.pop().or_else(|| self.recycled.try_recv().ok()) {
+                Some(buf) => BatchWriter::reusing(buf),
+                // Small at first: most partitions' batches stay far below
+                // the batch size (10,000 files' first lines over 8
+                // partitions filled 8 buffers of the full size otherwise);
+                // a busy one grows, and its buffer is reused at that size.
+                None => BatchWriter::new((self.opts.batch_size + 4096).min(INITIAL_BATCH_BYTES)),
+            };
             let part = &mut self.topics[ti].parts[pi];
             self.budget.take(w.len() as u64);
             part.open = Some((w, Instant::now()));
